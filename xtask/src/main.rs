@@ -1,0 +1,48 @@
+//! Project tasks: `cargo xtask <task>`. Each task installs what it needs when it is missing,
+//! so the README's commands work on a fresh Debian machine.
+
+mod deps;
+mod ebpf;
+mod test;
+mod vm;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "lxcmon project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the BPF object (installs nightly rust-src and bpf-linker when missing).
+    BuildEbpf(ebpf::BuildArgs),
+    /// Build and run the agent as a daemon (extra arguments go to lxcmon).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The whole test suite: lint, unit and fixture tests, real-container tests, VM tests.
+    Test(test::TestArgs),
+    /// Boot the VM kernel matrix and run the agent checks inside.
+    VmTest(vm::VmArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf(args) => ebpf::build(&args),
+        Task::Run { args } => run(&args),
+        Task::Test(args) => test::run(&args),
+        Task::VmTest(args) => vm::run(&args),
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    deps::ensure_run_deps()?;
+    deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+    let bin = deps::workspace_root().join("target/release/lxcmon");
+    deps::exec(std::process::Command::new(bin).args(args))
+}
