@@ -1,0 +1,1 @@
+//! Test support for lxcmon: real LXC containers with ground-truth workloads.
