@@ -275,7 +275,7 @@ fn proxmox_pure_v2() {
     assert_eq!(r["memory_limit"], 8192.0, "unlimited: the host's memory");
 
     let fs = &r["filesystem_usage"];
-    let st = rustix::fs::statvfs(&t.path("proc/1001/root")).unwrap();
+    let st = rustix::fs::statvfs(t.path("proc/1001/root")).unwrap();
     assert_eq!(fs["total"], st.f_blocks * st.f_frsize);
     assert!(fs["free"].as_u64().unwrap() <= fs["total"].as_u64().unwrap());
 
