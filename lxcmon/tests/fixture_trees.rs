@@ -219,6 +219,168 @@ fn plain_lxc_hybrid() -> Tree {
     t
 }
 
+/// Proxmox VE 6: hybrid v1, `<controller>/lxc/<vmid>/ns`.
+fn proxmox_v1() -> Tree {
+    let t = Tree::new(HYBRID);
+    t.file("sys/fs/cgroup/unified/cgroup.controllers", "");
+    let f = |ctrl: &str, file: &str, content: &str| {
+        t.file(&format!("sys/fs/cgroup/{ctrl}/lxc/200/{file}"), content)
+    };
+    f(
+        "cpu,cpuacct",
+        "cpuacct.usage",
+        "1
+",
+    );
+    f(
+        "cpu,cpuacct",
+        "cpu.cfs_quota_us",
+        "150000
+",
+    );
+    f(
+        "cpu,cpuacct",
+        "cpu.cfs_period_us",
+        "100000
+",
+    );
+    f(
+        "cpuset",
+        "cpuset.cpus",
+        "0-3
+",
+    );
+    f(
+        "memory",
+        "memory.usage_in_bytes",
+        &format!("{}\n", 40 * MIB),
+    );
+    f(
+        "memory",
+        "memory.stat",
+        &format!("total_cache {}\n", 8 * MIB),
+    );
+    f(
+        "memory",
+        "memory.limit_in_bytes",
+        &format!("{}\n", 256 * MIB),
+    );
+    f(
+        "memory",
+        "memory.memsw.usage_in_bytes",
+        &format!("{}\n", 41 * MIB),
+    );
+    f(
+        "memory",
+        "memory.memsw.limit_in_bytes",
+        &format!("{}\n", 512 * MIB),
+    );
+    f(
+        "blkio",
+        "blkio.throttle.io_service_bytes_recursive",
+        "Total 0\n",
+    );
+    f("pids", "pids.current", "2\n");
+    f("pids", "cgroup.procs", "");
+    f("pids", "ns/cgroup.procs", "5001\n5002\n");
+    t.process(5001, "5001\t1", Some((10, 20)));
+    t.process(5002, "5002\t9", None);
+    t.file("etc/pve/lxc/200.conf", "hostname: legacy\n");
+    for ctrl in ["memory", "pids"] {
+        t.file(
+            &format!("sys/fs/cgroup/{ctrl}/lxc.monitor/200/cgroup.procs"),
+            "997\n",
+        );
+    }
+    t
+}
+
+/// Plain LXC 5 on a pure v2 host (Debian 12 with systemd): `lxc.payload.<name>`, `.lxc` child.
+fn plain_lxc_v2() -> Tree {
+    let t = Tree::new(V2);
+    t.file(
+        "sys/fs/cgroup/cgroup.controllers",
+        "cpuset cpu io memory pids\n",
+    );
+    let c = "sys/fs/cgroup/lxc.payload.app";
+    t.file(&format!("{c}/cpu.stat"), "usage_usec 1\n");
+    t.file(&format!("{c}/memory.current"), &format!("{}\n", 20 * MIB));
+    t.file(&format!("{c}/memory.stat"), &format!("file {}\n", 4 * MIB));
+    t.file(&format!("{c}/memory.swap.current"), "0\n");
+    t.file(
+        &format!("{c}/io.stat"),
+        "254:0 rbytes=512 wbytes=1024 rios=1 wios=1 dbytes=0 dios=0\n",
+    );
+    t.file(&format!("{c}/pids.current"), "3\n");
+    t.file(&format!("{c}/cgroup.procs"), "6001\n");
+    t.file(&format!("{c}/.lxc/cgroup.procs"), "6002\n6003\n");
+    t.process(6001, "6001\t1", Some((1, 1)));
+    t.process(6002, "6002\t7", None);
+    t.process(6003, "6003\t8", None);
+    t.file("sys/fs/cgroup/lxc.monitor.app/cgroup.procs", "996\n");
+    t
+}
+
+#[test]
+fn proxmox_6_on_v1() {
+    let t = proxmox_v1();
+    let records = once(&t, ExportFormat::Records);
+    assert_eq!(records.len(), 1);
+    let r = by_id(&records, "200");
+    assert_eq!(r["container_name"], "legacy");
+    assert_eq!(r["cpu_cores_allowed"], 1.5, "cfs quota 150000/100000");
+    assert_eq!(r["memory_usage"], 32.0);
+    assert_eq!(r["swap_usage"], 1.0);
+    assert_eq!(r["memory_limit"], 256.0);
+    assert_eq!(r["process_count"], 2);
+    assert_eq!(r["io_write_bytes"], 0);
+    let cycles = once(&t, ExportFormat::AutoscaleMl);
+    assert_eq!(
+        cycles[0]["200"]["swap_total_mb"], 256.0,
+        "memsw limit - memory limit"
+    );
+}
+
+#[test]
+fn v1_io_counting_is_switched_on_for_non_excluded_disks_on_new_kernels() {
+    for (kernel, enabled, expect) in [
+        ("6.18.44-fc\n", true, Some("254:0 0\n")),
+        ("6.18.44-fc\n", false, None),
+        ("6.8.12-pve\n", true, None),
+    ] {
+        let t = proxmox_v1();
+        t.file("proc/sys/kernel/osrelease", kernel);
+        // Written in name order: loop0 would come last if it were not excluded.
+        for (name, dev) in [("hda", "254:0"), ("loop0", "7:0")] {
+            t.file(&format!("sys/block/{name}/dev"), &format!("{dev}\n"));
+        }
+        let rules = t.path("sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+        let mut cfg = config(0.1, ExportFormat::Records);
+        cfg.monitoring.enable_v1_io_accounting = enabled;
+        lxcmon::collect::Collector::new(&cfg, t.root()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&rules).ok().as_deref(),
+            expect,
+            "{kernel} {enabled}"
+        );
+    }
+}
+
+#[test]
+fn plain_lxc_on_pure_v2() {
+    let t = plain_lxc_v2();
+    let records = once(&t, ExportFormat::Records);
+    assert_eq!(records.len(), 1);
+    let r = by_id(&records, "app");
+    assert_eq!(r["memory_usage"], 16.0);
+    assert_eq!(r["process_count"], 3, "attached processes in .lxc count");
+    assert_eq!(r["io_read_bytes"], 512);
+    assert_eq!(
+        r["cpu_cores_allowed"], 4.0,
+        "no cpu.max or cpuset files: the host's CPUs"
+    );
+}
+
 fn config(interval: f64, format: ExportFormat) -> Config {
     let mut c = Config::default();
     c.monitoring.check_interval = Duration::from_secs_f64(interval);
