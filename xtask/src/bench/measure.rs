@@ -1,0 +1,430 @@
+//! Running the agent against the fleet and measuring it from the outside: CPU time per cycle
+//! (the agent's threads' on-CPU nanoseconds from /proc/<pid>/task/*/schedstat, sampled when
+//! each cycle's debug line appears, cross-checked with utime+stime of /proc/<pid>/stat over
+//! the whole window), wall time of a cycle (the agent's own `duration_us`), RSS, syscalls
+//! (`strace -c -f`), and the floor: the same kernel files read by a tight loop here.
+
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::fleet::Fleet;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub collector: String,
+    pub interval: f64,
+    pub workers: usize,
+    pub max_entries: usize,
+    pub format: &'static str,
+}
+
+pub struct Agent {
+    child: Child,
+    pid: u32,
+    log: File,
+    pending: String,
+    pub dir: PathBuf,
+}
+
+/// One cycle as seen from outside.
+#[derive(Debug, Clone, Copy)]
+pub struct CycleObs {
+    pub cpu_ns: u64,
+    pub wall_us: u64,
+    pub found: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub cycles: Vec<CycleObs>,
+    /// utime+stime over the window, in seconds, and the window's wall length.
+    pub stat_cpu_s: f64,
+    pub window_s: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl RunStats {
+    pub fn found(&self) -> usize {
+        self.cycles.last().map(|c| c.found).unwrap_or(0)
+    }
+    pub fn median_cpu_us(&self) -> f64 {
+        median(self.cycles.iter().map(|c| c.cpu_ns as f64 / 1e3).collect())
+    }
+    pub fn median_wall_ms(&self) -> f64 {
+        median(self.cycles.iter().map(|c| c.wall_us as f64 / 1e3).collect())
+    }
+    pub fn per_container_us(&self) -> f64 {
+        self.median_cpu_us() / self.found().max(1) as f64
+    }
+    /// Mean CPU per cycle from the coarse utime+stime (10 ms ticks) over the window.
+    pub fn stat_per_cycle_us(&self) -> f64 {
+        self.stat_cpu_s * 1e6 / self.cycles.len().max(1) as f64
+    }
+    /// Share of one core over the window (stat figures).
+    pub fn core_share(&self) -> f64 {
+        if self.window_s > 0.0 {
+            self.stat_cpu_s / self.window_s
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime+stime of the whole process (all threads, dead ones included), in seconds.
+pub fn stat_cpu(pid: u32) -> Result<f64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).context("reading agent stat")?;
+    let after = text
+        .rsplit_once(')')
+        .map(|(_, a)| a)
+        .context("malformed /proc/<pid>/stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 overall; after the comm they are at index 11 and 12.
+    let ut: f64 = f.get(11).and_then(|s| s.parse().ok()).context("utime")?;
+    let st: f64 = f.get(12).and_then(|s| s.parse().ok()).context("stime")?;
+    Ok((ut + st) / clk_tck())
+}
+
+/// On-CPU nanoseconds of the process's live threads.
+pub fn schedstat_ns(pid: u32) -> u64 {
+    let mut sum = 0;
+    for e in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        if let Ok(t) = fs::read_to_string(e.path().join("schedstat")) {
+            sum += t
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    sum
+}
+
+/// On-CPU nanoseconds of the calling thread.
+pub fn thread_cpu_ns() -> u64 {
+    fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+}
+
+impl Agent {
+    pub fn start(bin: &Path, cfg: &AgentConfig) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lxcmon-bench-agent-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).context("creating the agent's temp dir")?;
+        let config = format!(
+            "logging:\n  log_file: {d}/lxcmon.log\n  log_level: INFO\nmonitoring:\n  export_file: {d}/export.json\n  check_interval: {i}\n  collector: {c}\n  parallel_processing: {p}\n  max_workers: {w}\n  max_metrics_entries: {m}\n  export_format: {f}\n",
+            d = dir.display(),
+            i = cfg.interval,
+            c = cfg.collector,
+            p = cfg.workers > 1,
+            w = cfg.workers.max(1),
+            m = cfg.max_entries,
+            f = cfg.format,
+        );
+        let config_path = dir.join("lxcmon.yaml");
+        fs::write(&config_path, config).context("writing the agent config")?;
+        File::create(dir.join("lxcmon.log")).context("creating the agent log")?;
+        let log = File::open(dir.join("lxcmon.log")).context("opening the agent log")?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,lxcmon::collect=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("stderr.log")).context("agent stderr file")?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id();
+        Ok(Self {
+            child,
+            pid,
+            log,
+            pending: String::new(),
+            dir,
+        })
+    }
+
+    /// Whether the agent has exited (it refuses a config, for example), with its stderr tail.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let err = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+                let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                Some(format!(
+                    "{status}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits for the next `cycle` debug line; returns (duration_us, found).
+    pub fn next_cycle(&mut self, timeout: Duration) -> Result<(u64, usize)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(nl) = self.pending.find('\n') {
+                let line: String = self.pending.drain(..=nl).collect();
+                if line.contains(" cycle ") || line.trim_end().ends_with(" cycle") {
+                    // duration_us: the agent's own wall time of the cycle (0 when an older
+                    // agent does not log it).
+                    if let Some(f) = field::<usize>(&line, "found=") {
+                        return Ok((field::<u64>(&line, "duration_us=").unwrap_or(0), f));
+                    }
+                }
+            }
+            let mut chunk = String::new();
+            self.log
+                .read_to_string(&mut chunk)
+                .context("reading the agent log")?;
+            if chunk.is_empty() {
+                if super::interrupted() {
+                    bail!("interrupted");
+                }
+                if let Some(why) = self.exited() {
+                    bail!("the agent exited: {why}");
+                }
+                if Instant::now() > deadline {
+                    bail!("no cycle line from the agent in {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                // Reading at EOF leaves the position; nothing to rewind.
+                let _ = self.log.seek(SeekFrom::Current(0));
+            } else {
+                self.pending.push_str(&chunk);
+            }
+        }
+    }
+
+    /// Skips `warm` cycles, then observes `k` cycles.
+    pub fn observe(&mut self, warm: usize, k: usize, interval: f64) -> Result<RunStats> {
+        let timeout = Duration::from_secs_f64(interval * 3.0 + 30.0);
+        for _ in 0..warm {
+            self.next_cycle(timeout)?;
+        }
+        let t0 = Instant::now();
+        let stat0 = stat_cpu(self.pid)?;
+        let mut last = schedstat_ns(self.pid);
+        let mut stats = RunStats::default();
+        for _ in 0..k {
+            let (wall_us, found) = self.next_cycle(timeout)?;
+            let now = schedstat_ns(self.pid);
+            stats.cycles.push(CycleObs {
+                cpu_ns: now.saturating_sub(last),
+                wall_us,
+                found,
+            });
+            last = now;
+        }
+        stats.stat_cpu_s = stat_cpu(self.pid)? - stat0;
+        stats.window_s = t0.elapsed().as_secs_f64();
+        stats.rss_kib = status_kib(self.pid, "VmRSS:");
+        stats.hwm_kib = status_kib(self.pid, "VmHWM:");
+        Ok(stats)
+    }
+
+    /// `strace -c -f` attached for `k` cycles: calls per syscall over those cycles.
+    pub fn strace(&mut self, k: usize, interval: f64) -> Result<Vec<(String, u64)>> {
+        let timeout = Duration::from_secs_f64(interval * 3.0 + 30.0);
+        self.next_cycle(timeout)?;
+        let out = self.dir.join("strace.txt");
+        let mut st = Command::new("strace")
+            .args(["-c", "-f", "-q", "-o"])
+            .arg(&out)
+            .arg("-p")
+            .arg(self.pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting strace (apt-get install strace)")?;
+        // Attach, then count exactly k whole cycles: from just after one cycle line to just
+        // after the k-th next one (plus the export write that follows it).
+        std::thread::sleep(Duration::from_millis(200).min(Duration::from_secs_f64(interval / 4.0)));
+        for _ in 0..k {
+            self.next_cycle(timeout)?;
+        }
+        std::thread::sleep(Duration::from_secs_f64((interval / 4.0).min(0.2)));
+        // SAFETY: signalling the strace we started.
+        unsafe {
+            libc::kill(st.id() as libc::pid_t, libc::SIGINT);
+        }
+        st.wait().context("waiting for strace")?;
+        let text = fs::read_to_string(&out).context("reading the strace summary")?;
+        let mut calls = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors], syscall
+            if f.len() >= 5 && f[0].parse::<f64>().is_ok() {
+                let name = f[f.len() - 1];
+                if name == "total" {
+                    continue;
+                }
+                if let Ok(n) = f[3].parse::<u64>() {
+                    calls.push((name.to_string(), n));
+                }
+            }
+        }
+        if calls.is_empty() {
+            bail!("strace counted nothing: {}", text.trim());
+        }
+        calls.sort_by(|a, b| b.1.cmp(&a.1));
+        Ok(calls)
+    }
+
+    pub fn stop(mut self) -> Result<()> {
+        // SAFETY: signalling the agent we started.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The floor: the files the file collector reads per container, held open here and read
+/// with one pread each (fstatvfs for the root), in a tight loop over the fleet.
+pub struct Floor {
+    files: Vec<File>,
+    roots: Vec<File>,
+}
+
+pub struct FloorResult {
+    pub per_container_us: f64,
+    pub syscalls_per_container: f64,
+}
+
+impl Floor {
+    pub fn open(fleet: &Fleet) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut roots = Vec::new();
+        let open = |p: PathBuf| File::open(&p).with_context(|| format!("opening {}", p.display()));
+        for c in &fleet.containers {
+            let per: [(&str, &str, bool); 12] = [
+                ("cpuacct", "cpuacct.usage", false),
+                ("memory", "memory.usage_in_bytes", false),
+                ("memory", "memory.stat", false),
+                ("memory", "memory.memsw.usage_in_bytes", false),
+                ("memory", "memory.limit_in_bytes", false),
+                ("memory", "memory.memsw.limit_in_bytes", false),
+                ("blkio", "blkio.throttle.io_service_bytes_recursive", false),
+                ("pids", "pids.current", false),
+                ("pids", "cgroup.procs", true),
+                ("cpu", "cpu.cfs_quota_us", false),
+                ("cpu", "cpu.cfs_period_us", false),
+                ("cpuset", "cpuset.effective_cpus", false),
+            ];
+            for (ctrl, name, procs) in per {
+                let rel = if procs { &c.procs_rel } else { &c.rel };
+                if let Some(d) = fleet.dir(ctrl, rel) {
+                    let p = d.join(name);
+                    if p.exists() {
+                        files.push(open(p)?);
+                    }
+                    if procs {
+                        // The nested sub-cgroup's processes too.
+                        files.push(open(d.join("sub").join(name))?);
+                    }
+                }
+            }
+            files.push(open(PathBuf::from(format!("/proc/{}/net/dev", c.init)))?);
+            roots.push(
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                    .open(format!("/proc/{}/root", c.init))
+                    .context("opening a container root")?,
+            );
+        }
+        Ok(Self { files, roots })
+    }
+
+    pub fn run(&self, rounds: usize) -> Result<FloorResult> {
+        let n = self.roots.len().max(1);
+        let mut buf = vec![0u8; 4096];
+        let t0 = thread_cpu_ns();
+        for _ in 0..rounds {
+            for f in &self.files {
+                f.read_at(&mut buf, 0).context("floor pread")?;
+            }
+            for r in &self.roots {
+                // SAFETY: fstatvfs writes into the zeroed struct we own.
+                let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstatvfs(r.as_raw_fd(), &mut s) } != 0 {
+                    bail!("fstatvfs: {}", std::io::Error::last_os_error());
+                }
+            }
+        }
+        let ns = thread_cpu_ns().saturating_sub(t0);
+        Ok(FloorResult {
+            per_container_us: ns as f64 / 1e3 / (rounds * n) as f64,
+            syscalls_per_container: (self.files.len() + self.roots.len()) as f64 / n as f64,
+        })
+    }
+}
