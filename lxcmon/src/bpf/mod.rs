@@ -1,0 +1,652 @@
+//! The BPF collector (cargo feature `ebpf`): network bytes per container from `cgroup_skb`
+//! programs attached to each container's cgroup v2 directory, block I/O bytes from the
+//! `block/block_bio_queue` tracepoint charged to the submitting task's container.
+//!
+//! Maps and links are pinned under [`BpfOptions::pin_dir`] (default [`DEFAULT_PIN_DIR`], the
+//! layout version is part of the path), so counting goes on while the agent restarts and a new
+//! agent continues the same cumulative counts. [`cleanup_pinned`] removes everything (uninstall).
+//!
+//! Byte semantics: network counters are IP-level bytes (`skb->len` at the cgroup hooks: IP
+//! header + transport header + payload, no Ethernet header), for sockets of the container's
+//! processes, excluding the loopback device; packets the kernel answers itself (ICMP echo, TCP
+//! resets without a socket) are not a socket's and are not counted. I/O counters are bytes of
+//! bios submitted by the container's tasks; buffered writes flushed later by kernel writeback
+//! threads are not charged to the container (see the README of the BPF path).
+//!
+//! Wire-up: `#[cfg(feature = "ebpf")] pub mod bpf;` in `lib.rs`; the object must have been built
+//! by `cargo xtask build-ebpf` (it is embedded at compile time).
+
+mod format;
+pub mod sys;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use lxcmon_common::{
+    TrackedCgroup, GLOBAL_BIO_DEV_OFF, GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, MAP_COUNTERS,
+    MAP_EXCLUDED_DEVS, MAP_TRACKED, MAP_TRACKED_LEVELS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
+    PROG_BIO_QUEUE, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use tracing::{debug, info, warn};
+
+pub use lxcmon_common::Counters;
+pub use sys::kernel_dev_t;
+
+/// The BPF object built by `cargo xtask build-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/bpf/lxcmon.bpf.o"
+));
+
+/// Where bpffs is mounted.
+pub const BPF_FS: &str = "/sys/fs/bpf";
+/// Where tracefs is mounted (mounted by [`BpfCollector::load`] when absent).
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+/// Default pin directory; `v1` is [`lxcmon_common::PIN_LAYOUT_VERSION`].
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lxcmon/v1";
+
+const TP_CATEGORY: &str = "block";
+const TP_NAME: &str = "block_bio_queue";
+
+/// Errors of the BPF path; each carries the kernel's (or aya's) reason in its message, so the
+/// agent can log "falling back to files: {error}".
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("mounting {fstype} at {path}: {source}")]
+    Mount {
+        fstype: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the BPF object: {reason}")]
+    Load { reason: String },
+    #[error("loading BPF program {program}: {reason}")]
+    Program {
+        program: &'static str,
+        reason: String,
+    },
+    #[error("attaching {what}: {reason}")]
+    Attach { what: String, reason: String },
+    #[error("BPF map {map}: {reason}")]
+    Map { map: &'static str, reason: String },
+    #[error("pin {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup {path} sits at level {level}, deeper than the supported {max}")]
+    TooDeep { path: PathBuf, level: u32, max: u32 },
+    #[error("all {0} container slots are in use")]
+    Full(u32),
+    #[error("tracepoint format {path}: {reason}")]
+    TraceFormat { path: PathBuf, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// The error and all its sources, joined: aya's top-level messages alone often omit the errno
+/// or the verifier output.
+fn reason(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = e.source();
+    }
+    s
+}
+
+/// What [`BpfCollector::load`] needs.
+#[derive(Debug, Clone)]
+pub struct BpfOptions {
+    /// Block devices (kernel `dev_t`, see [`kernel_dev_t`]) whose I/O is not counted.
+    pub excluded_devices: Vec<u32>,
+    /// Pin directory on bpffs for maps and links.
+    pub pin_dir: PathBuf,
+}
+
+impl Default for BpfOptions {
+    fn default() -> Self {
+        Self {
+            excluded_devices: Vec::new(),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+        }
+    }
+}
+
+/// The kernel `dev_t` of every block device (and partition) under `<sys>/class/block` whose
+/// name starts with one of `prefixes` (the config's `excluded_devices`).
+pub fn excluded_dev_ts(sys: &Path, prefixes: &[String]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(sys.join("class/block")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            continue;
+        }
+        let Ok(dev) = std::fs::read_to_string(entry.path().join("dev")) else {
+            continue;
+        };
+        let mut it = dev.trim().split(':').map(|v| v.parse::<u32>());
+        if let (Some(Ok(maj)), Some(Ok(min))) = (it.next(), it.next()) {
+            out.push(kernel_dev_t(maj, min));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Removes the pinned maps and links under `pin_dir` (uninstall); counting stops once no
+/// running agent holds them.
+pub fn cleanup_pinned(pin_dir: &Path) -> Result<(), BpfError> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(BpfError::Io {
+            what: format!("removing {}", pin_dir.display()),
+            source,
+        }),
+    }
+}
+
+/// Per-container byte counters from the kernel side.
+pub struct BpfCollector {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    tracked: HashMap<u64, TrackedCgroup>,
+    values: HashMap<u64, Counters>,
+    ncpus: usize,
+}
+
+impl std::fmt::Debug for BpfCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfCollector")
+            .field("pin_dir", &self.pin_dir)
+            .field("tracked", &self.tracked)
+            .finish_non_exhaustive()
+    }
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn skb_link_path(pin_dir: &Path, id: u64, dir: &str) -> PathBuf {
+    links_dir(pin_dir).join(format!("cg-{id}-{dir}"))
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BpfError {
+    let what = what.into();
+    move |source| BpfError::Io { what, source }
+}
+
+/// Reads the record offsets of `block/block_bio_queue` from tracefs.
+fn bio_queue_offsets(tracefs: &Path) -> Result<(u32, u32, u32), BpfError> {
+    let path = tracefs
+        .join("events")
+        .join(TP_CATEGORY)
+        .join(TP_NAME)
+        .join("format");
+    let text = std::fs::read_to_string(&path).map_err(|e| BpfError::TraceFormat {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let fields = format::parse_format(&text);
+    let get = |name: &str, min_size: u32| {
+        fields
+            .get(name)
+            .filter(|f| f.size >= min_size)
+            .map(|f| f.offset)
+            .ok_or_else(|| BpfError::TraceFormat {
+                path: path.clone(),
+                reason: format!("no field `{name}` of at least {min_size} bytes"),
+            })
+    };
+    let dev = get("dev", 4)?;
+    let nr = get("nr_sector", 4)?;
+    let rwbs = get("rwbs", 2)?;
+    if fields.get("dev").map(|f| f.size) != Some(4)
+        || fields.get("nr_sector").map(|f| f.size) != Some(4)
+    {
+        return Err(BpfError::TraceFormat {
+            path,
+            reason: "`dev` and `nr_sector` must be 4-byte fields".into(),
+        });
+    }
+    Ok((dev, nr, rwbs))
+}
+
+impl BpfCollector {
+    /// Mounts bpffs and tracefs when absent, loads the programs (reusing pinned maps), attaches
+    /// the block tracepoint (or keeps the pinned attachment of an earlier agent), and restores
+    /// the set of tracked containers from the pinned map.
+    pub fn load(opts: &BpfOptions) -> Result<Self, BpfError> {
+        sys::ensure_mounted("bpf", Path::new(BPF_FS), sys::BPF_FS_MAGIC).map_err(|source| {
+            BpfError::Mount {
+                fstype: "bpf",
+                path: BPF_FS.into(),
+                source,
+            }
+        })?;
+        let tracefs = Path::new(TRACEFS);
+        if sys::fs_magic(tracefs).ok() != Some(sys::TRACEFS_MAGIC) {
+            sys::ensure_mounted("tracefs", tracefs, sys::TRACEFS_MAGIC).map_err(|source| {
+                BpfError::Mount {
+                    fstype: "tracefs",
+                    path: tracefs.into(),
+                    source,
+                }
+            })?;
+        }
+        let pin_dir = opts.pin_dir.clone();
+        std::fs::create_dir_all(links_dir(&pin_dir)).map_err(io_err(format!(
+            "creating {}",
+            links_dir(&pin_dir).display()
+        )))?;
+
+        let (dev_off, nr_off, rwbs_off) = bio_queue_offsets(tracefs)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
+            .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
+            .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load { reason: reason(&e) })?;
+
+        for name in [PROG_SKB_INGRESS, PROG_SKB_EGRESS] {
+            let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(|e| BpfError::Program {
+                program: name,
+                reason: reason(&e),
+            })?;
+        }
+        let tp: &mut TracePoint = program_mut(&mut ebpf, PROG_BIO_QUEUE)?;
+        tp.load().map_err(|e| BpfError::Program {
+            program: PROG_BIO_QUEUE,
+            reason: reason(&e),
+        })?;
+        let tp_pin = links_dir(&pin_dir).join(TP_NAME);
+        if PinnedLink::from_pin(&tp_pin).is_ok() {
+            debug!(pin = %tp_pin.display(), "keeping the pinned block tracepoint attachment");
+        } else {
+            let _ = std::fs::remove_file(&tp_pin);
+            let attach_err = |e: &dyn std::error::Error| BpfError::Attach {
+                what: format!("tracepoint {TP_CATEGORY}/{TP_NAME}"),
+                reason: reason(e),
+            };
+            let id = tp
+                .attach(TP_CATEGORY, TP_NAME)
+                .map_err(|e| attach_err(&e))?;
+            let link = tp.take_link(id).map_err(|e| attach_err(&e))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
+            fd.pin(&tp_pin).map_err(|e| BpfError::Pin {
+                path: tp_pin.clone(),
+                reason: reason(&e),
+            })?;
+        }
+
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| BpfError::Io {
+            what: what.to_string(),
+            source: e,
+        })?;
+        let mut this = Self {
+            ebpf,
+            pin_dir,
+            tracked: HashMap::new(),
+            values: HashMap::new(),
+            ncpus,
+        };
+        this.set_excluded_devices(&opts.excluded_devices)?;
+        this.restore_tracked()?;
+        info!(
+            pin_dir = %this.pin_dir.display(),
+            tracked = this.tracked.len(),
+            "BPF collector loaded"
+        );
+        Ok(this)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map, BpfError> {
+        self.ebpf.map(name).ok_or(BpfError::Map {
+            map: name,
+            reason: "missing from the object".into(),
+        })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, BpfError> {
+        self.ebpf.map_mut(name).ok_or(BpfError::Map {
+            map: name,
+            reason: "missing from the object".into(),
+        })
+    }
+
+    fn tracked_map(&mut self) -> Result<BpfHashMap<&mut MapData, u64, TrackedCgroup>, BpfError> {
+        BpfHashMap::try_from(self.map_mut(MAP_TRACKED)?).map_err(map_err(MAP_TRACKED))
+    }
+
+    /// Replaces the excluded-device set.
+    pub fn set_excluded_devices(&mut self, devs: &[u32]) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_DEVS)?)
+                .map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for k in old.iter().filter(|k| !devs.contains(k)) {
+            map.remove(k).map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        }
+        for d in devs {
+            map.insert(d, 1, 0).map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        }
+        Ok(())
+    }
+
+    /// Picks up containers tracked by an earlier agent (pinned map), dropping entries whose
+    /// attachments are gone.
+    fn restore_tracked(&mut self) -> Result<(), BpfError> {
+        let entries: Vec<(u64, TrackedCgroup)> = {
+            let map = self.tracked_map()?;
+            map.iter().filter_map(Result::ok).collect()
+        };
+        for (id, t) in entries {
+            let ok = ["ingress", "egress"]
+                .iter()
+                .all(|d| PinnedLink::from_pin(skb_link_path(&self.pin_dir, id, d)).is_ok());
+            if ok {
+                self.tracked.insert(id, t);
+            } else {
+                warn!(
+                    cgroup_id = id,
+                    "dropping a pinned container entry without attachments"
+                );
+                let _ = self.untrack(id);
+            }
+        }
+        self.write_levels()
+    }
+
+    fn write_levels(&mut self) -> Result<(), BpfError> {
+        let mask = self
+            .tracked
+            .values()
+            .fold(0u64, |m, t| m | (1u64 << t.level));
+        let mut levels: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(MAP_TRACKED_LEVELS)?)
+                .map_err(map_err(MAP_TRACKED_LEVELS))?;
+        levels.set(0, mask, 0).map_err(map_err(MAP_TRACKED_LEVELS))
+    }
+
+    fn zero_slot(&mut self, slot: u32) -> Result<(), BpfError> {
+        let ncpus = self.ncpus;
+        let mut counters: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.map_mut(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpus]).map_err(|e| {
+            BpfError::Map {
+                map: MAP_COUNTERS,
+                reason: e.to_string(),
+            }
+        })?;
+        counters.set(slot, zeros, 0).map_err(map_err(MAP_COUNTERS))
+    }
+
+    /// Ids of the tracked container cgroups (also those restored from pins).
+    pub fn tracked_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.tracked.keys().copied()
+    }
+
+    /// Starts counting a container: `cgroup_v2_dir` is its cgroup directory in the v2
+    /// hierarchy; its id (the directory's inode) is the key for [`Self::counters`]. Tracking an
+    /// already tracked cgroup keeps its counts. Returns the cgroup id.
+    pub fn track(&mut self, cgroup_v2_dir: &Path) -> Result<u64, BpfError> {
+        let cg = sys::cgroup_dir(cgroup_v2_dir).map_err(|source| BpfError::Cgroup {
+            path: cgroup_v2_dir.to_path_buf(),
+            source,
+        })?;
+        if cg.level >= MAX_TRACKED_LEVEL {
+            return Err(BpfError::TooDeep {
+                path: cg.path,
+                level: cg.level,
+                max: MAX_TRACKED_LEVEL - 1,
+            });
+        }
+        let pins_ok = ["ingress", "egress"]
+            .iter()
+            .all(|d| PinnedLink::from_pin(skb_link_path(&self.pin_dir, cg.id, d)).is_ok());
+        if self.tracked.contains_key(&cg.id) && pins_ok {
+            return Ok(cg.id);
+        }
+        let used: BTreeSet<u32> = self.tracked.values().map(|t| t.slot).collect();
+        let slot = (0..MAX_CONTAINERS)
+            .find(|s| !used.contains(s))
+            .ok_or(BpfError::Full(MAX_CONTAINERS))?;
+        let entry = TrackedCgroup {
+            slot: self.tracked.get(&cg.id).map_or(slot, |t| t.slot),
+            level: cg.level,
+        };
+        if !self.tracked.contains_key(&cg.id) {
+            self.zero_slot(entry.slot)?;
+        }
+        self.tracked_map()?
+            .insert(cg.id, entry, 0)
+            .map_err(map_err(MAP_TRACKED))?;
+        self.tracked.insert(cg.id, entry);
+        self.write_levels()?;
+        if let Err(e) = self.attach_skb(&cg) {
+            let _ = self.untrack(cg.id);
+            return Err(e);
+        }
+        debug!(cgroup = %cg.path.display(), id = cg.id, level = cg.level, slot = entry.slot, "tracking");
+        Ok(cg.id)
+    }
+
+    fn attach_skb(&mut self, cg: &sys::CgroupDir) -> Result<(), BpfError> {
+        let file = std::fs::File::open(&cg.path).map_err(|source| BpfError::Cgroup {
+            path: cg.path.clone(),
+            source,
+        })?;
+        for (name, dir, ty) in [
+            (PROG_SKB_INGRESS, "ingress", CgroupSkbAttachType::Ingress),
+            (PROG_SKB_EGRESS, "egress", CgroupSkbAttachType::Egress),
+        ] {
+            let pin = skb_link_path(&self.pin_dir, cg.id, dir);
+            if PinnedLink::from_pin(&pin).is_ok() {
+                continue;
+            }
+            let _ = std::fs::remove_file(&pin);
+            let what = format!("{name} to {}", cg.path.display());
+            let attach_err = |e: &dyn std::error::Error| BpfError::Attach {
+                what: what.clone(),
+                reason: reason(e),
+            };
+            let prog: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(file.as_fd(), ty, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(&e))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(&e))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
+            fd.pin(&pin).map_err(|e| BpfError::Pin {
+                path: pin.clone(),
+                reason: reason(&e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stops counting a container: detaches its programs and deletes its map entries. An
+    /// unknown id is not an error.
+    pub fn untrack(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut first_err = None;
+        for dir in ["ingress", "egress"] {
+            let pin = skb_link_path(&self.pin_dir, cgroup_id, dir);
+            match PinnedLink::from_pin(&pin) {
+                // Dropping the last reference to the link detaches the program.
+                Ok(link) => {
+                    if let Err(e) = link.unpin() {
+                        first_err.get_or_insert(BpfError::Pin {
+                            path: pin,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        match self.tracked_map()?.remove(&cgroup_id) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => {
+                first_err.get_or_insert(map_err(MAP_TRACKED)(e));
+            }
+        }
+        self.tracked.remove(&cgroup_id);
+        self.values.remove(&cgroup_id);
+        self.write_levels()?;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Reads all counters, in one batched map read where the kernel supports it.
+    pub fn refresh(&mut self) -> Result<(), BpfError> {
+        self.values.clear();
+        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
+            return Ok(());
+        };
+        let count = max_slot + 1;
+        let value_size = std::mem::size_of::<Counters>();
+        let stride = value_size.div_ceil(8) * 8;
+        let batch = match self.map(MAP_COUNTERS)? {
+            Map::PerCpuArray(data) => {
+                sys::percpu_array_lookup_batch(data.fd().as_fd(), count, value_size, self.ncpus)
+                    .ok()
+            }
+            _ => None,
+        };
+        let per_slot = stride * self.ncpus;
+        match batch {
+            Some(raw) if raw.len() >= per_slot * count as usize => {
+                for (id, t) in &self.tracked {
+                    let base = t.slot as usize * per_slot;
+                    let mut sum = Counters::default();
+                    for cpu in 0..self.ncpus {
+                        let off = base + cpu * stride;
+                        sum.add(&counters_from_bytes(&raw[off..off + value_size]));
+                    }
+                    self.values.insert(*id, sum);
+                }
+            }
+            _ => {
+                // Older kernels without batched array reads: one read per container.
+                let counters: PerCpuArray<&MapData, Counters> =
+                    PerCpuArray::try_from(self.map(MAP_COUNTERS)?)
+                        .map_err(map_err(MAP_COUNTERS))?;
+                let mut values = HashMap::new();
+                for (id, t) in &self.tracked {
+                    let per_cpu = counters.get(&t.slot, 0).map_err(map_err(MAP_COUNTERS))?;
+                    let mut sum = Counters::default();
+                    for c in per_cpu.iter() {
+                        sum.add(c);
+                    }
+                    values.insert(*id, sum);
+                }
+                self.values = values;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cumulative counters of a tracked container as of the last [`Self::refresh`].
+    pub fn counters(&self, cgroup_id: u64) -> Option<Counters> {
+        self.values.get(&cgroup_id).copied()
+    }
+
+    /// Runs a `cgroup_skb` program once over `frame` with `BPF_PROG_TEST_RUN` (self-test and
+    /// tests): the packet's socket is in the calling process's cgroup, its device is `ifindex`.
+    pub fn test_run_skb(&self, egress: bool, frame: &[u8], ifindex: u32) -> Result<u32, BpfError> {
+        let name = if egress {
+            PROG_SKB_EGRESS
+        } else {
+            PROG_SKB_INGRESS
+        };
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(name)
+            .ok_or(BpfError::Program {
+                program: name,
+                reason: "missing from the object".into(),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| BpfError::Program {
+                program: name,
+                reason: reason(&e),
+            })?;
+        let fd = prog.fd().map_err(|e| BpfError::Program {
+            program: name,
+            reason: reason(&e),
+        })?;
+        sys::test_run_skb(fd.as_fd(), frame, ifindex).map_err(|source| BpfError::Io {
+            what: format!("BPF_PROG_TEST_RUN of {name}"),
+            source,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+fn counters_from_bytes(b: &[u8]) -> Counters {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        if let Some(s) = b.get(i * 8..i * 8 + 8) {
+            w.copy_from_slice(s);
+        }
+        u64::from_ne_bytes(w)
+    };
+    Counters {
+        net_rx: word(0),
+        net_tx: word(1),
+        io_read: word(2),
+        io_write: word(3),
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Program {
+            program: name,
+            reason: "missing from the object".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| BpfError::Program {
+            program: name,
+            reason: reason(&e),
+        })
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
+    move |e| BpfError::Map {
+        map: name,
+        reason: reason(&e),
+    }
+}
