@@ -179,3 +179,44 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
     }
     std::env::join_paths(parts).unwrap_or_else(|_| std::ffi::OsString::from("/usr/bin:/bin"))
 }
+
+/// The BPF part of `cargo xtask test` (root): builds the object, lints and unit-tests the
+/// `ebpf` feature, then runs the root tests of `lxcmon/tests/bpf_*.rs` one at a time.
+// Wired into `xtask/src/test.rs` by the lead (`ebpf::test()?;`).
+#[allow(dead_code)]
+pub fn test() -> Result<()> {
+    build(&BuildArgs { debug: false })?;
+    deps::ensure_apt(&["bpftool", "iproute2"])?;
+    deps::cargo(&[
+        "clippy",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--lib",
+        "bpf::",
+    ])?;
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--test",
+        "bpf_collector",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ])
+}
