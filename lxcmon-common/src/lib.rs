@@ -32,6 +32,50 @@ pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
 pub const PROG_SKB_INGRESS: &str = "lxcmon_skb_ingress";
 pub const PROG_SKB_EGRESS: &str = "lxcmon_skb_egress";
 pub const PROG_BIO_QUEUE: &str = "lxcmon_block_bio_queue";
+/// BTF variant of the block program: reads the bio itself, so it can tell page-cache writeback
+/// (already counted when the pages were dirtied) from direct I/O.
+pub const PROG_BIO_QUEUE_BTF: &str = "lxcmon_bio_queue_btf";
+/// Counts page-cache bytes dirtied by a container's tasks (buffered writes).
+pub const PROG_DIRTY_FOLIO: &str = "lxcmon_dirty_folio";
+
+/// Global holding [`KernelOffsets`].
+pub const GLOBAL_KERNEL_OFFSETS: &str = "LXCMON_KOFF";
+
+/// `folio_nr_pages` source in [`KernelOffsets::folio_nr_mode`].
+pub const FOLIO_NR_PAGES_U32: u32 = 1;
+pub const FOLIO_NR_ORDER_BYTE: u32 = 2;
+
+/// Byte offsets of kernel struct members, resolved by the agent from `/sys/kernel/btf/vmlinux`
+/// at start-up (Rust BPF has no CO-RE). `enabled == 0` leaves the BTF programs idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub enabled: u32,
+    pub page_size: u32,
+    /// `struct folio`: `flags`, and where its page count lives (see `folio_nr_mode`).
+    pub folio_flags: u32,
+    pub folio_nr: u32,
+    pub folio_nr_mode: u32,
+    /// `enum pageflags` `PG_head` (bit number).
+    pub pg_head: u32,
+    /// `struct folio` `mapping` (also `struct page` `mapping`).
+    pub folio_mapping: u32,
+    pub as_host: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub sb_bdi: u32,
+    pub bdi_caps: u32,
+    /// `struct bio`: `bi_bdev`, `bi_opf`, `bi_iter.bi_size`, `bi_iter.bi_idx`, `bi_io_vec`.
+    pub bio_bdev: u32,
+    pub bio_opf: u32,
+    pub bio_size: u32,
+    pub bio_idx: u32,
+    pub bio_io_vec: u32,
+    /// `struct block_device` `bd_dev`; `struct bio_vec` `bv_page` and its size.
+    pub bdev_dev: u32,
+    pub bvec_page: u32,
+    pub bvec_size: u32,
+}
 
 /// Globals the loader sets with the byte offsets of the `block/block_bio_queue` tracepoint
 /// record fields, read from its `format` file in tracefs at start-up.
@@ -71,8 +115,10 @@ impl Counters {
     }
 }
 
-// SAFETY: both are `#[repr(C)]`, made of integers only, without padding.
+// SAFETY: all are `#[repr(C)]`, made of integers only, without padding.
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for TrackedCgroup {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for Counters {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for KernelOffsets {}

@@ -5,7 +5,7 @@
 //! `cargo test -p lxcmon --features ebpf --test bpf_collector -- --ignored --test-threads=1`.
 #![cfg(feature = "ebpf")]
 
-use lxcmon::bpf::{cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters};
+use lxcmon::bpf::{cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
@@ -180,6 +180,7 @@ impl PinDir {
         BpfOptions {
             excluded_devices: Vec::new(),
             pin_dir: self.0.clone(),
+            count_dirtied: true,
         }
     }
 }
@@ -422,7 +423,15 @@ fn block_dev_of(path: &Path) -> u32 {
 #[ignore = "needs root and BPF: run by cargo xtask test"]
 fn direct_io_bytes_counted_and_excluded_devices_skipped() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pins = PinDir::new("io");
+    // Both block programs: the BTF one (with dirtied-page accounting) and the classic
+    // tracepoint one it falls back to.
+    for count_dirtied in [true, false] {
+        direct_io_case(count_dirtied);
+    }
+}
+
+fn direct_io_case(count_dirtied: bool) {
+    let pins = PinDir::new(&format!("io-{count_dirtied}"));
     let cg = TestCgroup::new("io");
     // A directory on a real block device (not tmpfs): /var/tmp.
     let dir = PathBuf::from(format!("/var/tmp/{PREFIX}-io"));
@@ -437,7 +446,16 @@ fn direct_io_bytes_counted_and_excluded_devices_skipped() {
     let _rm = RmDir(dir.clone());
     let file = dir.join("data");
 
-    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    let mut opts = pins.opts();
+    opts.count_dirtied = count_dirtied;
+    let mut c = BpfCollector::load(&opts).expect("load");
+    assert_eq!(
+        matches!(c.io_mode(), IoMode::BiosAndDirtied),
+        count_dirtied,
+        "{:?}",
+        c.io_mode()
+    );
+    eprintln!("io mode {:?}", c.io_mode());
     let id = c.track(&cg.dir).expect("track");
     let mib = 32u64;
     let truth = mib * 1024 * 1024;
@@ -462,7 +480,6 @@ fn direct_io_bytes_counted_and_excluded_devices_skipped() {
     assert_within("io_read", r.io_read - w.io_read, truth, 5);
 
     // Exclude the file's device: the same I/O is no longer counted.
-    let mut opts = pins.opts();
     opts.excluded_devices = vec![block_dev_of(&file)];
     c.set_excluded_devices(&opts.excluded_devices)
         .expect("exclude");
@@ -550,4 +567,87 @@ fn restart_continues_counts_via_pins() {
     let b = counters(&mut c, id);
     assert_within("net_tx across restart", b.net_tx, first + second, 5);
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// Removes a directory tree (and unmounts a mount on it) on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = PathBuf::from(format!("/var/tmp/{PREFIX}-{name}"));
+        quiet(Command::new("umount").arg("-l").arg(dir.join("tmpfs")));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        quiet(Command::new("umount").arg("-l").arg(self.0.join("tmpfs")));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Buffered writes are charged to the container that dirtied the pages, once: whether the
+/// container flushes them itself (fsync: the bios are then skipped as page-cache writeback) or a
+/// kernel thread writes them back later (sync from outside the container). Writes to tmpfs are
+/// not block I/O.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn buffered_writes_counted_once_when_dirtied() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("dirty");
+    let cg = TestCgroup::new("dirty");
+    let scratch = Scratch::new("dirty");
+    let file = scratch.0.join("data");
+    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    assert_eq!(c.io_mode(), &IoMode::BiosAndDirtied, "this kernel has BTF");
+    let id = c.track(&cg.dir).expect("track");
+    let mib = 32u64;
+    let truth = mib * 1024 * 1024;
+    let sh = |script: &str| {
+        run(Command::new("timeout").args([
+            "120",
+            "bash",
+            "-c",
+            &format!("{}{script}", cg.enter()),
+        ]));
+    };
+
+    // The container writes and fsyncs itself.
+    sh(&format!(
+        "exec dd if=/dev/zero of={} bs=1M count={mib} conv=fsync status=none",
+        file.display()
+    ));
+    let a = counters(&mut c, id);
+    assert_within("io_write (buffered + fsync)", a.io_write, truth, 5);
+
+    // The container writes; the host flushes (kernel writeback threads do the bios).
+    std::fs::remove_file(&file).expect("rm");
+    sh(&format!(
+        "exec dd if=/dev/zero of={} bs=1M count={mib} status=none",
+        file.display()
+    ));
+    run(&mut Command::new("sync"));
+    let b = counters(&mut c, id);
+    assert_within(
+        "io_write (buffered, flushed by the host)",
+        b.io_write - a.io_write,
+        truth,
+        5,
+    );
+
+    // tmpfs: not block I/O.
+    let tmpfs = scratch.0.join("tmpfs");
+    std::fs::create_dir_all(&tmpfs).expect("tmpfs dir");
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&tmpfs));
+    sh(&format!(
+        "exec dd if=/dev/zero of={} bs=1M count=16 conv=fsync status=none",
+        tmpfs.join("data").display()
+    ));
+    let t = counters(&mut c, id);
+    assert_eq!(t.io_write, b.io_write, "tmpfs writes are not counted");
 }

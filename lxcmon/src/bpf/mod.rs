@@ -16,17 +16,19 @@
 //! Wire-up: `#[cfg(feature = "ebpf")] pub mod bpf;` in `lib.rs`; the object must have been built
 //! by `cargo xtask build-ebpf` (it is embedded at compile time).
 
+mod btf;
 mod format;
 pub mod sys;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
-    TrackedCgroup, GLOBAL_BIO_DEV_OFF, GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, MAP_COUNTERS,
+    KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
+    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_KERNEL_OFFSETS, MAP_COUNTERS,
     MAP_EXCLUDED_DEVS, MAP_TRACKED, MAP_TRACKED_LEVELS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
-    PROG_BIO_QUEUE, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    PROG_BIO_QUEUE, PROG_BIO_QUEUE_BTF, PROG_DIRTY_FOLIO, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsFd;
@@ -51,6 +53,22 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lxcmon/v1";
 
 const TP_CATEGORY: &str = "block";
 const TP_NAME: &str = "block_bio_queue";
+const TP_DIRTY: &str = "writeback_dirty_folio";
+const PIN_BIO_CLASSIC: &str = "block_bio_queue";
+const PIN_BIO_BTF: &str = "block_bio_queue_btf";
+const PIN_DIRTY: &str = "writeback_dirty_folio";
+
+/// How block I/O is counted (see [`BpfCollector::io_mode`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoMode {
+    /// Bios submitted by the container's tasks (reads, direct I/O, and writeback the tasks do
+    /// themselves such as fsync); buffered writes flushed by kernel threads are not counted.
+    /// The string says why the dirtied-bytes mode is not in use.
+    BiosOnly(String),
+    /// Reads and direct writes from bios; buffered writes as page-cache bytes dirtied by the
+    /// container's tasks (counted once, when a page turns dirty), whoever writes them back.
+    BiosAndDirtied,
+}
 
 /// Errors of the BPF path; each carries the kernel's (or aya's) reason in its message, so the
 /// agent can log "falling back to files: {error}".
@@ -116,6 +134,9 @@ pub struct BpfOptions {
     pub excluded_devices: Vec<u32>,
     /// Pin directory on bpffs for maps and links.
     pub pin_dir: PathBuf,
+    /// Count buffered writes when pages are dirtied ([`IoMode::BiosAndDirtied`]); needs kernel
+    /// BTF. Without it, only bios the container's tasks submit themselves are counted.
+    pub count_dirtied: bool,
 }
 
 impl Default for BpfOptions {
@@ -123,6 +144,7 @@ impl Default for BpfOptions {
         Self {
             excluded_devices: Vec::new(),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            count_dirtied: true,
         }
     }
 }
@@ -171,6 +193,7 @@ pub struct BpfCollector {
     tracked: HashMap<u64, TrackedCgroup>,
     values: HashMap<u64, Counters>,
     ncpus: usize,
+    io_mode: IoMode,
 }
 
 impl std::fmt::Debug for BpfCollector {
@@ -231,6 +254,64 @@ fn bio_queue_offsets(tracefs: &Path) -> Result<(u32, u32, u32), BpfError> {
     Ok((dev, nr, rwbs))
 }
 
+/// Resolves the struct offsets the BTF programs need from the running kernel's BTF.
+fn kernel_offsets() -> Result<KernelOffsets, String> {
+    let btf =
+        btf::Btf::from_sys_fs().map_err(|e| format!("reading /sys/kernel/btf/vmlinux: {e}"))?;
+    let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
+    // `folio_nr_pages`: `_nr_pages` (6.15+), `_folio_nr_pages` (5.18-6.14), else the order byte
+    // at the start of `_flags_1`.
+    let (folio_nr, folio_nr_mode) =
+        match m("folio", "_nr_pages").or_else(|_| m("folio", "_folio_nr_pages")) {
+            Ok(off) => (off, FOLIO_NR_PAGES_U32),
+            Err(_) => (m("folio", "_flags_1")?, FOLIO_NR_ORDER_BYTE),
+        };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let pg_head = btf
+        .enum_value("pageflags", "PG_head")
+        .map_err(|e| e.to_string())?;
+    Ok(KernelOffsets {
+        enabled: 1,
+        page_size: u32::try_from(page_size).map_err(|_| "bad page size".to_string())?,
+        folio_flags: m("folio", "flags")?,
+        folio_nr,
+        folio_nr_mode,
+        pg_head: u32::try_from(pg_head).map_err(|_| "bad PG_head".to_string())?,
+        folio_mapping: m("folio", "mapping")?,
+        as_host: m("address_space", "host")?,
+        inode_sb: m("inode", "i_sb")?,
+        sb_dev: m("super_block", "s_dev")?,
+        sb_bdi: m("super_block", "s_bdi")?,
+        bdi_caps: m("backing_dev_info", "capabilities")?,
+        bio_bdev: m("bio", "bi_bdev")?,
+        bio_opf: m("bio", "bi_opf")?,
+        bio_size: m("bio", "bi_iter.bi_size")?,
+        bio_idx: m("bio", "bi_iter.bi_idx")?,
+        bio_io_vec: m("bio", "bi_io_vec")?,
+        bdev_dev: m("block_device", "bd_dev")?,
+        bvec_page: m("bio_vec", "bv_page")?,
+        bvec_size: btf.struct_size("bio_vec").map_err(|e| e.to_string())?,
+    })
+}
+
+/// Removes a pinned link (detaching it once nothing else holds it).
+fn unpin_link(path: &Path) {
+    if let Ok(link) = PinnedLink::from_pin(path) {
+        let _ = link.unpin();
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Pins `link` at `path`.
+fn pin_link(link: FdLink, path: &Path) -> Result<(), BpfError> {
+    link.pin(path).map(drop).map_err(|e| BpfError::Pin {
+        path: path.to_path_buf(),
+        reason: reason(&e),
+    })
+}
+
 impl BpfCollector {
     /// Mounts bpffs and tracefs when absent, loads the programs (reusing pinned maps), attaches
     /// the block tracepoint (or keeps the pinned attachment of an earlier agent), and restores
@@ -260,11 +341,18 @@ impl BpfCollector {
         )))?;
 
         let (dev_off, nr_off, rwbs_off) = bio_queue_offsets(tracefs)?;
+        let koff = if opts.count_dirtied {
+            kernel_offsets()
+        } else {
+            Err("disabled by configuration".to_string())
+        };
+        let koff_value = koff.clone().unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
             .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
             .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+            .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
             .load(OBJECT)
             .map_err(|e| BpfError::Load { reason: reason(&e) })?;
 
@@ -275,32 +363,19 @@ impl BpfCollector {
                 reason: reason(&e),
             })?;
         }
-        let tp: &mut TracePoint = program_mut(&mut ebpf, PROG_BIO_QUEUE)?;
-        tp.load().map_err(|e| BpfError::Program {
-            program: PROG_BIO_QUEUE,
-            reason: reason(&e),
-        })?;
-        let tp_pin = links_dir(&pin_dir).join(TP_NAME);
-        if PinnedLink::from_pin(&tp_pin).is_ok() {
-            debug!(pin = %tp_pin.display(), "keeping the pinned block tracepoint attachment");
-        } else {
-            let _ = std::fs::remove_file(&tp_pin);
-            let attach_err = |e: &dyn std::error::Error| BpfError::Attach {
-                what: format!("tracepoint {TP_CATEGORY}/{TP_NAME}"),
-                reason: reason(e),
-            };
-            let id = tp
-                .attach(TP_CATEGORY, TP_NAME)
-                .map_err(|e| attach_err(&e))?;
-            let link = tp.take_link(id).map_err(|e| attach_err(&e))?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
-            fd.pin(&tp_pin).map_err(|e| BpfError::Pin {
-                path: tp_pin.clone(),
-                reason: reason(&e),
-            })?;
-        }
+        let links = links_dir(&pin_dir);
+        let io_mode = match koff.and_then(|_| Self::attach_btf_io(&mut ebpf, &links)) {
+            Ok(()) => {
+                unpin_link(&links.join(PIN_BIO_CLASSIC));
+                IoMode::BiosAndDirtied
+            }
+            Err(why) => {
+                unpin_link(&links.join(PIN_BIO_BTF));
+                unpin_link(&links.join(PIN_DIRTY));
+                Self::attach_classic_io(&mut ebpf, &links)?;
+                IoMode::BiosOnly(why)
+            }
+        };
 
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| BpfError::Io {
             what: what.to_string(),
@@ -312,15 +387,81 @@ impl BpfCollector {
             tracked: HashMap::new(),
             values: HashMap::new(),
             ncpus,
+            io_mode,
         };
         this.set_excluded_devices(&opts.excluded_devices)?;
         this.restore_tracked()?;
         info!(
             pin_dir = %this.pin_dir.display(),
             tracked = this.tracked.len(),
+            io_mode = ?this.io_mode,
             "BPF collector loaded"
         );
         Ok(this)
+    }
+
+    /// Loads and attaches (pinned) the BTF block and dirtied-page programs, keeping pinned
+    /// attachments of an earlier agent. Errors are the reason to fall back to the classic one.
+    fn attach_btf_io(ebpf: &mut Ebpf, links: &Path) -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", reason(&e)))?;
+        for (name, tp) in [(PROG_BIO_QUEUE_BTF, TP_NAME), (PROG_DIRTY_FOLIO, TP_DIRTY)] {
+            let prog: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            prog.load(tp, &btf)
+                .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", reason(&e)))?;
+        }
+        for (name, pin) in [
+            (PROG_BIO_QUEUE_BTF, PIN_BIO_BTF),
+            (PROG_DIRTY_FOLIO, PIN_DIRTY),
+        ] {
+            let path = links.join(pin);
+            if PinnedLink::from_pin(&path).is_ok() {
+                continue;
+            }
+            let _ = std::fs::remove_file(&path);
+            let prog: &mut BtfTracePoint = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+            let fail = |e: &dyn std::error::Error| format!("attaching {name}: {}", reason(e));
+            let id = prog.attach().map_err(|e| fail(&e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
+            if let Err(e) = pin_link(link, &path) {
+                // Do not leave one of the pair counting alone.
+                unpin_link(&links.join(PIN_BIO_BTF));
+                unpin_link(&links.join(PIN_DIRTY));
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads and attaches (pinned) the classic `block/block_bio_queue` program.
+    fn attach_classic_io(ebpf: &mut Ebpf, links: &Path) -> Result<(), BpfError> {
+        let tp: &mut TracePoint = program_mut(ebpf, PROG_BIO_QUEUE)?;
+        tp.load().map_err(|e| BpfError::Program {
+            program: PROG_BIO_QUEUE,
+            reason: reason(&e),
+        })?;
+        let tp_pin = links.join(PIN_BIO_CLASSIC);
+        if PinnedLink::from_pin(&tp_pin).is_ok() {
+            debug!(pin = %tp_pin.display(), "keeping the pinned block tracepoint attachment");
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&tp_pin);
+        let attach_err = |e: &dyn std::error::Error| BpfError::Attach {
+            what: format!("tracepoint {TP_CATEGORY}/{TP_NAME}"),
+            reason: reason(e),
+        };
+        let id = tp
+            .attach(TP_CATEGORY, TP_NAME)
+            .map_err(|e| attach_err(&e))?;
+        let link = tp.take_link(id).map_err(|e| attach_err(&e))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?;
+        pin_link(fd, &tp_pin)
+    }
+
+    /// How block I/O is counted on this kernel.
+    pub fn io_mode(&self) -> &IoMode {
+        &self.io_mode
     }
 
     fn map(&self, name: &'static str) -> Result<&Map, BpfError> {
