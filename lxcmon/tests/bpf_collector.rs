@@ -266,6 +266,14 @@ fn network_bytes_over_veth_counted_loopback_not() {
     assert_eq!(id, cg.id());
     let before = counters(&mut c, id);
     assert_eq!(before, Counters::default(), "a new slot starts at zero");
+    assert!(
+        c.last_refresh_batched(),
+        "one batched read for all containers"
+    );
+    assert_eq!(
+        lxcmon::bpf::cgroup2_mount(Path::new("/proc")).as_deref(),
+        Some(Path::new(V2_ROOT))
+    );
 
     // Container -> host.
     let l = TcpListener::bind((ns.host_ip.as_str(), 0)).expect("bind");

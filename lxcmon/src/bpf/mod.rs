@@ -173,6 +173,18 @@ pub fn excluded_dev_ts(sys: &Path, prefixes: &[String]) -> Vec<u32> {
     out
 }
 
+/// Where the cgroup v2 hierarchy is mounted, from `<proc>/self/mounts` (`/sys/fs/cgroup` on
+/// pure v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones); container cgroup directories for
+/// [`BpfCollector::track`] are below it.
+pub fn cgroup2_mount(proc_dir: &Path) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string(proc_dir.join("self/mounts")).ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_src, target, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(target.replace("\\040", " ")))
+    })
+}
+
 /// Removes the pinned maps and links under `pin_dir` (uninstall); counting stops once no
 /// running agent holds them.
 pub fn cleanup_pinned(pin_dir: &Path) -> Result<(), BpfError> {
@@ -194,6 +206,8 @@ pub struct BpfCollector {
     values: HashMap<u64, Counters>,
     ncpus: usize,
     io_mode: IoMode,
+    /// `Some(true)` while batched reads work, `Some(false)` once the kernel refused one.
+    batched: Option<bool>,
 }
 
 impl std::fmt::Debug for BpfCollector {
@@ -388,6 +402,7 @@ impl BpfCollector {
             values: HashMap::new(),
             ncpus,
             io_mode,
+            batched: None,
         };
         this.set_excluded_devices(&opts.excluded_devices)?;
         this.restore_tracked()?;
@@ -674,12 +689,23 @@ impl BpfCollector {
         let value_size = std::mem::size_of::<Counters>();
         let stride = value_size.div_ceil(8) * 8;
         let batch = match self.map(MAP_COUNTERS)? {
-            Map::PerCpuArray(data) => {
-                sys::percpu_array_lookup_batch(data.fd().as_fd(), count, value_size, self.ncpus)
-                    .ok()
+            Map::PerCpuArray(data) if self.batched != Some(false) => {
+                match sys::percpu_array_lookup_batch(
+                    data.fd().as_fd(),
+                    count,
+                    value_size,
+                    self.ncpus,
+                ) {
+                    Ok(raw) => Some(raw),
+                    Err(e) => {
+                        debug!(error = %e, "batched map read refused: reading per container");
+                        None
+                    }
+                }
             }
             _ => None,
         };
+        self.batched = Some(batch.is_some());
         let per_slot = stride * self.ncpus;
         match batch {
             Some(raw) if raw.len() >= per_slot * count as usize => {
@@ -711,6 +737,11 @@ impl BpfCollector {
             }
         }
         Ok(())
+    }
+
+    /// Whether the last [`Self::refresh`] read all counters with batched map reads.
+    pub fn last_refresh_batched(&self) -> bool {
+        self.batched == Some(true)
     }
 
     /// Cumulative counters of a tracked container as of the last [`Self::refresh`].
