@@ -7,11 +7,13 @@
 #[cfg(feature = "ebpf")]
 pub mod bpf;
 pub mod cgroup;
+pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod derive;
 pub mod discovery;
 pub mod export;
+pub mod kfile;
 pub mod logging;
 pub mod procfs;
 pub mod sample;
