@@ -539,6 +539,25 @@ fn untrack_detaches_and_deletes_entries() {
     drop(c);
     let c2 = BpfCollector::load(&pins.opts()).expect("reload");
     assert!(!c2.tracked_ids().any(|t| t == id), "no map entry left");
+
+    // A container that went away (its cgroup removed) is untracked cleanly too.
+    let mut c = c2;
+    let gone = TestCgroup::new("untrack-gone");
+    let gone_id = c.track(&gone.dir).expect("track");
+    drop(gone);
+    assert!(!Path::new(V2_ROOT)
+        .join(format!("{PREFIX}-untrack-gone"))
+        .exists());
+    c.untrack(gone_id).expect("untrack a removed cgroup");
+    assert!(!c.tracked_ids().any(|t| t == gone_id));
+    let links = pins.0.join("links");
+    let left: Vec<String> = std::fs::read_dir(&links)
+        .expect("links dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cg-"))
+        .collect();
+    assert!(left.is_empty(), "no pinned cgroup links left: {left:?}");
 }
 
 /// A new collector on the same pins continues the counts, including traffic while no agent ran.
