@@ -189,7 +189,13 @@ pub fn cgroup2_mount(proc_dir: &Path) -> Option<PathBuf> {
 /// running agent holds them.
 pub fn cleanup_pinned(pin_dir: &Path) -> Result<(), BpfError> {
     match std::fs::remove_dir_all(pin_dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // `/sys/fs/bpf/lxcmon` too, once no other layout version is left in it.
+            if let Some(parent) = pin_dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+            Ok(())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(BpfError::Io {
             what: format!("removing {}", pin_dir.display()),
