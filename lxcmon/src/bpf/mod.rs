@@ -685,6 +685,15 @@ impl BpfCollector {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Untracks every tracked container whose id is not in `keep` (containers that stopped,
+    /// also while no agent ran). Returns the errors, per id, of those that failed.
+    pub fn retain(&mut self, keep: &std::collections::HashSet<u64>) -> Vec<(u64, BpfError)> {
+        let gone: Vec<u64> = self.tracked_ids().filter(|id| !keep.contains(id)).collect();
+        gone.into_iter()
+            .filter_map(|id| self.untrack(id).err().map(|e| (id, e)))
+            .collect()
+    }
+
     /// Reads all counters, in one batched map read where the kernel supports it.
     pub fn refresh(&mut self) -> Result<(), BpfError> {
         self.values.clear();
