@@ -13,7 +13,14 @@ pub struct TestArgs {
 pub fn run(args: &TestArgs) -> Result<()> {
     deps::ensure_run_deps()?;
     deps::cargo(&["fmt", "--all", "--", "--check"])?;
-    deps::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    deps::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     deps::cargo(&["test", "--workspace"])?;
     if args.fast {
         return Ok(());
