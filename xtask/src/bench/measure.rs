@@ -117,7 +117,11 @@ pub fn stat_cpu(pid: u32) -> Result<f64> {
 /// On-CPU nanoseconds of the process's live threads.
 pub fn schedstat_ns(pid: u32) -> u64 {
     let mut sum = 0;
-    for e in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for e in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(t) = fs::read_to_string(e.path().join("schedstat")) {
             sum += t
                 .split_whitespace()
@@ -195,7 +199,8 @@ impl Agent {
         match self.child.try_wait() {
             Ok(Some(status)) => {
                 let err = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                let err = strip_ansi(&err);
+                let tail: Vec<&str> = err.lines().rev().take(2).collect();
                 Some(format!(
                     "{status}: {}",
                     tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
@@ -270,7 +275,7 @@ impl Agent {
     }
 
     /// `strace -c -f` attached for `k` cycles: calls per syscall over those cycles.
-    pub fn strace(&mut self, k: usize, interval: f64) -> Result<Vec<(String, u64)>> {
+    pub fn strace(&mut self, k: usize, interval: f64) -> Result<(Vec<(String, u64)>, String)> {
         let timeout = Duration::from_secs_f64(interval * 3.0 + 30.0);
         self.next_cycle(timeout)?;
         let out = self.dir.join("strace.txt");
@@ -314,7 +319,7 @@ impl Agent {
             bail!("strace counted nothing: {}", text.trim());
         }
         calls.sort_by(|a, b| b.1.cmp(&a.1));
-        Ok(calls)
+        Ok((calls, text))
     }
 
     pub fn stop(mut self) -> Result<()> {
@@ -351,13 +356,15 @@ impl Drop for Agent {
 /// The floor: the files the file collector reads per container, held open here and read
 /// with one pread each (fstatvfs for the root), in a tight loop over the fleet.
 pub struct Floor {
-    files: Vec<File>,
+    files: Vec<(&'static str, File)>,
     roots: Vec<File>,
 }
 
 pub struct FloorResult {
     pub per_container_us: f64,
     pub syscalls_per_container: f64,
+    /// CPU per container per cycle for each kind of file (one pread each; "fstatvfs root").
+    pub per_file_us: Vec<(&'static str, f64)>,
 }
 
 impl Floor {
@@ -365,6 +372,7 @@ impl Floor {
         let mut files = Vec::new();
         let mut roots = Vec::new();
         let open = |p: PathBuf| File::open(&p).with_context(|| format!("opening {}", p.display()));
+        const SUB_PROCS: &str = "cgroup.procs (nested)";
         for c in &fleet.containers {
             let per: [(&str, &str, bool); 12] = [
                 ("cpuacct", "cpuacct.usage", false),
@@ -385,15 +393,18 @@ impl Floor {
                 if let Some(d) = fleet.dir(ctrl, rel) {
                     let p = d.join(name);
                     if p.exists() {
-                        files.push(open(p)?);
+                        files.push((name, open(p)?));
                     }
                     if procs {
                         // The nested sub-cgroup's processes too.
-                        files.push(open(d.join("sub").join(name))?);
+                        files.push((SUB_PROCS, open(d.join("sub").join(name))?));
                     }
                 }
             }
-            files.push(open(PathBuf::from(format!("/proc/{}/net/dev", c.init)))?);
+            files.push((
+                "/proc/<init>/net/dev",
+                open(PathBuf::from(format!("/proc/{}/net/dev", c.init)))?,
+            ));
             roots.push(
                 fs::OpenOptions::new()
                     .read(true)
@@ -408,23 +419,74 @@ impl Floor {
     pub fn run(&self, rounds: usize) -> Result<FloorResult> {
         let n = self.roots.len().max(1);
         let mut buf = vec![0u8; 4096];
+        let statvfs = |r: &File| -> Result<()> {
+            // SAFETY: fstatvfs writes into the zeroed struct we own.
+            let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstatvfs(r.as_raw_fd(), &mut s) } != 0 {
+                bail!("fstatvfs: {}", std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
         let t0 = thread_cpu_ns();
         for _ in 0..rounds {
-            for f in &self.files {
+            for (_, f) in &self.files {
                 f.read_at(&mut buf, 0).context("floor pread")?;
             }
             for r in &self.roots {
-                // SAFETY: fstatvfs writes into the zeroed struct we own.
-                let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-                if unsafe { libc::fstatvfs(r.as_raw_fd(), &mut s) } != 0 {
-                    bail!("fstatvfs: {}", std::io::Error::last_os_error());
-                }
+                statvfs(r)?;
             }
         }
         let ns = thread_cpu_ns().saturating_sub(t0);
+        // The same, one kind of file at a time.
+        let mut kinds: Vec<&'static str> = Vec::new();
+        for (k, _) in &self.files {
+            if !kinds.contains(k) {
+                kinds.push(k);
+            }
+        }
+        let mut per_file_us = Vec::new();
+        let per = |ns: u64| ns as f64 / 1e3 / (rounds * n) as f64;
+        for kind in kinds {
+            let t = thread_cpu_ns();
+            for _ in 0..rounds {
+                for (_, f) in self.files.iter().filter(|(k, _)| *k == kind) {
+                    f.read_at(&mut buf, 0).context("floor pread")?;
+                }
+            }
+            per_file_us.push((kind, per(thread_cpu_ns().saturating_sub(t))));
+        }
+        let t = thread_cpu_ns();
+        for _ in 0..rounds {
+            for r in &self.roots {
+                statvfs(r)?;
+            }
+        }
+        per_file_us.push((
+            "fstatvfs(/proc/<init>/root)",
+            per(thread_cpu_ns().saturating_sub(t)),
+        ));
         Ok(FloorResult {
-            per_container_us: ns as f64 / 1e3 / (rounds * n) as f64,
+            per_container_us: per(ns),
             syscalls_per_container: (self.files.len() + self.roots.len()) as f64 / n as f64,
+            per_file_us,
         })
     }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`) from the agent's stderr.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
