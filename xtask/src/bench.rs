@@ -431,13 +431,14 @@ fn render(
                     "> {collector}: the agent refused to start: `{}`",
                     why.replace('|', "/")
                 );
-                if !notes.contains(&note) {
-                    notes.push(note);
+                // One note per collector: the reason repeats for every size.
+                if !notes.iter().any(|(c, _)| c == collector) {
+                    notes.push((collector.clone(), note));
                 }
             }
         }
     }
-    for note in notes {
+    for (_, note) in notes {
         let _ = writeln!(md, "\n{note}");
     }
     let _ = writeln!(md, "\n## Rate at the largest fleet\n");

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -238,9 +238,8 @@ impl Agent {
                 if Instant::now() > deadline {
                     bail!("no cycle line from the agent in {timeout:?}");
                 }
+                // Reading at EOF leaves the position where it was: poll again.
                 std::thread::sleep(Duration::from_millis(1));
-                // Reading at EOF leaves the position; nothing to rewind.
-                let _ = self.log.seek(SeekFrom::Current(0));
             } else {
                 self.pending.push_str(&chunk);
             }
@@ -318,7 +317,7 @@ impl Agent {
         if calls.is_empty() {
             bail!("strace counted nothing: {}", text.trim());
         }
-        calls.sort_by(|a, b| b.1.cmp(&a.1));
+        calls.sort_by_key(|c| std::cmp::Reverse(c.1));
         Ok((calls, text))
     }
 
