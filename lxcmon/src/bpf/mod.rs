@@ -553,11 +553,16 @@ impl BpfCollector {
         levels.set(0, mask, 0).map_err(map_err(MAP_TRACKED_LEVELS))
     }
 
-    fn zero_slot(&mut self, slot: u32) -> Result<(), BpfError> {
+    /// Sets a slot's counters to `seed` (held by CPU 0; the others start at zero).
+    fn seed_slot(&mut self, slot: u32, seed: Counters) -> Result<(), BpfError> {
         let ncpus = self.ncpus;
         let mut counters: PerCpuArray<&mut MapData, Counters> =
             PerCpuArray::try_from(self.map_mut(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpus]).map_err(|e| {
+        let mut values = vec![Counters::default(); ncpus];
+        if let Some(first) = values.first_mut() {
+            *first = seed;
+        }
+        let zeros = PerCpuValues::try_from(values).map_err(|e| {
             BpfError::Map {
                 map: MAP_COUNTERS,
                 reason: e.to_string(),
@@ -575,6 +580,13 @@ impl BpfCollector {
     /// hierarchy; its id (the directory's inode) is the key for [`Self::counters`]. Tracking an
     /// already tracked cgroup keeps its counts. Returns the cgroup id.
     pub fn track(&mut self, cgroup_v2_dir: &Path) -> Result<u64, BpfError> {
+        self.track_seeded(cgroup_v2_dir, Counters::default())
+    }
+
+    /// [`Self::track`], starting a newly tracked container's counters at `seed` (what the file
+    /// readers counted before the programs were attached), so both collectors report the same
+    /// cumulative figures. A container already tracked (also through pins) keeps its counts.
+    pub fn track_seeded(&mut self, cgroup_v2_dir: &Path, seed: Counters) -> Result<u64, BpfError> {
         let cg = sys::cgroup_dir(cgroup_v2_dir).map_err(|source| BpfError::Cgroup {
             path: cgroup_v2_dir.to_path_buf(),
             source,
@@ -601,7 +613,7 @@ impl BpfCollector {
             level: cg.level,
         };
         if !self.tracked.contains_key(&cg.id) {
-            self.zero_slot(entry.slot)?;
+            self.seed_slot(entry.slot, seed)?;
         }
         self.tracked_map()?
             .insert(cg.id, entry, 0)
