@@ -201,6 +201,18 @@ fn with_statvfs_envelope<T>(
     Ok((out?, env))
 }
 
+/// SwapTotal of the host in MiB.
+fn host_swap_total_mib() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no SwapTotal in /proc/meminfo")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
 fn tmpdir() -> Result<tempfile::TempDir> {
     Ok(tempfile::Builder::new().prefix("lxcmon-lxc-").tempdir()?)
 }
@@ -289,6 +301,16 @@ fn identity_limits_filesystem_and_both_formats() -> Result<()> {
             env.reserved
         );
     }
+    // Swap: the containers never swap unless the host has swap; with none, every figure is 0.
+    let host_swap_mib = host_swap_total_mib()?;
+    for c in [&a, &b] {
+        let s = f(rec(&cycle, c)?, "swap_usage")?;
+        ensure!(
+            s <= host_swap_mib,
+            "{}: swap_usage {s} MiB, host swap {host_swap_mib} MiB",
+            c.name
+        );
+    }
     let ra = rec(&cycle, &a)?;
     ensure!(
         (f(ra, "memory_limit")? - 256.0).abs() < 0.01,
@@ -315,6 +337,14 @@ fn identity_limits_filesystem_and_both_formats() -> Result<()> {
         let e = aml(&cyc, c)?;
         let gib = (1u64 << 30) as f64;
         let env = &fs_env[i];
+        for key in ["swap_usage_mb", "swap_total_mb"] {
+            let x = f(e, key)?;
+            ensure!(
+                x <= host_swap_mib,
+                "{}: {key} {x}, host swap {host_swap_mib} MiB",
+                c.name
+            );
+        }
         let total = f(e, "filesystem_total_gb")?;
         ensure!(
             // GiB; the agent may round to two decimals.
@@ -582,6 +612,10 @@ fn cpu_of_a_busy_one_core_container() -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let c = once_records(dir.path())?;
     let (ca, cb) = (f(rec(&c, &a)?, "cpu_usage")?, f(rec(&c, &b)?, "cpu_usage")?);
+    eprintln!(
+        "cpu_usage: busy {} {ca:.1}%, idle {} {cb:.1}%",
+        a.name, b.name
+    );
     ensure!(
         ca > 80.0,
         "cpu_usage of {} with a busy loop and a one-core quota: {ca}",
