@@ -548,6 +548,7 @@ fn process_count_and_memory() -> Result<()> {
         u(rec(&c0, &a)?, "process_count")?,
         u(rec(&c1, &a)?, "process_count")?,
     );
+    eprintln!("process_count of {}: {p0} -> {p1}, {N} started", a.name);
     ensure!(
         p1 == p0 + N,
         "process_count of {}: {p0} -> {p1} after starting {N} sleep processes",
@@ -565,6 +566,10 @@ fn process_count_and_memory() -> Result<()> {
     let (m1, m2) = (
         f(rec(&c1, &a)?, "memory_usage")?,
         f(rec(&c2, &a)?, "memory_usage")?,
+    );
+    eprintln!(
+        "memory_usage of {}: {m1:.2} -> {m2:.2} MiB, {HELD} MiB held",
+        a.name
     );
     ensure!(
         ((m2 - m1) - HELD).abs() <= HELD * 0.10,
