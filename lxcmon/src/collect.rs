@@ -155,6 +155,7 @@ impl Collector {
         let metrics = self.deriver.derive(&sampled.containers, host);
         let ended = Utc::now();
         tracing::debug!(
+            duration_us = (ended - started).num_microseconds().unwrap_or(0),
             found = discovered.len(),
             exported = metrics.len(),
             skipped = sampled.skipped,

@@ -655,3 +655,80 @@ fn daemon_exports_cycles_follows_churn_and_stops_on_sigterm() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn log_file_rotates_by_size_and_keeps_backup_count() {
+    let t = proxmox_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let cfg = dir.path().join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  log_file: {}\n  log_max_bytes: 2000\n  log_backup_count: 2\n  log_level: DEBUG\nmonitoring:\n  check_interval: 0.1\n  export_file: {}\n",
+            log.display(),
+            dir.path().join("m.json").display()
+        ),
+    )
+    .unwrap();
+    let mut child = agent(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--root",
+        t.root().to_str().unwrap(),
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let rotated = |n: u32| dir.path().join(format!("agent.log.{n}"));
+    for _ in 0..100 {
+        if rotated(2).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(rotated(1).exists() && rotated(2).exists(), "rotated files");
+    assert!(!rotated(3).exists(), "at most log_backup_count backups");
+    let size = std::fs::metadata(rotated(1)).unwrap().len();
+    assert!(
+        (2000..4000).contains(&size),
+        "rotated near log_max_bytes: {size}"
+    );
+}
+
+#[test]
+fn unwritable_log_file_falls_back_to_stderr() {
+    let t = proxmox_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    // A path below a regular file can never be created.
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  log_file: {}\nmonitoring:\n  check_interval: 0.1\n",
+            dir.path().join("file/sub/agent.log").display()
+        ),
+    )
+    .unwrap();
+    let out = agent(&[
+        "--once",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--root",
+        t.root().to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot write the log file"), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "the agent still ran");
+}
