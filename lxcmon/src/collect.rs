@@ -1,7 +1,9 @@
 //! One collection cycle: discover → sample → derive, plus the host figures the export needs.
 
 use crate::cgroup::{Layout, LayoutError, Mode};
-use crate::config::{CollectorChoice, Config};
+#[cfg(not(feature = "ebpf"))]
+use crate::config::CollectorChoice;
+use crate::config::Config;
 use crate::derive::{Deriver, HostFacts};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::export::Cycle;
@@ -116,7 +118,13 @@ impl Collector {
         }
         let devices = DeviceFilter::new(root, &m.excluded_devices);
         #[cfg(feature = "ebpf")]
-        let kernel = kernel::KernelCounters::choose(m.collector, root, &layout, &m.excluded_devices, m.enable_network)?;
+        let kernel = kernel::KernelCounters::choose(
+            m.collector,
+            root,
+            &layout,
+            &m.excluded_devices,
+            m.enable_network,
+        )?;
         #[cfg(not(feature = "ebpf"))]
         match m.collector {
             CollectorChoice::Ebpf => return Err(CollectError::NoBpf),
@@ -352,7 +360,8 @@ mod kernel {
                     Err(e) => return Err(e),
                 }
             }
-            self.ids.retain(|id, _| discovered.iter().any(|d| &d.id == id));
+            self.ids
+                .retain(|id, _| discovered.iter().any(|d| &d.id == id));
             let keep: HashSet<u64> = self.ids.values().copied().collect();
             for (id, e) in self.bpf.retain(&keep) {
                 tracing::warn!(cgroup_id = id, error = %e, "cannot detach from a stopped container");

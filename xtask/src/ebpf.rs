@@ -183,7 +183,6 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
 /// The BPF part of `cargo xtask test` (root): builds the object, lints and unit-tests the
 /// `ebpf` feature, then runs the root tests of `lxcmon/tests/bpf_*.rs` one at a time.
 // Wired into `xtask/src/test.rs` by the lead (`ebpf::test()?;`).
-#[allow(dead_code)]
 pub fn test() -> Result<()> {
     build(&BuildArgs { debug: false })?;
     deps::ensure_apt(&["bpftool", "iproute2"])?;

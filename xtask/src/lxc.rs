@@ -42,14 +42,37 @@ pub fn run_lxc_tests() -> Result<()> {
         "--ignored",
         "--test-threads=1",
     ])?;
-    deps::cargo(&[
-        "test",
-        "-p",
-        "lxcmon",
-        "--test",
-        "lxc_host",
-        "--",
-        "--ignored",
-        "--test-threads=1",
-    ])
+    for collector in ["files", "ebpf"] {
+        eprintln!("xtask: real-container tests with collector: {collector}");
+        deps::exec(
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "test",
+                    "-p",
+                    "lxcmon",
+                    "--features",
+                    "ebpf",
+                    "--test",
+                    "lxc_host",
+                ])
+                .args(["--", "--ignored", "--test-threads=1"])
+                .env("LXCMON_TEST_COLLECTOR", collector)
+                .current_dir(deps::workspace_root()),
+        )?;
+    }
+    // Pinned BPF state of the containers the tests made and removed.
+    deps::exec(
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "run",
+                "-q",
+                "-p",
+                "lxcmon",
+                "--features",
+                "ebpf",
+                "--",
+                "--cleanup-bpf",
+            ])
+            .current_dir(deps::workspace_root()),
+    )
 }

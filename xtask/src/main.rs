@@ -4,6 +4,7 @@
 mod bench;
 mod deps;
 mod ebpf;
+mod lxc;
 mod test;
 mod vm;
 

@@ -562,11 +562,9 @@ impl BpfCollector {
         if let Some(first) = values.first_mut() {
             *first = seed;
         }
-        let zeros = PerCpuValues::try_from(values).map_err(|e| {
-            BpfError::Map {
-                map: MAP_COUNTERS,
-                reason: e.to_string(),
-            }
+        let zeros = PerCpuValues::try_from(values).map_err(|e| BpfError::Map {
+            map: MAP_COUNTERS,
+            reason: e.to_string(),
         })?;
         counters.set(slot, zeros, 0).map_err(map_err(MAP_COUNTERS))
     }

@@ -14,8 +14,15 @@ pub struct AgentConfig {
     pub export_format: &'static str,
     pub check_interval: f64,
     pub max_metrics_entries: u32,
+    /// `collector:` of the config: `LXCMON_TEST_COLLECTOR` (`files`, `ebpf`, `auto`), else `auto`.
+    pub collector: String,
     /// Where the config, the export file and the log go.
     pub dir: PathBuf,
+}
+
+/// The collector the suite runs under (`cargo xtask test` runs it once per collector).
+pub fn test_collector() -> String {
+    std::env::var("LXCMON_TEST_COLLECTOR").unwrap_or_else(|_| "auto".into())
 }
 
 impl AgentConfig {
@@ -24,6 +31,7 @@ impl AgentConfig {
             export_format,
             check_interval: 1.0,
             max_metrics_entries: 1000,
+            collector: test_collector(),
             dir: dir.to_path_buf(),
         }
     }
@@ -45,12 +53,13 @@ impl AgentConfig {
              log_level: INFO\nmonitoring:\n  export_file: {export}\n  check_interval: {ci}\n  \
              enable_swap: true\n  enable_network: true\n  enable_filesystem: true\n  \
              parallel_processing: true\n  max_workers: 4\n  excluded_devices: ['loop', 'dm-']\n  \
-             export_format: {fmt}\n  max_metrics_entries: {max}\n",
+             export_format: {fmt}\n  max_metrics_entries: {max}\n  collector: {col}\n",
             log = self.log_file().display(),
             export = self.export_file().display(),
             ci = self.check_interval,
             fmt = self.export_format,
             max = self.max_metrics_entries,
+            col = self.collector,
         );
         fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
