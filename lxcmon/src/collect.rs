@@ -272,6 +272,30 @@ mod kernel {
         network: bool,
     }
 
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+
+    /// Without these the kernel refuses the programs, and libraries then report confusing
+    /// follow-on errors: say plainly what is missing instead.
+    fn check_capabilities() -> Result<(), String> {
+        let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or("no CapEff in /proc/self/status")?;
+        let has = |cap: u32| eff & (1u64 << cap) != 0;
+        if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "missing capabilities: loading and attaching needs CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (effective set {eff:#x})"
+            ))
+        }
+    }
+
     impl KernelCounters {
         /// Loads the programs as `choice` says: `auto` falls back to the file readers with one
         /// warning carrying the kernel's reason, `ebpf` fails with it.
@@ -308,6 +332,7 @@ mod kernel {
             if root != Path::new("/") {
                 return Err("the BPF programs see the real kernel, not a --root tree".into());
             }
+            check_capabilities()?;
             let unified = layout
                 .unified
                 .clone()

@@ -16,6 +16,7 @@ pub const LXC_TEST_PACKAGES: &[&str] = &[
     "libc6-dev",
     "iproute2",
     "python3-pandas",
+    "libcap2-bin",
 ];
 
 pub fn ensure_lxc_test_deps() -> Result<()> {
@@ -60,6 +61,18 @@ pub fn run_lxc_tests() -> Result<()> {
                 .current_dir(deps::workspace_root()),
         )?;
     }
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--test",
+        "collectors",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ])?;
     // Pinned BPF state of the containers the tests made and removed.
     deps::exec(
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
