@@ -11,7 +11,6 @@ pub struct TestArgs {
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    deps::ensure_run_deps()?;
     deps::cargo(&["fmt", "--all", "--", "--check"])?;
     deps::cargo(&[
         "clippy",
