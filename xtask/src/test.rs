@@ -27,6 +27,17 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if !is_root() {
         bail!("the real-container tests need root (or run `cargo xtask test --fast`)");
     }
+    // /metrics parsed by the Prometheus project's Python parser.
+    deps::ensure_apt(&["python3-prometheus-client"])?;
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--test",
+        "service",
+        "--",
+        "--ignored",
+    ])?;
     // The BPF path: toolchain, object, its own lint and unit tests, root tests of the loader.
     crate::ebpf::test()?;
     // Real containers: the harness self-test, then the agent once per collector; with the
