@@ -1,1 +1,385 @@
-//! config
+//! The YAML configuration: the seed monitor's keys, their defaults, and lxcmon's additions.
+//!
+//! Validation happens while deserialising, so every error carries the line of the offending
+//! key; nothing is checked after the fact where the position would be lost.
+
+use serde::de::{Deserializer, Error as _};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the seed monitor kept its configuration; kept so a migration needs no flag.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lxc_autoscale_ml/lxc_monitor.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub logging: LoggingConfig,
+    pub monitoring: MonitoringConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub log_file: PathBuf,
+    #[serde(deserialize_with = "log_max_bytes")]
+    pub log_max_bytes: u64,
+    pub log_backup_count: usize,
+    pub log_level: LogLevel,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            log_file: PathBuf::from("/var/log/lxc_monitor.log"),
+            log_max_bytes: 5 * 1024 * 1024,
+            log_backup_count: 7,
+            log_level: LogLevel::Info,
+        }
+    }
+}
+
+/// The seed's Python level names, mapped onto tracing's levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl LogLevel {
+    pub fn as_tracing(self) -> tracing::Level {
+        match self {
+            Self::Debug => tracing::Level::DEBUG,
+            Self::Info => tracing::Level::INFO,
+            Self::Warning => tracing::Level::WARN,
+            Self::Error | Self::Critical => tracing::Level::ERROR,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_uppercase().as_str() {
+            "DEBUG" | "TRACE" => Ok(Self::Debug),
+            "INFO" => Ok(Self::Info),
+            "WARNING" | "WARN" => Ok(Self::Warning),
+            "ERROR" => Ok(Self::Error),
+            "CRITICAL" | "FATAL" => Ok(Self::Critical),
+            _ => Err(D::Error::custom(format!(
+                "log_level: unknown level {s:?}, expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// One object per container per cycle, as the seed document shows.
+    #[default]
+    Records,
+    /// One object per cycle keyed by container id plus `summary`, for lxc_autoscale_ml.
+    AutoscaleMl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorChoice {
+    /// BPF when the kernel allows it, the file readers otherwise.
+    #[default]
+    Auto,
+    Ebpf,
+    Files,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringConfig {
+    pub export_file: PathBuf,
+    #[serde(deserialize_with = "check_interval")]
+    pub check_interval: Duration,
+    pub enable_swap: bool,
+    pub enable_network: bool,
+    pub enable_filesystem: bool,
+    pub parallel_processing: bool,
+    #[serde(deserialize_with = "max_workers")]
+    pub max_workers: usize,
+    pub excluded_devices: Vec<String>,
+    pub export_format: ExportFormat,
+    #[serde(deserialize_with = "max_metrics_entries")]
+    pub max_metrics_entries: usize,
+    pub retry_limit: u32,
+    #[serde(deserialize_with = "retry_delay")]
+    pub retry_delay: Duration,
+    pub collector: CollectorChoice,
+    /// cgroup v1 on kernels >= 6.9 counts block I/O only once a throttle rule exists on the
+    /// disk; lxcmon writes an unlimited rule unless this is false (then I/O reads 0, logged).
+    pub enable_v1_io_accounting: bool,
+    /// The seed ran `pct exec` with this timeout; lxcmon spawns nothing, so it means nothing.
+    #[serde(deserialize_with = "ignored")]
+    pub command_timeout: Option<()>,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            export_file: PathBuf::from("/var/log/lxc_metrics.json"),
+            check_interval: Duration::from_secs(60),
+            enable_swap: true,
+            enable_network: true,
+            enable_filesystem: true,
+            parallel_processing: true,
+            max_workers: 8,
+            excluded_devices: vec!["loop".into(), "dm-".into()],
+            export_format: ExportFormat::Records,
+            max_metrics_entries: 1000,
+            retry_limit: 3,
+            retry_delay: Duration::from_secs(2),
+            collector: CollectorChoice::Auto,
+            enable_v1_io_accounting: true,
+            command_timeout: None,
+        }
+    }
+}
+
+/// Shortest interval we accept: below it the cycle cost dominates what is measured.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+fn seconds<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Duration, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        return Err(D::Error::custom(format!(
+            "{key}: {v} is not a number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn check_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = seconds(d, "check_interval")?;
+    if v < MIN_INTERVAL {
+        return Err(D::Error::custom(format!(
+            "check_interval: {} s is too short, the minimum is 0.1 s",
+            v.as_secs_f64()
+        )));
+    }
+    Ok(v)
+}
+
+fn retry_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    seconds(d, "retry_delay")
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(D::Error::custom(format!("{key}: must be at least 1")));
+    }
+    Ok(v)
+}
+
+fn log_max_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    positive(d, "log_max_bytes").map(|v| v as u64)
+}
+
+fn max_workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    positive(d, "max_workers")
+}
+
+fn max_metrics_entries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    positive(d, "max_metrics_entries")
+}
+
+fn ignored<'de, D: Deserializer<'de>>(d: D) -> Result<Option<()>, D::Error> {
+    serde::de::IgnoredAny::deserialize(d)?;
+    Ok(Some(()))
+}
+
+/// The parser's message, with the line added where it knows none (an unknown key at the
+/// top level): the first line that defines that key.
+fn with_line(e: &serde_yaml_ng::Error, text: &str) -> String {
+    let message = e.to_string();
+    if message.contains(" at line ") {
+        return message;
+    }
+    let key = message
+        .split_once("unknown field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(key, _)| key);
+    let line = key.and_then(|key| {
+        text.lines().position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        })
+    });
+    match line {
+        Some(n) => format!("{message} at line {}", n + 1),
+        None => message,
+    }
+}
+
+impl Config {
+    /// Parses a YAML document; an empty one (or one of comments only) gives the defaults.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let parsed: Option<Config> =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                path: origin.to_path_buf(),
+                message: with_line(&e, text),
+            })?;
+        Ok(parsed.unwrap_or_default())
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    /// Settings that are accepted for compatibility but change nothing, for one log line each.
+    pub fn ignored_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.monitoring.command_timeout.is_some() {
+            keys.push("monitoring.command_timeout");
+        }
+        keys
+    }
+
+    /// Worker threads for one cycle: 1 when parallel processing is off.
+    pub fn workers(&self) -> usize {
+        if self.monitoring.parallel_processing {
+            self.monitoring.max_workers
+        } else {
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/config")
+            .join(name)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, Path::new("test.yaml"))
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted {text:?} as {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_document_gives_defaults() {
+        let c = Config::load(&fixture("minimal-empty.yaml")).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.monitoring.check_interval, Duration::from_secs(60));
+        assert_eq!(c.monitoring.max_metrics_entries, 1000);
+        assert_eq!(c.monitoring.export_format, ExportFormat::Records);
+    }
+
+    #[test]
+    fn seed_example_loads_with_its_values() {
+        let c = Config::load(&fixture("seed-example.yaml")).unwrap();
+        assert_eq!(c.logging.log_max_bytes, 5_242_880);
+        assert_eq!(c.logging.log_backup_count, 7);
+        assert_eq!(c.logging.log_level, LogLevel::Info);
+        assert_eq!(c.monitoring.max_workers, 8);
+        assert_eq!(c.monitoring.excluded_devices, vec!["loop", "dm-"]);
+        assert!(c.ignored_keys().is_empty());
+    }
+
+    #[test]
+    fn upstream_newest_keys_load_and_report_the_ignored_one() {
+        let c = Config::load(&fixture("upstream-newest-keys.yaml")).unwrap();
+        assert_eq!(c.monitoring.retry_limit, 3);
+        assert_eq!(c.monitoring.retry_delay, Duration::from_secs(2));
+        assert_eq!(c.monitoring.max_metrics_entries, 1000);
+        assert_eq!(c.ignored_keys(), vec!["monitoring.command_timeout"]);
+    }
+
+    #[test]
+    fn fractional_interval_down_to_a_tenth() {
+        let c = parse("monitoring:\n  check_interval: 0.1\n").unwrap();
+        assert_eq!(c.monitoring.check_interval, Duration::from_millis(100));
+        let e = error("monitoring:\n  check_interval: 0.05\n");
+        assert!(e.contains("check_interval") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_name_key_and_line() {
+        for (doc, key, line) in [
+            ("monitoring:\n  check_interval: 0\n", "check_interval", 2),
+            (
+                "logging:\n  log_level: INFO\nmonitoring:\n  max_workers: 0\n",
+                "max_workers",
+                4,
+            ),
+            ("logging:\n  log_level: LOUD\n", "log_level", 2),
+            (
+                "monitoring:\n  max_metrics_entries: 0\n",
+                "max_metrics_entries",
+                2,
+            ),
+            ("monitoring:\n  enable_swap: maybe\n", "enable_swap", 2),
+            ("monitoring:\n  max_workers: -3\n", "max_workers", 2),
+            (
+                "monitoring:\n\n  exported_file: /tmp/x\n",
+                "exported_file",
+                3,
+            ),
+            ("monitor:\n  check_interval: 5\n", "monitor", 1),
+            ("monitoring:\n  export_format: csv\n", "export_format", 2),
+            ("monitoring:\n  retry_delay: -1\n", "retry_delay", 2),
+            ("logging:\n  log_max_bytes: 0\n", "log_max_bytes", 2),
+        ] {
+            let e = error(doc);
+            assert!(e.contains(key), "{doc:?}: {e}");
+            assert!(e.contains(&format!("line {line}")), "{doc:?}: {e}");
+            assert!(e.contains("test.yaml"), "{doc:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn level_names_are_case_insensitive() {
+        let c = parse("logging:\n  log_level: warning\n").unwrap();
+        assert_eq!(c.logging.log_level.as_tracing(), tracing::Level::WARN);
+    }
+
+    #[test]
+    fn formats_and_collectors_parse() {
+        let c = parse("monitoring:\n  export_format: autoscale_ml\n  collector: files\n").unwrap();
+        assert_eq!(c.monitoring.export_format, ExportFormat::AutoscaleMl);
+        assert_eq!(c.monitoring.collector, CollectorChoice::Files);
+    }
+
+    #[test]
+    fn serial_processing_uses_one_worker() {
+        let c = parse("monitoring:\n  parallel_processing: false\n  max_workers: 4\n").unwrap();
+        assert_eq!(c.workers(), 1);
+    }
+}

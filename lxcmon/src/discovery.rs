@@ -1,1 +1,264 @@
-//! discovery
+//! Finding the running containers from the cgroup tree: no `pct`, no `lxc-ls`, no process.
+//!
+//! A running container has a cgroup; a stopped one has none. Layouts:
+//! - plain LXC 4/5, Incus/LXD: `lxc.payload.<name>` at the hierarchy's top;
+//! - Proxmox VE (and LXC 3): `lxc/<vmid>`, processes below `lxc/<vmid>/ns/` on VE 7/8.
+//!
+//! Monitor cgroups (`lxc.monitor.<name>`, `lxc.monitor/<vmid>`) hold no container.
+
+use crate::kfile;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Proxmox,
+    Lxc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// VMID on Proxmox, the container name on plain LXC.
+    pub id: String,
+    /// Proxmox `hostname:`; the name elsewhere.
+    pub name: String,
+    /// The container's cgroup below each hierarchy's root.
+    pub rel: PathBuf,
+    pub flavor: Flavor,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list containers in {dir}: {source}")]
+pub struct DiscoveryError {
+    dir: PathBuf,
+    source: std::io::Error,
+}
+
+#[derive(Debug)]
+pub struct Discovery {
+    root: PathBuf,
+    hierarchy: PathBuf,
+    /// Display names, read once per container appearance.
+    names: HashMap<String, String>,
+}
+
+impl Discovery {
+    /// Scans `hierarchy` (the mount the figures come from); names come from `root/etc/pve`.
+    pub fn new(root: &Path, hierarchy: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            hierarchy: hierarchy.to_path_buf(),
+            names: HashMap::new(),
+        }
+    }
+
+    pub fn scan(&mut self) -> Result<Vec<Discovered>, DiscoveryError> {
+        let mut found = Vec::new();
+        let top = std::fs::read_dir(&self.hierarchy).map_err(|source| DiscoveryError {
+            dir: self.hierarchy.clone(),
+            source,
+        })?;
+        for entry in top.flatten() {
+            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix("lxc.payload.") {
+                found.push((id.to_string(), PathBuf::from(&name), Flavor::Lxc));
+            } else if name == "lxc" || name == "lxc.payload" {
+                for child in std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let id = child.file_name().to_string_lossy().into_owned();
+                    if !child.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                        || id.starts_with("lxc.monitor")
+                        || id.starts_with("lxc.pivot")
+                    {
+                        continue;
+                    }
+                    let flavor = if name == "lxc" && self.pve_conf(&id).exists() {
+                        Flavor::Proxmox
+                    } else {
+                        Flavor::Lxc
+                    };
+                    found.push((id.clone(), Path::new(&name).join(&id), flavor));
+                }
+            }
+        }
+        found.sort_by(|a, b| id_order(&a.0, &b.0));
+        self.names.retain(|id, _| found.iter().any(|f| &f.0 == id));
+        Ok(found
+            .into_iter()
+            .map(|(id, rel, flavor)| {
+                let name = match self.names.get(&id) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = self.display_name(&id, flavor);
+                        self.names.insert(id.clone(), n.clone());
+                        n
+                    }
+                };
+                Discovered {
+                    id,
+                    name,
+                    rel,
+                    flavor,
+                }
+            })
+            .collect())
+    }
+
+    fn pve_conf(&self, vmid: &str) -> PathBuf {
+        kfile::under(&self.root, &format!("/etc/pve/lxc/{vmid}.conf"))
+    }
+
+    fn display_name(&self, id: &str, flavor: Flavor) -> String {
+        if flavor == Flavor::Proxmox {
+            if let Ok(conf) = std::fs::read_to_string(self.pve_conf(id)) {
+                if let Some(host) = pve_hostname(&conf) {
+                    return host.to_string();
+                }
+            }
+        }
+        id.to_string()
+    }
+}
+
+/// The `hostname:` of the current configuration (snapshot sections `[name]` come after it).
+pub fn pve_hostname(conf: &str) -> Option<&str> {
+    conf.lines()
+        .take_while(|l| !l.starts_with('['))
+        .find_map(|l| l.strip_prefix("hostname:"))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+}
+
+/// Numeric ids in numeric order (VMIDs), then names.
+fn id_order(a: &str, b: &str) -> Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => Ordering::Less,
+        (Err(_), Ok(_)) => Ordering::Greater,
+        _ => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkdirs(base: &Path, dirs: &[&str]) {
+        for d in dirs {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+    }
+
+    #[test]
+    fn plain_lxc_layout_skips_monitors() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("sys/fs/cgroup/memory");
+        mkdirs(
+            &h,
+            &[
+                "lxc.payload.web",
+                "lxc.payload.db/.lxc",
+                "lxc.monitor.web",
+                "lxc.monitor.db",
+                "system.slice",
+                "user.slice",
+            ],
+        );
+        std::fs::write(h.join("lxc.payload.file"), "").unwrap();
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        let ids: Vec<_> = found
+            .iter()
+            .map(|d| (d.id.as_str(), d.name.as_str(), d.rel.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("db", "db", "lxc.payload.db"),
+                ("web", "web", "lxc.payload.web")
+            ]
+        );
+        assert!(found.iter().all(|d| d.flavor == Flavor::Lxc));
+    }
+
+    #[test]
+    fn proxmox_layout_with_hostnames() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("sys/fs/cgroup");
+        mkdirs(
+            &h,
+            &[
+                "lxc/100/ns/init.scope",
+                "lxc/1000/ns",
+                "lxc/99/ns",
+                "lxc.monitor/100",
+                "lxc.monitor/99",
+                "lxc.pivot",
+                "qemu.slice/101.scope",
+            ],
+        );
+        let pve = dir.path().join("etc/pve/lxc");
+        std::fs::create_dir_all(&pve).unwrap();
+        std::fs::write(
+            pve.join("100.conf"),
+            "arch: amd64\nhostname: web-1\nmemory: 512\n[snap]\nhostname: old\n",
+        )
+        .unwrap();
+        std::fs::write(pve.join("99.conf"), "arch: amd64\n").unwrap();
+        let mut discovery = Discovery::new(dir.path(), &h);
+        let found = discovery.scan().unwrap();
+        let got: Vec<_> = found
+            .iter()
+            .map(|d| (d.id.as_str(), d.name.as_str(), d.flavor))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("99", "99", Flavor::Proxmox),
+                ("100", "web-1", Flavor::Proxmox),
+                ("1000", "1000", Flavor::Lxc)
+            ]
+        );
+        assert_eq!(found[1].rel, PathBuf::from("lxc/100"));
+
+        // A container that stops disappears; one that starts appears with its name.
+        std::fs::remove_dir_all(h.join("lxc/99")).unwrap();
+        std::fs::create_dir_all(h.join("lxc/101/ns")).unwrap();
+        std::fs::write(pve.join("101.conf"), "hostname: new-one\n").unwrap();
+        let ids: Vec<_> = discovery
+            .scan()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.id, d.name))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("100".into(), "web-1".into()),
+                ("101".into(), "new-one".into()),
+                ("1000".into(), "1000".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_hierarchy_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Discovery::new(dir.path(), &dir.path().join("nope"))
+            .scan()
+            .unwrap_err();
+        assert!(err.to_string().contains("nope"));
+    }
+
+    #[test]
+    fn hostname_parsing() {
+        assert_eq!(pve_hostname("hostname:   spaced  \n"), Some("spaced"));
+        assert_eq!(pve_hostname("hostname:\n"), None);
+    }
+}

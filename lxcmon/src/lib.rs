@@ -5,11 +5,13 @@
 //! figures, and [`export`] writes them. [`daemon`] drives that pipeline on the configured interval.
 
 pub mod cgroup;
+pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod derive;
 pub mod discovery;
 pub mod export;
+pub mod kfile;
 pub mod logging;
 pub mod procfs;
 pub mod sample;

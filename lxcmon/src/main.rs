@@ -1,1 +1,80 @@
-fn main() {}
+use anyhow::{Context, Result};
+use clap::Parser;
+use lxcmon::config::{Config, DEFAULT_CONFIG_PATH};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Per-container metrics agent for LXC and Proxmox VE hosts.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// YAML configuration; without it, the default path if present, else built-in defaults.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Take two samples, print one cycle of the export to stdout, and exit.
+    #[arg(long)]
+    once: bool,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Read /sys, /proc and /etc below this directory (for fixture trees).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+}
+
+fn load_config(cli: &Cli) -> Result<(Config, String)> {
+    match &cli.config {
+        Some(path) => Ok((Config::load(path)?, path.display().to_string())),
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if default.exists() {
+                Ok((Config::load(&default)?, DEFAULT_CONFIG_PATH.to_string()))
+            } else {
+                Ok((Config::default(), "built-in defaults".to_string()))
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cfg, origin) = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lxcmon: invalid configuration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check_config {
+        println!("{origin}: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    lxcmon::logging::init(&cfg.logging);
+    tracing::info!(config = %origin, "configuration loaded");
+    for key in cfg.ignored_keys() {
+        tracing::info!(
+            key,
+            "setting accepted for compatibility; lxcmon has no use for it"
+        );
+    }
+    let result = if cli.once {
+        run_once(&cfg, &cli)
+    } else {
+        lxcmon::daemon::run(&cfg, &cli.root)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_once(cfg: &Config, cli: &Cli) -> Result<()> {
+    let doc = lxcmon::daemon::once(cfg, &cli.root)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&doc).context("writing to stdout")?;
+    out.flush().context("writing to stdout")
+}

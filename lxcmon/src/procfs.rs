@@ -1,1 +1,239 @@
-//! procfs
+//! procfs readers: a container's init, its network counters, and host-wide figures.
+
+use crate::kfile::{self, KFile, ReadError};
+use std::path::Path;
+
+/// Whether a `/proc/<pid>/status` belongs to the first process of its innermost PID
+/// namespace: the last `NSpid:` field is 1.
+pub fn is_namespace_init(status: &str) -> bool {
+    let Some(ids) = status.lines().find_map(|l| l.strip_prefix("NSpid:")) else {
+        return false;
+    };
+    let mut ids = ids.split_whitespace();
+    // One level only is the host's own PID namespace, where pid 1 is no container.
+    ids.next().is_some() && ids.last() == Some("1")
+}
+
+/// The container's init among `pids` (shallowest cgroup first, so usually the first tried).
+pub fn find_init(root: &Path, pids: &[u32], buf: &mut Vec<u8>) -> Option<u32> {
+    pids.iter().copied().find(|pid| {
+        KFile::open(kfile::under(root, &format!("/proc/{pid}/status")))
+            .and_then(|f| f.read(buf).map(is_namespace_init))
+            .unwrap_or(false)
+    })
+}
+
+/// Cumulative bytes over the non-loopback interfaces of one network namespace.
+///
+/// Interface counters vanish with their interface; the last values of a vanished interface
+/// are kept so the totals never go backwards while the container lives.
+#[derive(Debug, Default, Clone)]
+pub struct NetTotals {
+    interfaces: Vec<Interface>,
+    retired_rx: u64,
+    retired_tx: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Interface {
+    name: String,
+    rx: u64,
+    tx: u64,
+    seen: bool,
+}
+
+impl NetTotals {
+    /// Folds in a fresh `/proc/<pid>/net/dev`.
+    pub fn update(&mut self, net_dev: &str) {
+        for iface in &mut self.interfaces {
+            iface.seen = false;
+        }
+        for (name, rx, tx) in parse_net_dev(net_dev) {
+            if name == "lo" {
+                continue;
+            }
+            match self.interfaces.iter_mut().find(|i| i.name == name) {
+                Some(iface) => {
+                    if rx < iface.rx || tx < iface.tx {
+                        // Same name, new interface: the old one's counts are history.
+                        self.retired_rx += iface.rx;
+                        self.retired_tx += iface.tx;
+                    }
+                    iface.rx = rx;
+                    iface.tx = tx;
+                    iface.seen = true;
+                }
+                None => self.interfaces.push(Interface {
+                    name: name.to_string(),
+                    rx,
+                    tx,
+                    seen: true,
+                }),
+            }
+        }
+        let (mut retired_rx, mut retired_tx) = (0, 0);
+        self.interfaces.retain(|i| {
+            if !i.seen {
+                retired_rx += i.rx;
+                retired_tx += i.tx;
+            }
+            i.seen
+        });
+        self.retired_rx += retired_rx;
+        self.retired_tx += retired_tx;
+    }
+
+    pub fn rx(&self) -> u64 {
+        self.retired_rx + self.interfaces.iter().map(|i| i.rx).sum::<u64>()
+    }
+
+    pub fn tx(&self) -> u64 {
+        self.retired_tx + self.interfaces.iter().map(|i| i.tx).sum::<u64>()
+    }
+}
+
+/// `(interface, rx_bytes, tx_bytes)` for each line of `/proc/net/dev`.
+pub fn parse_net_dev(text: &str) -> impl Iterator<Item = (&str, u64, u64)> {
+    text.lines().filter_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        let mut fields = counters.split_whitespace();
+        let rx = fields.next()?.parse().ok()?;
+        let tx = fields.nth(7)?.parse().ok()?;
+        Some((name.trim(), rx, tx))
+    })
+}
+
+/// Host memory and swap totals in bytes, from `/proc/meminfo`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostMemory {
+    pub mem_total: u64,
+    pub swap_total: u64,
+}
+
+pub fn host_memory(root: &Path) -> Result<HostMemory, ReadError> {
+    let path = kfile::under(root, "/proc/meminfo");
+    parse_meminfo(&kfile::read_to_string(&path)?)
+        .ok_or_else(|| ReadError::parse(&path, "no MemTotal"))
+}
+
+pub fn parse_meminfo(text: &str) -> Option<HostMemory> {
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|v| v * 1024)
+    };
+    Some(HostMemory {
+        mem_total: kib("MemTotal")?,
+        swap_total: kib("SwapTotal").unwrap_or(0),
+    })
+}
+
+/// Busy and total jiffies of the host, from the `cpu` line of `/proc/stat`.
+pub fn host_cpu_times(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 4 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Resident memory of this process in bytes (`VmRSS` of `/proc/self/status`).
+pub fn self_rss(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+/// Kernel release (`6.18.1-...`) as (major, minor).
+pub fn kernel_version(root: &Path) -> Option<(u32, u32)> {
+    let text = kfile::read_to_string(&kfile::under(root, "/proc/sys/kernel/osrelease")).ok()?;
+    let mut parts = text.trim().split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NET_DEV: &str = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:  123456     100    0    0    0     0          0         0   123456     100    0    0    0     0       0          0
+  eth0: 1000000    2000    0    0    0     0          0         0   500000    1000    0    0    0     0       0          0
+  eth1:     300       3    0    0    0     0          0         0      700       7    0    0    0     0       0          0
+";
+
+    #[test]
+    fn net_dev_excludes_loopback() {
+        let mut t = NetTotals::default();
+        t.update(NET_DEV);
+        assert_eq!((t.rx(), t.tx()), (1_000_300, 500_700));
+    }
+
+    #[test]
+    fn vanished_interface_keeps_its_history() {
+        let mut t = NetTotals::default();
+        t.update(NET_DEV);
+        let without_eth1 = NET_DEV
+            .lines()
+            .filter(|l| !l.contains("eth1"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        t.update(&without_eth1);
+        assert_eq!((t.rx(), t.tx()), (1_000_300, 500_700));
+        // eth1 comes back as a new interface starting from zero.
+        t.update(&NET_DEV.replace("    300       3", "     10       1"));
+        assert_eq!(t.rx(), 1_000_310);
+    }
+
+    #[test]
+    fn nspid_init_detection() {
+        assert!(is_namespace_init("Name:\tinit\nNSpid:\t4242\t1\n"));
+        assert!(is_namespace_init("NSpid:\t4242\t77\t1\n"));
+        assert!(!is_namespace_init("NSpid:\t4243\t2\n"));
+        assert!(
+            !is_namespace_init("NSpid:\t1\n"),
+            "the host's own init is no container"
+        );
+        assert!(!is_namespace_init("Name:\told kernel\n"));
+    }
+
+    #[test]
+    fn host_figures() {
+        assert_eq!(
+            host_cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"),
+            Some((150, 1000))
+        );
+        assert_eq!(host_cpu_times("intr 1\n"), None);
+        assert_eq!(
+            self_rss("Name:\tlxcmon\nVmRSS:\t    2048 kB\n"),
+            Some(2048 * 1024)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("proc/sys/kernel")).unwrap();
+        std::fs::write(
+            dir.path().join("proc/meminfo"),
+            "MemTotal:       16384 kB\nSwapTotal:    1024 kB\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("proc/sys/kernel/osrelease"),
+            "6.18.44-fc-v782\n",
+        )
+        .unwrap();
+        let m = host_memory(dir.path()).unwrap();
+        assert_eq!((m.mem_total, m.swap_total), (16384 * 1024, 1024 * 1024));
+        assert_eq!(kernel_version(dir.path()), Some((6, 18)));
+    }
+}

@@ -37,7 +37,11 @@ fn dpkg_installed(pkg: &str) -> bool {
 
 /// Installs the Debian packages that are missing (one `apt-get update` first, only if needed).
 pub fn ensure_apt(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

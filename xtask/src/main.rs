@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Each task installs what it needs when it is missing,
 //! so the README's commands work on a fresh Debian machine.
 
+mod bench;
 mod deps;
 mod ebpf;
 mod test;
@@ -29,6 +30,8 @@ enum Task {
     Test(test::TestArgs),
     /// Boot the VM kernel matrix and run the agent checks inside.
     VmTest(vm::VmArgs),
+    /// Measure the agent's cost on a synthetic fleet of containers (not part of `test`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +40,7 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&args),
         Task::Test(args) => test::run(&args),
         Task::VmTest(args) => vm::run(&args),
+        Task::Bench(args) => bench::run(&args),
     }
 }
 

@@ -1,0 +1,387 @@
+//! cgroup readers: where the hierarchies are mounted, and the per-container figures in them.
+//!
+//! On a pure v2 host (Proxmox VE 7/8) every figure comes from the unified tree. On v1 and
+//! hybrid hosts (Proxmox VE 6, plain LXC on older systemd, this project's CI host) the figures
+//! come from the v1 controllers, and the v2 tree, where mounted, only names the cgroup for BPF.
+
+pub mod v1;
+pub mod v2;
+
+use crate::kfile::{self, ReadError};
+use crate::sysfs::DeviceFilter;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where the cgroup hierarchies are mounted, as seen under the configured root.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    /// The cgroup2 mount, if any (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+    pub unified: Option<PathBuf>,
+    /// Whether the unified tree carries the resource controllers (pure v2).
+    pub unified_has_controllers: bool,
+    /// v1 controller name (`memory`, `cpuacct`, `name=systemd`, ...) to its mount point.
+    pub v1: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Figures come from the unified hierarchy.
+    V2,
+    /// Figures come from v1 controllers (the unified tree may exist beside them: hybrid).
+    V1,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("no cgroup hierarchy with resource controllers is mounted (looked in {0})")]
+    NoControllers(PathBuf),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+impl Layout {
+    /// Finds the mounts from `/proc/self/mountinfo` under `root`.
+    pub fn detect(root: &Path) -> Result<Self, LayoutError> {
+        let mountinfo = kfile::under(root, "/proc/self/mountinfo");
+        let text = kfile::read_to_string(&mountinfo)?;
+        let mut layout = Self::from_mountinfo(&text, root);
+        if let Some(unified) = &layout.unified {
+            let controllers =
+                kfile::read_to_string(&unified.join("cgroup.controllers")).unwrap_or_default();
+            layout.unified_has_controllers = controllers
+                .split_whitespace()
+                .any(|c| c == "memory" || c == "cpu" || c == "pids");
+        }
+        if layout.mode().is_none() {
+            return Err(LayoutError::NoControllers(mountinfo));
+        }
+        Ok(layout)
+    }
+
+    fn from_mountinfo(text: &str, root: &Path) -> Self {
+        let mut layout = Self::default();
+        for line in text.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let Some(mount_point) = pre.split(' ').nth(4) else {
+                continue;
+            };
+            let mut post = post.split(' ');
+            let (Some(fstype), Some(_source), Some(options)) =
+                (post.next(), post.next(), post.next())
+            else {
+                continue;
+            };
+            let path = kfile::under(root, &unescape(mount_point));
+            match fstype {
+                "cgroup2" => {
+                    layout.unified.get_or_insert(path);
+                }
+                "cgroup" => {
+                    for opt in options.split(',') {
+                        if is_v1_controller(opt) {
+                            layout
+                                .v1
+                                .entry(opt.to_string())
+                                .or_insert_with(|| path.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        layout
+    }
+
+    /// Which hierarchy the figures come from; `None` when no controller is mounted anywhere.
+    pub fn mode(&self) -> Option<Mode> {
+        if self.unified.is_some() && self.unified_has_controllers {
+            Some(Mode::V2)
+        } else if self.v1.contains_key("memory") || self.v1.contains_key("cpuacct") {
+            Some(Mode::V1)
+        } else {
+            None
+        }
+    }
+
+    /// The hierarchy that discovery scans: the one the figures come from.
+    pub fn primary(&self) -> Option<&Path> {
+        match self.mode()? {
+            Mode::V2 => self.unified.as_deref(),
+            Mode::V1 => ["memory", "pids", "cpuacct"]
+                .iter()
+                .find_map(|c| self.v1.get(*c))
+                .map(PathBuf::as_path),
+        }
+    }
+
+    pub fn controller(&self, name: &str) -> Option<&Path> {
+        self.v1.get(name).map(PathBuf::as_path)
+    }
+}
+
+fn is_v1_controller(opt: &str) -> bool {
+    matches!(
+        opt,
+        "cpu"
+            | "cpuacct"
+            | "cpuset"
+            | "memory"
+            | "blkio"
+            | "pids"
+            | "devices"
+            | "freezer"
+            | "net_cls"
+            | "net_prio"
+            | "perf_event"
+            | "hugetlb"
+            | "rdma"
+            | "misc"
+    ) || opt.starts_with("name=")
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                let v = d.iter().fold(0u16, |acc, c| acc * 8 + u16::from(c - b'0'));
+                out.push((v & 0xff) as u8);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bytes read and written on the devices that are not excluded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoBytes {
+    pub read: u64,
+    pub write: u64,
+}
+
+/// Limits that bound the container; `None` means unlimited at the container's level.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// CPU quota in cores (quota / period).
+    pub cpu_quota_cores: Option<f64>,
+    /// CPUs in the container's effective cpuset.
+    pub cpuset_cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub swap_bytes: Option<u64>,
+}
+
+/// One reading of a container's cgroup figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CgroupSample {
+    pub cpu_usage_ns: u64,
+    /// In use, excluding page cache.
+    pub memory_bytes: u64,
+    pub swap_bytes: u64,
+    pub io: IoBytes,
+    /// Tasks (threads) in the subtree.
+    pub threads: u64,
+    /// Processes in the subtree.
+    pub processes: u64,
+    pub limits: Limits,
+}
+
+/// Per-container reader with its files held open.
+#[derive(Debug)]
+pub enum CgroupReader {
+    V1(v1::Reader),
+    V2(v2::Reader),
+}
+
+impl CgroupReader {
+    /// Opens the reader for the container whose cgroup is `rel` below each hierarchy's root.
+    pub fn open(layout: &Layout, rel: &Path) -> Result<Self, ReadError> {
+        match layout.mode() {
+            Some(Mode::V2) | None => {
+                let unified = layout.unified.as_deref().unwrap_or(Path::new("/"));
+                Ok(Self::V2(v2::Reader::open(unified.join(rel))?))
+            }
+            Some(Mode::V1) => Ok(Self::V1(v1::Reader::open(layout, rel)?)),
+        }
+    }
+
+    pub fn sample(
+        &mut self,
+        devices: &DeviceFilter,
+        buf: &mut Vec<u8>,
+        pids: &mut Vec<u32>,
+    ) -> Result<CgroupSample, ReadError> {
+        match self {
+            Self::V1(r) => r.sample(devices, buf, pids),
+            Self::V2(r) => r.sample(devices, buf, pids),
+        }
+    }
+
+    /// The directory whose subtree holds the container's processes.
+    pub fn procs_dir(&self) -> &Path {
+        match self {
+            Self::V1(r) => r.procs_dir(),
+            Self::V2(r) => r.dir(),
+        }
+    }
+}
+
+/// Lists the processes of the subtree below `dir`, shallowest first, into `pids`.
+/// Subdirectories that vanish during the walk are skipped; the top one vanishing is an error.
+pub fn subtree_pids(dir: &Path, buf: &mut Vec<u8>, pids: &mut Vec<u32>) -> Result<(), ReadError> {
+    pids.clear();
+    let mut queue = vec![dir.to_path_buf()];
+    let mut next = 0;
+    while next < queue.len() {
+        let current = queue[next].clone();
+        let top = next == 0;
+        next += 1;
+        let procs = match kfile::KFile::open(current.join("cgroup.procs")).and_then(|f| {
+            f.read(buf).map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+        }) {
+            Ok(p) => p,
+            Err(e) if !top && e.is_gone() => continue,
+            Err(e) => return Err(e),
+        };
+        pids.extend(procs);
+        let entries = match std::fs::read_dir(&current) {
+            Ok(entries) => entries,
+            Err(e) if !top && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(ReadError::io(&current, e)),
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                queue.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Number of CPUs in a cpu list such as `0-3,8,10-11`.
+pub fn cpu_list_len(list: &str) -> Option<u32> {
+    let list = list.trim();
+    if list.is_empty() {
+        return None;
+    }
+    let mut n = 0u32;
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                n += b.checked_sub(a)? + 1;
+            }
+            None => {
+                part.parse::<u32>().ok()?;
+                n += 1;
+            }
+        }
+    }
+    Some(n)
+}
+
+/// Splits `maj:min` into numbers.
+pub fn parse_dev(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
+36 31 0:31 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+37 31 0:32 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+38 31 0:33 / /sys/fs/cgroup/blkio rw,nosuid - cgroup cgroup rw,blkio
+";
+
+    #[test]
+    fn hybrid_mountinfo() {
+        let layout = Layout::from_mountinfo(HYBRID, Path::new("/r"));
+        assert_eq!(
+            layout.unified.as_deref(),
+            Some(Path::new("/r/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            layout.controller("cpu"),
+            Some(Path::new("/r/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        assert_eq!(layout.controller("cpuacct"), layout.controller("cpu"));
+        assert_eq!(
+            layout.controller("name=systemd"),
+            Some(Path::new("/r/sys/fs/cgroup/systemd"))
+        );
+        assert_eq!(layout.mode(), Some(Mode::V1));
+        assert_eq!(layout.primary(), Some(Path::new("/r/sys/fs/cgroup/memory")));
+    }
+
+    #[test]
+    fn pure_v2_mountinfo() {
+        let text = "30 1 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let mut layout = Layout::from_mountinfo(text, Path::new("/"));
+        layout.unified_has_controllers = true;
+        assert_eq!(layout.mode(), Some(Mode::V2));
+        assert_eq!(layout.primary(), Some(Path::new("/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn escaped_mount_points() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/tail\04"), r"/tail\04");
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list_len("0-3,8,10-11\n"), Some(7));
+        assert_eq!(cpu_list_len("0"), Some(1));
+        assert_eq!(cpu_list_len(""), None);
+        assert_eq!(cpu_list_len("3-1"), None);
+    }
+
+    #[test]
+    fn subtree_walk_lists_nested_processes_and_tolerates_races() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("lxc.payload.c1");
+        std::fs::create_dir_all(top.join(".lxc")).unwrap();
+        std::fs::create_dir_all(top.join("system.slice/cron.service")).unwrap();
+        std::fs::write(top.join("cgroup.procs"), "100\n").unwrap();
+        std::fs::write(top.join(".lxc/cgroup.procs"), "200\n201\n").unwrap();
+        std::fs::write(top.join("system.slice/cgroup.procs"), "").unwrap();
+        std::fs::write(top.join("system.slice/cron.service/cgroup.procs"), "300\n").unwrap();
+        let (mut buf, mut pids) = (Vec::new(), Vec::new());
+        subtree_pids(&top, &mut buf, &mut pids).unwrap();
+        assert_eq!(pids[0], 100, "shallowest first");
+        pids.sort();
+        assert_eq!(pids, vec![100, 200, 201, 300]);
+
+        // A child cgroup without its procs file behaves like one removed mid-walk.
+        std::fs::remove_file(top.join(".lxc/cgroup.procs")).unwrap();
+        subtree_pids(&top, &mut buf, &mut pids).unwrap();
+        assert_eq!(pids.len(), 2);
+
+        let err = subtree_pids(&dir.path().join("gone"), &mut buf, &mut pids).unwrap_err();
+        assert!(err.is_gone());
+    }
+}

@@ -1,0 +1,202 @@
+//! Kernel files read with their descriptor kept open: one `pread` at offset 0 per sample.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A failed read of a kernel file, with the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: unexpected content: {what}")]
+    Parse { path: PathBuf, what: String },
+}
+
+impl ReadError {
+    pub fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn parse(path: &Path, what: impl Into<String>) -> Self {
+        Self::Parse {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    /// The object behind the file is gone: a removed cgroup (ENODEV), an exited process
+    /// (ESRCH), or a path that no longer exists. Such a container is skipped, not retried.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound
+                    || matches!(
+                        source.raw_os_error(),
+                        Some(libc_errno::ENODEV) | Some(libc_errno::ESRCH)
+                    )
+            }
+            Self::Parse { .. } => false,
+        }
+    }
+}
+
+mod libc_errno {
+    pub const ESRCH: i32 = 3;
+    pub const ENODEV: i32 = 19;
+}
+
+#[derive(Debug)]
+pub struct KFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl KFile {
+    pub fn open(path: PathBuf) -> Result<Self, ReadError> {
+        match File::open(&path) {
+            Ok(file) => Ok(Self { path, file }),
+            Err(e) => Err(ReadError::io(&path, e)),
+        }
+    }
+
+    /// Opens the file if it exists; `None` when the kernel does not provide it here
+    /// (a controller that is not enabled, swap accounting that is off).
+    pub fn open_optional(path: PathBuf) -> Result<Option<Self>, ReadError> {
+        match File::open(&path) {
+            Ok(file) => Ok(Some(Self { path, file })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ReadError::io(&path, e)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the whole file into `buf`. Kernel seq files return everything that fits in one
+    /// call, so a read that does not fill the buffer is complete; a full one grows and retries.
+    pub fn read<'a>(&self, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
+        if buf.len() < 4096 {
+            buf.resize(4096, 0);
+        }
+        loop {
+            let n = self
+                .file
+                .read_at(buf, 0)
+                .map_err(|e| ReadError::io(&self.path, e))?;
+            if n < buf.len() {
+                return std::str::from_utf8(&buf[..n])
+                    .map_err(|_| ReadError::parse(&self.path, "not UTF-8"));
+            }
+            let grown = buf.len() * 2;
+            buf.resize(grown, 0);
+        }
+    }
+
+    /// Reads a file holding a single unsigned number (`max` is reported as `None`).
+    pub fn read_u64_or_max(&self, buf: &mut Vec<u8>) -> Result<Option<u64>, ReadError> {
+        let text = self.read(buf)?;
+        parse_u64_or_max(text.trim()).ok_or_else(|| ReadError::parse(&self.path, text.trim()))
+    }
+
+    pub fn read_u64(&self, buf: &mut Vec<u8>) -> Result<u64, ReadError> {
+        let text = self.read(buf)?;
+        text.trim()
+            .parse()
+            .map_err(|_| ReadError::parse(&self.path, format!("{:?} is not a number", text.trim())))
+    }
+}
+
+/// `Some(Some(n))` for a number, `Some(None)` for `max`, `None` for anything else.
+pub fn parse_u64_or_max(s: &str) -> Option<Option<u64>> {
+    if s == "max" {
+        Some(None)
+    } else {
+        s.parse().ok().map(Some)
+    }
+}
+
+/// Value of `key` in a flat `key value` file such as memory.stat or cpu.stat.
+pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Reads a small file once, for values read at discovery rather than every cycle.
+pub fn read_to_string(path: &Path) -> Result<String, ReadError> {
+    std::fs::read_to_string(path).map_err(|e| ReadError::io(path, e))
+}
+
+/// Joins an absolute kernel path (`/sys/...`) under the configured root.
+pub fn under(root: &Path, absolute: &str) -> PathBuf {
+    root.join(absolute.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_whole_file_again_from_offset_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "12\n").unwrap();
+        let f = KFile::open(path.clone()).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(f.read_u64(&mut buf).unwrap(), 12);
+        std::fs::write(&path, "345\n").unwrap();
+        assert_eq!(f.read_u64(&mut buf).unwrap(), 345);
+    }
+
+    #[test]
+    fn grows_for_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let content = "x 1\n".repeat(5000);
+        std::fs::write(&path, &content).unwrap();
+        let f = KFile::open(path).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(f.read(&mut buf).unwrap().len(), content.len());
+    }
+
+    #[test]
+    fn max_and_garbage() {
+        assert_eq!(parse_u64_or_max("max"), Some(None));
+        assert_eq!(parse_u64_or_max("42"), Some(Some(42)));
+        assert_eq!(parse_u64_or_max(""), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        std::fs::write(&path, "").unwrap();
+        let f = KFile::open(path).unwrap();
+        let err = f.read_u64_or_max(&mut Vec::new()).unwrap_err();
+        assert!(!err.is_gone());
+    }
+
+    #[test]
+    fn missing_file_is_gone_and_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = KFile::open(dir.path().join("nope")).unwrap_err();
+        assert!(err.is_gone());
+        assert!(KFile::open_optional(dir.path().join("nope"))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn keyed_values() {
+        let text = "anon 10\nfile 2048\nfile_mapped 5\n";
+        assert_eq!(keyed_value(text, "file"), Some(2048));
+        assert_eq!(keyed_value(text, "shmem"), None);
+    }
+}
