@@ -50,8 +50,34 @@ fn drive_layout(report: &mut Report, cts: &[Container]) -> Result<()> {
     learn_bridge(cts, &mut truth)?;
     net_info(cts, "after bridge learning");
     let expect_auto = cmdline("expect_auto").unwrap_or_else(|| "any".into());
-    phase(report, cts, &static_procs, &mut truth, "files", "files")?;
-    phase(report, cts, &static_procs, &mut truth, "auto", &expect_auto)?;
+    phase(
+        report,
+        cts,
+        &static_procs,
+        &mut truth,
+        "files",
+        "files",
+        false,
+    )?;
+    phase(
+        report,
+        cts,
+        &static_procs,
+        &mut truth,
+        "auto",
+        &expect_auto,
+        false,
+    )?;
+    // The kernel refuses bpf() to a process without CAP_BPF/CAP_SYS_ADMIN: auto falls back.
+    phase(
+        report,
+        cts,
+        &static_procs,
+        &mut truth,
+        "auto",
+        "files",
+        true,
+    )?;
     once_checks(report, cts, &static_procs, &truth, &expect_auto)?;
     Ok(())
 }
@@ -395,13 +421,29 @@ fn phase(
     truth: &mut Truth,
     collector: &str,
     expect_collector: &str,
+    drop_bpf_caps: bool,
 ) -> Result<()> {
-    let tag = format!("daemon-{collector}");
+    let label = if drop_bpf_caps {
+        format!("{collector}-nobpfcaps")
+    } else {
+        collector.to_string()
+    };
+    let tag = format!("daemon-{label}");
     info(&format!("phase {tag}: starting the agent"));
-    let export = format!("/tmp/export-{collector}.json");
+    let export = format!("/tmp/export-{label}.json");
     let cfg = write_config(collector, "records", &export)?;
-    let errlog = format!("/tmp/lxcmon-{collector}.stderr");
-    let mut agent = Agent::start(&cfg, &errlog)?;
+    let errlog = format!("/tmp/lxcmon-{label}.stderr");
+    let mut agent = Agent::start(&cfg, &errlog, drop_bpf_caps)?;
+    if drop_bpf_caps {
+        let eff = cap_eff(agent.child.id());
+        // CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
+        let mask = (1u64 << 21) | (1 << 38) | (1 << 39);
+        report.check(
+            &format!("{tag}/agent-without-bpf-capabilities"),
+            eff.is_some_and(|e| e & mask == 0 && e != 0),
+            &format!("CapEff={eff:x?}"),
+        );
+    }
     let ids: Vec<String> = cts.iter().map(|c| c.vmid.to_string()).collect();
     let before = match wait_cycles(&export, 1, &ids, Duration::from_secs(60), &mut agent) {
         Ok(c) => Some(c),
@@ -413,9 +455,9 @@ fn phase(
 
     net_info(cts, &format!("before the workloads of {tag}"));
     let kv_before = kernel_view(cts)?;
-    let delta = workloads(cts, collector)?;
+    let delta = workloads(cts, &label)?;
     // Memory and file system footprint, held until the after-cycle.
-    let ready = cts[1].path(&format!("/tmp/mem-ready-{collector}"));
+    let ready = cts[1].path(&format!("/tmp/mem-ready-{label}"));
     let hog_mib = 96;
     cts[1].detach(
         "hog",
@@ -424,7 +466,7 @@ fn phase(
             "wl",
             "mem",
             &hog_mib.to_string(),
-            &format!("/tmp/mem-ready-{collector}"),
+            &format!("/tmp/mem-ready-{label}"),
         ],
     )?;
     let t0 = Instant::now();
@@ -434,7 +476,7 @@ fn phase(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let fill = cts[0].path(&format!("/fill-{collector}.bin"));
+    let fill = cts[0].path(&format!("/fill-{label}.bin"));
     let fill_bytes = 6 * MIB;
     std::fs::write(&fill, vec![0x33u8; fill_bytes as usize])?;
     for i in 0..3 {
@@ -491,6 +533,7 @@ fn phase(
 
     let failed_before = report.failed.len();
     let n = count_cycles(&export);
+    let cpu0 = (Instant::now(), cpu_usage_usec("lxc/103")?);
     let after = match before {
         None => None,
         Some(_) => match wait_cycles(&export, n + 2, &ids, Duration::from_secs(60), &mut agent) {
@@ -501,6 +544,9 @@ fn phase(
             }
         },
     };
+    let cpu1 = (Instant::now(), cpu_usage_usec("lxc/103")?);
+    // The busy loop's share of its 0.5 CPU over the same stretch, as the kernel counts it.
+    let quota_pct = (cpu1.1 - cpu0.1) as f64 / (cpu1.0 - cpu0.0).as_micros() as f64 / 0.5 * 100.0;
     if let (Some(before), Some(after)) = (before, after) {
         compare_phase(
             report,
@@ -513,6 +559,7 @@ fn phase(
             &delta,
             hog_mib,
             fill_bytes,
+            quota_pct,
         )?;
     }
 
@@ -547,6 +594,7 @@ fn compare_phase(
     delta: &Truth,
     hog_mib: u64,
     fill_bytes: u64,
+    quota_pct: f64,
 ) -> Result<()> {
     let fs_now: Vec<Fs> = cts
         .iter()
@@ -627,11 +675,16 @@ fn compare_phase(
         }
         let cpu = num(a, "cpu_usage");
         if i == 2 {
+            // Under TCG on a loaded host the loop may get less than its quota; then the figure
+            // must agree with the kernel's count (cpu.stat over the same stretch) instead.
+            let ok = cpu.is_some_and(|x| {
+                x <= 105.0 && (x > 80.0 || (quota_pct < 88.0 && (x - quota_pct).abs() <= 10.0))
+            });
             report.check(
                 &format!("{p}/cpu_usage-busy-loop-in-quota"),
-                cpu.is_some_and(|x| x > 80.0 && x <= 105.0),
+                ok,
                 &format!(
-                    "measured={cpu:?} expected=(80, 100] (busy loop under cpu.max 50000/100000)"
+                    "measured={cpu:?} expected=(80, 100] (busy loop under cpu.max 50000/100000; cpu.stat says {quota_pct:.1}% of the quota)"
                 ),
             );
             near_opt(
@@ -717,6 +770,21 @@ fn fs_checks(report: &mut Report, p: &str, rec: &Value, fs: &Fs, size_mib: u64) 
         0.01,
         0.0,
     );
+}
+
+fn near_abs(report: &mut Report, name: &str, measured: Option<f64>, expected: f64, tol: f64) {
+    match measured {
+        Some(m) => report.check(
+            name,
+            (m - expected).abs() <= tol,
+            &format!("measured={m} expected={expected} tolerance=±{tol}"),
+        ),
+        None => report.check(
+            name,
+            false,
+            &format!("missing in the export; expected={expected}"),
+        ),
+    }
 }
 
 fn near_opt(
@@ -908,15 +976,17 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(cfg: &str, errlog: &str) -> Result<Self> {
+    fn start(cfg: &str, errlog: &str, drop_bpf_caps: bool) -> Result<Self> {
         let err = std::fs::File::create(errlog)?;
-        let child = Command::new("/lxcmon")
-            .args(["--config", cfg])
+        let mut cmd = Command::new("/lxcmon");
+        cmd.args(["--config", cfg])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("starting /lxcmon")?;
+            .stderr(err);
+        if drop_bpf_caps {
+            without_bpf_caps(&mut cmd);
+        }
+        let child = cmd.spawn().context("starting /lxcmon")?;
         Ok(Self { child })
     }
 
@@ -1233,14 +1303,21 @@ fn once_checks(
                     0.0,
                 );
                 let gib = (1u64 << 30) as f64;
-                near_opt(
-                    report,
-                    &format!("{p}/filesystem_total_gb"),
-                    num(r, "filesystem_total_gb"),
-                    (c.rootfs_mib * MIB) as f64 / gib,
-                    0.01,
-                    0.0,
-                );
+                // GiB figures: rounding to 2 decimals (as the original does) is allowed.
+                let fs = statvfs(&c.path("/"))?;
+                for (key, want) in [
+                    ("filesystem_total_gb", (c.rootfs_mib * MIB) as f64),
+                    ("filesystem_usage_gb", fs.used as f64),
+                    ("filesystem_free_gb", fs.free as f64),
+                ] {
+                    near_abs(
+                        report,
+                        &format!("{p}/{key}"),
+                        num(r, key),
+                        want / gib,
+                        0.005,
+                    );
+                }
                 let io = r.get("io_stats");
                 let ints = io.is_some_and(|io| {
                     io.get("reads").is_some_and(Value::is_u64)
@@ -1364,4 +1441,40 @@ fn kernel_view(cts: &[Container]) -> Result<Vec<KernelView>> {
         out.push(v);
     }
     Ok(out)
+}
+
+/// Runs the command with CAP_SYS_ADMIN, CAP_BPF and CAP_PERFMON removed from the bounding set:
+/// root keeps every other capability, and the kernel answers bpf() with EPERM.
+fn without_bpf_caps(cmd: &mut Command) {
+    use rustix::thread::CapabilitySet;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only makes prctl system calls, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            for c in [
+                CapabilitySet::SYS_ADMIN,
+                CapabilitySet::BPF,
+                CapabilitySet::PERFMON,
+            ] {
+                rustix::thread::remove_capability_from_bounding_set(c)?;
+            }
+            Ok(())
+        });
+    }
+}
+
+fn cap_eff(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+fn cpu_usage_usec(rel: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("{CGROOT}/{rel}/cpu.stat"))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("usage_usec ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .context("no usage_usec in cpu.stat")
 }
