@@ -218,6 +218,8 @@ fn build_layout() -> Result<Vec<Container>> {
 }
 
 fn network(cts: &[Container]) -> Result<()> {
+    // Large receive buffers for the UDP receivers (global, not per namespace).
+    std::fs::write("/proc/sys/net/core/rmem_max", (16u64 << 20).to_string())?;
     sh(&["ip", "link", "add", "br0", "type", "bridge"])?;
     // The bridge has no address and must send nothing itself: with multicast snooping on, it
     // sent 54-byte IGMP frames to the ports a moment after coming up, which the byte counts

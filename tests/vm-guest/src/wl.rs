@@ -106,6 +106,9 @@ fn read_direct(path: &str, bytes: usize) -> Result<()> {
 /// Receives up to `count` datagrams on 0.0.0.0:port; stops 5 s after the last one.
 fn udp_recv(port: u16, count: usize) -> Result<()> {
     let sock = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+    // Room for every datagram even if this process gets no CPU for a while (TCG): a drop in
+    // the socket would leave the ground truth unsure. The driver raised net.core.rmem_max.
+    rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 8 << 20)?;
     println!("READY");
     std::io::stdout().flush()?;
     let mut buf = vec![0u8; 65536];

@@ -55,12 +55,17 @@ pub fn fetch(series: &'static str) -> Result<Kernel> {
         "5.10" => bullseye_opts()?,
         _ => Vec::new(),
     };
-    let pkg = match current_package(&apt_opts, prefix) {
+    // Lists from an earlier run are used as they are; they are refreshed when they do not
+    // name a kernel or when the named one cannot be downloaded any more.
+    let resolved = query_package(&apt_opts, prefix).or_else(|_| {
+        apt_update(&apt_opts)?;
+        query_package(&apt_opts, prefix)
+    });
+    let mut pkg = match resolved {
         Ok(pkg) => pkg,
         Err(e) => {
             // Offline or mirror trouble: a kernel cached earlier still does the job.
-            let cached = newest_cached(&kernels, prefix);
-            match cached {
+            match newest_cached(&kernels, prefix) {
                 Some(p) => {
                     eprintln!(
                         "xtask vm-test: cannot resolve the current {series} kernel ({e:#}); using cached {p}"
@@ -71,30 +76,15 @@ pub fn fetch(series: &'static str) -> Result<Kernel> {
             }
         }
     };
-    let dir = kernels.join(&pkg);
-    let tree = dir.join("tree");
-    let done = dir.join(".complete");
-    if !done.exists() {
-        eprintln!("xtask vm-test: fetching {pkg}");
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+    if !kernels.join(&pkg).join(".complete").exists() {
+        if let Err(e) = download(&kernels, &apt_opts, &pkg) {
+            eprintln!("xtask vm-test: {e:#}; refreshing the package lists");
+            apt_update(&apt_opts)?;
+            pkg = query_package(&apt_opts, prefix)?;
+            download(&kernels, &apt_opts, &pkg)?;
         }
-        let dl = dir.join("download");
-        std::fs::create_dir_all(&dl)?;
-        deps::exec(
-            Command::new("apt-get")
-                .args(&apt_opts)
-                .args(["-q", "-o", "APT::Sandbox::User=root", "download", &pkg])
-                .current_dir(&dl),
-        )?;
-        let deb = std::fs::read_dir(&dl)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .with_context(|| format!("apt-get download left no .deb in {}", dl.display()))?;
-        deps::exec(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))?;
-        std::fs::remove_dir_all(&dl)?;
-        std::fs::write(&done, b"")?;
     }
+    let tree = kernels.join(&pkg).join("tree");
     let version = pkg.strip_prefix("linux-image-").unwrap_or(&pkg).to_string();
     let vmlinuz = tree.join("boot").join(format!("vmlinuz-{version}"));
     if !vmlinuz.is_file() {
@@ -112,39 +102,63 @@ pub fn fetch(series: &'static str) -> Result<Kernel> {
     Ok(k)
 }
 
-/// `linux-image-cloud-amd64` depends on the current ABI's package.
-fn current_package(apt_opts: &[String], prefix: &str) -> Result<String> {
-    let query = || -> Result<String> {
-        let out = Command::new("apt-cache")
-            .args(apt_opts)
-            .args(["depends", "linux-image-cloud-amd64"])
-            .output()
-            .context("running apt-cache")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends:"))
-            .map(str::trim)
-            .find(|p| p.starts_with(prefix) && p.ends_with("-cloud-amd64"))
-            .map(str::to_string)
-            .with_context(|| {
-                format!(
-                    "apt-cache found no {prefix}*-cloud-amd64 behind linux-image-cloud-amd64: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )
-            })
-    };
-    if apt_opts.is_empty() {
-        if let Ok(p) = query() {
-            return Ok(p);
-        }
+/// Downloads and unpacks one kernel package into `<kernels>/<pkg>/tree`.
+fn download(kernels: &Path, apt_opts: &[String], pkg: &str) -> Result<()> {
+    eprintln!("xtask vm-test: fetching {pkg}");
+    let dir = kernels.join(pkg);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
     }
-    // The machine's lists are missing or stale, or the temporary list was never fetched.
+    let dl = dir.join("download");
+    std::fs::create_dir_all(&dl)?;
+    deps::exec(
+        Command::new("apt-get")
+            .args(apt_opts)
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download", pkg])
+            .current_dir(&dl),
+    )?;
+    let deb = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", dl.display()))?;
+    deps::exec(
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("tree")),
+    )?;
+    std::fs::remove_dir_all(&dl)?;
+    std::fs::write(dir.join(".complete"), b"")?;
+    Ok(())
+}
+
+fn apt_update(apt_opts: &[String]) -> Result<()> {
     deps::exec(
         Command::new("apt-get")
             .args(apt_opts)
             .args(["update", "-qq"]),
-    )?;
-    query()
+    )
+}
+
+/// `linux-image-cloud-amd64` depends on the current ABI's package.
+fn query_package(apt_opts: &[String], prefix: &str) -> Result<String> {
+    let out = Command::new("apt-cache")
+        .args(apt_opts)
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()
+        .context("running apt-cache")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with(prefix) && p.ends_with("-cloud-amd64"))
+        .map(str::to_string)
+        .with_context(|| {
+            format!(
+                "apt-cache found no {prefix}*-cloud-amd64 behind linux-image-cloud-amd64: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
 }
 
 fn newest_cached(kernels: &Path, prefix: &str) -> Option<String> {
