@@ -142,6 +142,7 @@ mod tests {
             net_rx: 0,
             net_tx: 0,
             fs: FsUsage::default(),
+            fresh: false,
         }
     }
 

@@ -4,6 +4,8 @@
 //! counters through the cgroup and procfs readers, [`derive`] turns counters into the exported
 //! figures, and [`export`] writes them. [`daemon`] drives that pipeline on the configured interval.
 
+#[cfg(feature = "ebpf")]
+pub mod bpf;
 pub mod cgroup;
 pub mod collect;
 pub mod config;

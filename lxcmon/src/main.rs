@@ -18,6 +18,10 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Remove the BPF programs' pinned counters and attachments (/sys/fs/bpf/lxcmon) and exit;
+    /// for an uninstall, with the service stopped.
+    #[arg(long)]
+    cleanup_bpf: bool,
     /// Read /sys, /proc and /etc below this directory (for fixture trees).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
@@ -37,8 +41,27 @@ fn load_config(cli: &Cli) -> Result<(Config, String)> {
     }
 }
 
+/// Where every layout version of the BPF pins lives.
+const PIN_ROOT: &str = "/sys/fs/bpf/lxcmon";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.cleanup_bpf {
+        return match std::fs::remove_dir_all(PIN_ROOT) {
+            Ok(()) => {
+                println!("removed {PIN_ROOT}");
+                ExitCode::SUCCESS
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("nothing pinned at {PIN_ROOT}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lxcmon: cannot remove {PIN_ROOT}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (cfg, origin) = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {

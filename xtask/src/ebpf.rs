@@ -1,10 +1,221 @@
-//! `cargo xtask build-ebpf`: placeholder until the BPF path lands.
+//! `cargo xtask build-ebpf`: installs the BPF toolchain when it is missing (nightly `rust-src`,
+//! Debian's LLVM 22 development files, `bpf-linker` 0.13.0 built against them), then builds
+//! `lxcmon-ebpf` for `bpfel-unknown-none` and copies the object to [`object_path`], where the
+//! agent's `ebpf` feature embeds it from.
 
-use anyhow::{bail, Result};
+use crate::deps;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(clap::Args)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    /// Build the BPF programs in debug mode (the default is release, which the verifier prefers).
+    #[arg(long)]
+    pub debug: bool,
+}
 
-pub fn build(_args: &BuildArgs) -> Result<()> {
-    bail!("the BPF build is not implemented yet")
+/// Where the built object lands; `lxcmon/src/bpf/mod.rs` embeds this path.
+pub fn object_path() -> PathBuf {
+    deps::workspace_root().join("target/bpf/lxcmon.bpf.o")
+}
+
+pub fn build(args: &BuildArgs) -> Result<()> {
+    ensure_toolchain()?;
+    build_object(!args.debug)?;
+    eprintln!("xtask: BPF object at {}", object_path().display());
+    Ok(())
+}
+
+/// Installs what the BPF build needs, skipping each part that is already there.
+pub fn ensure_toolchain() -> Result<()> {
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker()
+}
+
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_nightly_rust_src() -> Result<()> {
+    let have_nightly = output_of(Command::new("rustup").args(["toolchain", "list"]))
+        .context("running `rustup toolchain list` (rustup is required)")?
+        .lines()
+        .any(|l| l.starts_with("nightly"));
+    if !have_nightly {
+        deps::exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        deps::exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let bin = cargo_bin_dir().join("bpf-linker");
+    let out = output_of(Command::new(&bin).arg("--version"))
+        .or_else(|| output_of(Command::new("bpf-linker").arg("--version")))?;
+    Some(out.trim().to_string())
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if let Some(v) = bpf_linker_version() {
+        if v.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        eprintln!("xtask: found {v}, want bpf-linker {BPF_LINKER_VERSION}: reinstalling");
+    }
+    deps::ensure_apt(LLVM_PACKAGES)?;
+    if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        bail!("{LLVM_PREFIX}/bin/llvm-config missing after installing {LLVM_PACKAGES:?}");
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    deps::exec(
+        Command::new(cargo)
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn build_object(release: bool) -> Result<()> {
+    let root = deps::workspace_root();
+    let crate_dir = root.join("lxcmon-ebpf");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        // lxcmon-ebpf/Cargo.lock pins aya-build 0.2.0 (0.2.1 needs rustc 1.98).
+        "--locked",
+        "--target",
+        BPF_TARGET,
+        "-Z",
+        "build-std=core",
+    ])
+    .current_dir(&crate_dir)
+    // The xtask's own cargo sets these for the stable toolchain; the nightly build must not
+    // inherit them.
+    .env_remove("RUSTC")
+    .env_remove("RUSTDOC")
+    .env_remove("RUSTC_WRAPPER")
+    .env_remove("CARGO")
+    .env_remove("RUSTUP_TOOLCHAIN")
+    .env_remove("CARGO_TARGET_DIR")
+    .env("PATH", path_with_cargo_bin());
+    if release {
+        cmd.arg("--release");
+    }
+    deps::exec(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = crate_dir
+        .join("target")
+        .join(BPF_TARGET)
+        .join(profile)
+        .join("lxcmon");
+    let dest = object_path();
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    Ok(())
+}
+
+/// `PATH` with cargo's bin directory first, so the freshly installed `bpf-linker` is found.
+fn path_with_cargo_bin() -> std::ffi::OsString {
+    let mut parts = vec![cargo_bin_dir()];
+    if let Some(p) = std::env::var_os("PATH") {
+        parts.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(parts).unwrap_or_else(|_| std::ffi::OsString::from("/usr/bin:/bin"))
+}
+
+/// The BPF part of `cargo xtask test` (root): builds the object, lints and unit-tests the
+/// `ebpf` feature, then runs the root tests of `lxcmon/tests/bpf_*.rs` one at a time.
+// Wired into `xtask/src/test.rs` by the lead (`ebpf::test()?;`).
+pub fn test() -> Result<()> {
+    build(&BuildArgs { debug: false })?;
+    deps::ensure_apt(&["bpftool", "iproute2"])?;
+    deps::cargo(&[
+        "clippy",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--lib",
+        "bpf::",
+    ])?;
+    deps::cargo(&[
+        "test",
+        "-p",
+        "lxcmon",
+        "--features",
+        "ebpf",
+        "--test",
+        "bpf_collector",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ])
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod deps;
 mod ebpf;
+mod lxc;
 mod test;
 mod vm;
 
@@ -44,9 +45,18 @@ fn main() -> Result<()> {
     }
 }
 
+/// Builds the agent with its BPF programs (installing the BPF toolchain when missing); where
+/// that toolchain cannot be had, builds it without them: it then runs on the file readers.
 fn run(args: &[String]) -> Result<()> {
-    deps::ensure_run_deps()?;
-    deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+    match ebpf::build(&ebpf::BuildArgs { debug: false }) {
+        Ok(()) => deps::cargo(&["build", "--release", "-p", "lxcmon", "--features", "ebpf"])?,
+        Err(e) => {
+            eprintln!(
+                "xtask: building without BPF programs ({e:#}); the agent will use the file readers"
+            );
+            deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+        }
+    }
     let bin = deps::workspace_root().join("target/release/lxcmon");
     deps::exec(std::process::Command::new(bin).args(args))
 }

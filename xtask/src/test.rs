@@ -11,7 +11,6 @@ pub struct TestArgs {
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
-    deps::ensure_run_deps()?;
     deps::cargo(&["fmt", "--all", "--", "--check"])?;
     deps::cargo(&[
         "clippy",
@@ -28,7 +27,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if !is_root() {
         bail!("the real-container tests need root (or run `cargo xtask test --fast`)");
     }
-    deps::ensure_apt(&["lxc", "busybox-static"])?;
+    // The BPF path: toolchain, object, its own lint and unit tests, root tests of the loader.
+    crate::ebpf::test()?;
+    // Real containers: the harness self-test, then the agent once per collector; with the
+    // `ebpf` feature the suite also compares both collectors on the same workloads.
+    crate::lxc::run_lxc_tests()?;
     Ok(())
 }
 

@@ -217,9 +217,10 @@ impl CgroupReader {
         }
     }
 
+    /// Reads the figures; `devices: None` skips block I/O (counted elsewhere).
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {

@@ -78,7 +78,7 @@ impl Reader {
 
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
@@ -96,9 +96,9 @@ impl Reader {
             Some(f) => f.read_u64(buf)?.saturating_sub(usage),
             None => 0,
         };
-        let io = match &self.blkio {
-            Some(f) => parse_throttle_bytes(f.read(buf)?, devices),
-            None => IoBytes::default(),
+        let io = match (&self.blkio, devices) {
+            (Some(f), Some(devices)) => parse_throttle_bytes(f.read(buf)?, devices),
+            _ => IoBytes::default(),
         };
         let threads = match &self.pids_current {
             Some(f) => f.read_u64(buf)?,

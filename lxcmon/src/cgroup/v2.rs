@@ -59,7 +59,7 @@ impl Reader {
 
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
@@ -81,9 +81,9 @@ impl Reader {
             Some(f) => f.read_u64(buf)?,
             None => 0,
         };
-        let io = match &self.io_stat {
-            Some(f) => parse_io_stat(f.read(buf)?, devices),
-            None => IoBytes::default(),
+        let io = match (&self.io_stat, devices) {
+            (Some(f), Some(devices)) => parse_io_stat(f.read(buf)?, devices),
+            _ => IoBytes::default(),
         };
         let threads = match &self.pids_current {
             Some(f) => f.read_u64(buf)?,

@@ -1,0 +1,344 @@
+//! lxcmon's kernel side: per-container network and block I/O byte counters.
+//!
+//! * `cgroup_skb` ingress/egress programs, attached by the agent to each container's cgroup v2
+//!   directory, add `skb->len` (IP-level bytes) to the container's per-CPU counters; packets on
+//!   the loopback device (ifindex 1 in every network namespace) are skipped.
+//! * The `block/block_bio_queue` tracepoint adds the bio's bytes to the container of the task
+//!   that submits it (`bpf_get_current_cgroup_id` and its ancestors), unless its device is in the
+//!   excluded-device map.
+//!
+//! A packet's or task's cgroup may be a sub-cgroup of the container's: the programs try the
+//! cgroup itself, then its ancestors at the levels where some container is tracked (deepest
+//! first), against the tracked-cgroup map; untracked cgroups end after one or two lookups.
+//! Counters are per-CPU, so the hot path has no atomics.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::bpf_probe_read_kernel,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
+    macros::{btf_tracepoint, cgroup_skb, map, tracepoint},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
+    Global,
+};
+use lxcmon_common::{
+    Counters, KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32,
+    MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL,
+};
+
+#[map]
+static LXCMON_TRACKED: HashMap<u64, TrackedCgroup> = HashMap::pinned(MAX_CONTAINERS, 0);
+
+#[map]
+static LXCMON_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
+
+#[map]
+static LXCMON_LEVELS: Array<u64> = Array::pinned(1, 0);
+
+#[map]
+static LXCMON_EXCLDEV: HashMap<u32, u8> = HashMap::pinned(MAX_EXCLUDED_DEVICES, 0);
+
+/// Byte offsets in the `block/block_bio_queue` record, from its tracefs `format` file.
+#[no_mangle]
+static LXCMON_BIO_DEV_OFF: Global<u32> = Global::new(8);
+#[no_mangle]
+static LXCMON_BIO_NR_SECTOR_OFF: Global<u32> = Global::new(24);
+#[no_mangle]
+static LXCMON_BIO_RWBS_OFF: Global<u32> = Global::new(28);
+
+/// Kernel struct offsets from BTF (see `KernelOffsets`); all zero (disabled) by default.
+#[no_mangle]
+static LXCMON_KOFF: Global<KernelOffsets> = Global::new(KernelOffsets {
+    enabled: 0,
+    page_size: 0,
+    folio_flags: 0,
+    folio_nr: 0,
+    folio_nr_mode: 0,
+    pg_head: 0,
+    folio_mapping: 0,
+    as_host: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    sb_bdi: 0,
+    bdi_caps: 0,
+    bio_bdev: 0,
+    bio_opf: 0,
+    bio_size: 0,
+    bio_idx: 0,
+    bio_io_vec: 0,
+    bdev_dev: 0,
+    bvec_page: 0,
+    bvec_size: 0,
+});
+
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `BDI_CAP_WRITEBACK` (include/linux/backing-dev.h, since 5.10): the mapping is written back.
+const BDI_CAP_WRITEBACK: u32 = 1;
+/// `REQ_OP_MASK` with `REQ_OP_BITS == 8`; `REQ_OP_READ == 0`, `REQ_OP_WRITE == 1`.
+const REQ_OP_MASK: u32 = 0xff;
+const REQ_OP_READ: u32 = 0;
+const REQ_OP_WRITE: u32 = 1;
+/// `PAGE_MAPPING_ANON` and `PAGE_MAPPING_MOVABLE` low bits of `page->mapping`.
+const PAGE_MAPPING_FLAGS: u64 = 3;
+const SECTOR_BYTES: u64 = 512;
+
+/// The counter slot of the tracked container that `id` (a cgroup) belongs to, if any.
+/// `ancestor(level)` returns the id of the cgroup's ancestor at `level` (0 past its own level).
+#[inline(always)]
+fn slot_of(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+    // SAFETY: map values are plain integers; the pointer is valid for this program run.
+    if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
+        return Some(t.slot);
+    }
+    let mask = *LXCMON_LEVELS.get(0)?;
+    if mask == 0 {
+        return None;
+    }
+    let mut level = MAX_TRACKED_LEVEL;
+    while level > 0 {
+        level -= 1;
+        if mask & (1u64 << level) != 0 {
+            let anc = ancestor(level as i32);
+            if anc != 0 && anc != id {
+                // SAFETY: as above.
+                if let Some(t) = unsafe { LXCMON_TRACKED.get(&anc) } {
+                    return Some(t.slot);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn count_skb(ctx: &SkBuffContext, ingress: bool) {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: `skb` is the program's context pointer; these fields are readable in cgroup_skb.
+    let (ifindex, len) = unsafe { ((*skb).ifindex, (*skb).len) };
+    if ifindex == LOOPBACK_IFINDEX {
+        return;
+    }
+    // SAFETY: helpers valid for cgroup_skb programs.
+    let id = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some(slot) = slot_of(id, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    }) else {
+        return;
+    };
+    if let Some(c) = LXCMON_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            if ingress {
+                (*c).net_rx += u64::from(len);
+            } else {
+                (*c).net_tx += u64::from(len);
+            }
+        }
+    }
+}
+
+#[cgroup_skb(ingress)]
+pub fn lxcmon_skb_ingress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, true);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn lxcmon_skb_egress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, false);
+    1
+}
+
+#[tracepoint]
+pub fn lxcmon_block_bio_queue(ctx: TracePointContext) -> u32 {
+    // SAFETY: helpers valid in tracepoint programs.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(slot) = slot_of(id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) else {
+        return 0;
+    };
+    // SAFETY: offsets come from the tracepoint's own format description; reads are checked
+    // by bpf_probe_read_kernel.
+    let Ok(dev) = (unsafe { ctx.read_at::<u32>(LXCMON_BIO_DEV_OFF.load() as usize) }) else {
+        return 0;
+    };
+    // SAFETY: plain lookup.
+    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+        return 0;
+    }
+    let Ok(nr_sector) = (unsafe { ctx.read_at::<u32>(LXCMON_BIO_NR_SECTOR_OFF.load() as usize) })
+    else {
+        return 0;
+    };
+    let Ok(rwbs) = (unsafe { ctx.read_at::<[u8; 2]>(LXCMON_BIO_RWBS_OFF.load() as usize) }) else {
+        return 0;
+    };
+    // rwbs: an optional leading 'F' (preflush), then the operation: 'W', 'R', 'D', 'E', 'N'.
+    let op = if rwbs[0] == b'F' { rwbs[1] } else { rwbs[0] };
+    let bytes = u64::from(nr_sector) * SECTOR_BYTES;
+    if bytes == 0 {
+        return 0;
+    }
+    if let Some(c) = LXCMON_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            match op {
+                b'W' => (*c).io_write += bytes,
+                b'R' => (*c).io_read += bytes,
+                _ => {}
+            }
+        }
+    }
+    0
+}
+
+/// Reads a `T` at `base + off` of kernel memory.
+#[inline(always)]
+fn kread<T>(base: *const u8, off: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the access; a bad pointer yields an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
+}
+
+#[inline(always)]
+fn add_io(slot: u32, write: bool, bytes: u64) {
+    if let Some(c) = LXCMON_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            if write {
+                (*c).io_write += bytes;
+            } else {
+                (*c).io_read += bytes;
+            }
+        }
+    }
+}
+
+/// Buffered writes: `writeback/writeback_dirty_folio(folio, mapping)` fires in the dirtying
+/// task when a page-cache folio turns dirty (the kernel's `task_io_account_write` point), so
+/// the bytes are charged to that task's container even though kernel threads write them back
+/// later. Only mappings whose backing device does writeback (not tmpfs/shmem) count.
+#[btf_tracepoint(function = "writeback_dirty_folio")]
+pub fn lxcmon_dirty_folio(ctx: BtfTracePointContext) -> i32 {
+    let k = LXCMON_KOFF.load();
+    if k.enabled == 0 {
+        return 0;
+    }
+    // SAFETY: helpers valid in tracing programs.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(slot) = slot_of(id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) else {
+        return 0;
+    };
+    let folio: *const u8 = ctx.arg(0);
+    let mapping: *const u8 = ctx.arg(1);
+    let Some(host) = kread::<*const u8>(mapping, k.as_host) else {
+        return 0;
+    };
+    let Some(sb) = kread::<*const u8>(host, k.inode_sb) else {
+        return 0;
+    };
+    let Some(bdi) = kread::<*const u8>(sb, k.sb_bdi) else {
+        return 0;
+    };
+    let Some(caps) = kread::<u32>(bdi, k.bdi_caps) else {
+        return 0;
+    };
+    if caps & BDI_CAP_WRITEBACK == 0 {
+        return 0;
+    }
+    let Some(dev) = kread::<u32>(sb, k.sb_dev) else {
+        return 0;
+    };
+    // SAFETY: plain lookup.
+    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+        return 0;
+    }
+    let Some(flags) = kread::<u64>(folio, k.folio_flags) else {
+        return 0;
+    };
+    let mut pages: u64 = 1;
+    if flags & (1u64 << (k.pg_head & 63)) != 0 {
+        if k.folio_nr_mode == FOLIO_NR_PAGES_U32 {
+            pages = u64::from(kread::<u32>(folio, k.folio_nr).unwrap_or(1));
+        } else if k.folio_nr_mode == FOLIO_NR_ORDER_BYTE {
+            pages = 1u64 << (kread::<u8>(folio, k.folio_nr).unwrap_or(0) & 31);
+        }
+    }
+    add_io(slot, true, pages * u64::from(k.page_size));
+    0
+}
+
+/// Block I/O from the bio itself (`block/block_bio_queue(bio)`, BTF): like the classic
+/// tracepoint program, but a write whose data are page-cache pages is skipped, because those
+/// bytes were counted when the pages were dirtied (fsync/sync in the task's own context).
+#[btf_tracepoint(function = "block_bio_queue")]
+pub fn lxcmon_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
+    let k = LXCMON_KOFF.load();
+    if k.enabled == 0 {
+        return 0;
+    }
+    // SAFETY: helpers valid in tracing programs.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let Some(slot) = slot_of(id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    }) else {
+        return 0;
+    };
+    let bio: *const u8 = ctx.arg(0);
+    let Some(bdev) = kread::<*const u8>(bio, k.bio_bdev) else {
+        return 0;
+    };
+    let Some(dev) = kread::<u32>(bdev, k.bdev_dev) else {
+        return 0;
+    };
+    // SAFETY: plain lookup.
+    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+        return 0;
+    }
+    let Some(opf) = kread::<u32>(bio, k.bio_opf) else {
+        return 0;
+    };
+    let Some(size) = kread::<u32>(bio, k.bio_size) else {
+        return 0;
+    };
+    if size == 0 {
+        return 0;
+    }
+    let op = opf & REQ_OP_MASK;
+    if op == REQ_OP_WRITE {
+        let vec = kread::<*const u8>(bio, k.bio_io_vec).unwrap_or(core::ptr::null());
+        let idx = kread::<u32>(bio, k.bio_idx).unwrap_or(0);
+        if !vec.is_null() && idx < 4096 {
+            let bv = vec.wrapping_add((idx * k.bvec_size) as usize);
+            let page = kread::<*const u8>(bv, k.bvec_page).unwrap_or(core::ptr::null());
+            let mapping = kread::<u64>(page, k.folio_mapping).unwrap_or(0);
+            if mapping != 0 && mapping & PAGE_MAPPING_FLAGS == 0 {
+                return 0;
+            }
+        }
+        add_io(slot, true, u64::from(size));
+    } else if op == REQ_OP_READ {
+        add_io(slot, false, u64::from(size));
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,231 @@
+//! Small kernel interfaces the collector needs that aya does not expose: filesystem mounts,
+//! cgroup v2 directory facts, the batched per-CPU array read and `BPF_PROG_TEST_RUN`.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub const TRACEFS_MAGIC: i64 = 0x7472_6163;
+pub const DEBUGFS_MAGIC: i64 = 0x6462_6720;
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// The filesystem magic of `path` (`statfs(2)` `f_type`).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = cstr(path)?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated, `st` is a valid out-pointer of the right type.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the struct. (`f_type`'s width varies by arch.)
+    #[allow(clippy::unnecessary_cast)]
+    Ok(unsafe { st.assume_init() }.f_type as i64)
+}
+
+/// Mounts a pseudo filesystem (`bpf`, `tracefs`) at `target` unless one of that type is there.
+pub fn ensure_mounted(fstype: &str, target: &Path, magic: i64) -> io::Result<()> {
+    if fs_magic(target).ok() == Some(magic) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(target)?;
+    let t = cstr(target)?;
+    let f = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What the collector needs to know of a cgroup v2 directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// The cgroup id: the directory's inode number in the v2 hierarchy.
+    pub id: u64,
+    /// Depth below the hierarchy's root (the root is level 0).
+    pub level: u32,
+    pub path: PathBuf,
+}
+
+/// Reads the id and level of a cgroup v2 directory; fails when `path` is not one.
+pub fn cgroup_dir(path: &Path) -> io::Result<CgroupDir> {
+    if fs_magic(path)? != CGROUP2_SUPER_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory of a cgroup v2 (cgroup2) filesystem",
+        ));
+    }
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory",
+        ));
+    }
+    // The level is the number of parents on the same cgroup2 mount (same st_dev).
+    let mut level = 0u32;
+    let mut cur = path.to_path_buf();
+    loop {
+        let parent = cur.join("..");
+        let pmeta = std::fs::metadata(&parent)?;
+        if pmeta.dev() != meta.dev() || pmeta.ino() == std::fs::metadata(&cur)?.ino() {
+            break;
+        }
+        level += 1;
+        if level > 4096 {
+            return Err(io::Error::other("cgroup nesting too deep"));
+        }
+        cur = parent;
+    }
+    Ok(CgroupDir {
+        id: meta.ino(),
+        level,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Kernel-internal `dev_t` (`MKDEV`: major << 20 | minor), as block tracepoints record it.
+pub fn kernel_dev_t(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+// bpf(2) commands and the parts of `union bpf_attr` used here.
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` points to a properly laid out, zero-padded `union bpf_attr` prefix of
+    // `size_of::<T>()` bytes that lives for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Reads elements `0..count` of a per-CPU array map of `value_size`-byte values in as few
+/// `BPF_MAP_LOOKUP_BATCH` calls as the kernel allows. Returns, per element, the raw bytes of
+/// each possible CPU's value (`ncpus` values, each padded to 8 bytes).
+pub fn percpu_array_lookup_batch(
+    map: BorrowedFd<'_>,
+    count: u32,
+    value_size: usize,
+    ncpus: usize,
+) -> io::Result<Vec<u8>> {
+    let stride = value_size.div_ceil(8) * 8 * ncpus;
+    let n = count as usize;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![0u8; stride * n];
+    let mut done = 0usize;
+    let mut in_batch = 0u32;
+    let mut out_batch = 0u32;
+    let mut first = true;
+    while done < n {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut in_batch as *mut u32 as u64
+            },
+            out_batch: &mut out_batch as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done * stride..].as_mut_ptr() as u64,
+            count: (n - done) as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        match res {
+            Ok(_) => {}
+            // ENOENT: the end of the map was reached; `count` holds what was read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                done += got;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+        if got == 0 {
+            break;
+        }
+        done += got;
+        in_batch = out_batch;
+        first = false;
+    }
+    // Array batches return keys in order from 0; keep only what was read.
+    values.truncate(done * stride);
+    Ok(values)
+}
+
+/// Runs a loaded `cgroup_skb` program once over `frame` (an Ethernet frame) with
+/// `BPF_PROG_TEST_RUN`. The kernel builds the skb on the device `ifindex` (the loopback device
+/// when `ifindex <= 1`) with a socket in the calling task's cgroup. Returns the program's verdict.
+pub fn test_run_skb(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> io::Result<u32> {
+    // struct __sk_buff is 192 bytes; `ifindex` is at offset 40.
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval)
+}
