@@ -182,6 +182,8 @@ pub struct Binaries {
 }
 
 fn build_binaries() -> Result<Binaries> {
+    // The agent goes in with its BPF collector, as `cargo xtask run` builds it.
+    crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The dev profile without debug info: compiles much faster than the release profile (thin
     // LTO, one codegen unit) and keeps the initramfs small. Same target dir as everything else.
@@ -189,6 +191,7 @@ fn build_binaries() -> Result<Binaries> {
         Command::new(cargo)
             .args(["build", "--target", MUSL_TARGET])
             .args(["-p", "lxcmon", "-p", "lxcmon-vm-guest", "--bins"])
+            .args(["--features", "lxcmon/ebpf"])
             .env("CARGO_PROFILE_DEV_DEBUG", "0")
             .env("CARGO_PROFILE_DEV_STRIP", "debuginfo")
             .current_dir(deps::workspace_root()),

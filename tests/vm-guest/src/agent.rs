@@ -573,6 +573,12 @@ fn phase(
     agent.stop(report, &tag);
     if report.failed.len() > failed_before {
         print_tail(&errlog);
+    } else {
+        // What the agent says about its collector choice (the fallback reason, if any).
+        let log = std::fs::read_to_string(&errlog).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("collector")).take(5) {
+            info(&format!("agent ({tag}): {}", l.trim()));
+        }
     }
     let t0 = Instant::now();
     while !cgroup_procs("lxc/102/ns/hog")?.is_empty() {
