@@ -579,6 +579,17 @@ fn phase(
         for l in log.lines().filter(|l| l.contains("collector")).take(5) {
             info(&format!("agent ({tag}): {}", l.trim()));
         }
+        // A verifier log spans lines: its end says what was refused.
+        let lines: Vec<&str> = log.lines().collect();
+        if let Some(at) = lines.iter().position(|l| l.contains("Verifier output")) {
+            let end = lines[at..]
+                .iter()
+                .position(|l| l.contains(" INFO ") || l.contains(" WARN "))
+                .map_or(lines.len(), |n| at + n.max(1));
+            for l in &lines[end.saturating_sub(12).max(at + 1)..end] {
+                info(&format!("agent ({tag}) verifier: {l}"));
+            }
+        }
     }
     let t0 = Instant::now();
     while !cgroup_procs("lxc/102/ns/hog")?.is_empty() {
@@ -987,7 +998,8 @@ impl Agent {
     fn start(cfg: &str, errlog: &str, drop_bpf_caps: bool) -> Result<Self> {
         let err = std::fs::File::create(errlog)?;
         let mut cmd = Command::new("/lxcmon");
-        cmd.args(["--config", cfg])
+        cmd.env("NO_COLOR", "1")
+            .args(["--config", cfg])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
