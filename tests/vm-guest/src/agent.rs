@@ -582,10 +582,10 @@ fn phase(
         // A verifier log spans lines: its end says what was refused.
         let lines: Vec<&str> = log.lines().collect();
         if let Some(at) = lines.iter().position(|l| l.contains("Verifier output")) {
-            let end = lines[at..]
+            let end = lines[at + 1..]
                 .iter()
                 .position(|l| l.contains(" INFO ") || l.contains(" WARN "))
-                .map_or(lines.len(), |n| at + n.max(1));
+                .map_or(lines.len(), |n| at + 1 + n);
             for l in &lines[end.saturating_sub(12).max(at + 1)..end] {
                 info(&format!("agent ({tag}) verifier: {l}"));
             }
