@@ -7,18 +7,9 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// PID 1 of the guest: loads the modules, runs the guest driver, powers off. The driver prints
-/// the result marker; a missing marker (crash, hang) fails on the host side.
-const INIT: &str = r#"#!/bin/busybox sh
-export PATH=/sbin:/bin:/usr/sbin:/usr/bin
-for m in $(cat /etc/vm-modules); do
-    modprobe "$m" || echo "LXCMON-VM-INFO modprobe $m failed"
-done
-/vm-guest run
-echo "LXCMON-VM-EXIT $?"
-sync
-poweroff -f
-"#;
+/// PID 1 of the guest (`tests/vm/init`): loads the modules, runs the guest driver, powers
+/// off. The driver prints the result marker; a missing marker (crash, hang) fails on the host.
+const INIT: &str = include_str!("../../../tests/vm/init");
 
 fn busybox() -> Result<PathBuf> {
     for p in ["/bin/busybox", "/usr/bin/busybox"] {
