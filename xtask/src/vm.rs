@@ -23,12 +23,25 @@ pub struct VmArgs {
     #[arg(long, value_parser = ["6.1", "5.10"])]
     kernel: Option<String>,
     /// Host-side limit for one boot, in seconds (qemu is killed after it).
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT)]
     timeout: u64,
     /// Print the whole guest console log also when a run passes.
     #[arg(long)]
     verbose: bool,
 }
+
+/// The whole matrix with the default limits, for `cargo xtask test`.
+impl Default for VmArgs {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            timeout: DEFAULT_TIMEOUT,
+            verbose: false,
+        }
+    }
+}
+
+const DEFAULT_TIMEOUT: u64 = 420;
 
 /// One boot of the matrix.
 struct Case {
