@@ -43,6 +43,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // Real containers: the harness self-test, then the agent once per collector; with the
     // `ebpf` feature the suite also compares both collectors on the same workloads.
     crate::lxc::run_lxc_tests()?;
+    // Pure cgroup v2 with a Proxmox layout, in VMs: Debian 6.1 (also under lockdown) and 5.10.
+    crate::vm::run(&crate::vm::VmArgs::default())?;
     Ok(())
 }
 
