@@ -357,7 +357,7 @@ fn network_bytes_over_veth_counted_loopback_not() {
 /// frame on a non-loopback device counts exactly its IP length, on loopback nothing.
 #[test]
 #[ignore = "needs root and BPF: run by cargo xtask test"]
-fn prog_test_run_counts_ip_length_and_skips_loopback() {
+fn prog_test_run_counts_frame_length_and_skips_loopback() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pins = PinDir::new("testrun");
     let cg = TestCgroup::new("testrun");
