@@ -231,3 +231,93 @@ fn auto_falls_back_to_files_without_bpf_capabilities() -> Result<()> {
     );
     Ok(())
 }
+
+/// Pinned links of tracked containers (two per container: ingress and egress).
+fn pinned_links() -> usize {
+    std::fs::read_dir("/sys/fs/bpf/lxcmon/v1/links")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Entries of the tracked-cgroup map, as bpftool sees the pinned map.
+fn tracked_entries() -> Result<usize> {
+    let out = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/lxcmon/v1/LXCMON_TRACKED",
+        ])
+        .output()
+        .context("bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array().map_or(0, Vec::len))
+}
+
+/// Programs attached to a cgroup directory, as `bpftool cgroup show` lists them.
+fn attached(cgroup: &Path) -> usize {
+    Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root, LXC and BPF: run by cargo xtask test"]
+fn container_churn_leaves_no_attachment_or_map_entry() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut lab = Lab::new()?;
+    // Start from nothing pinned, so the counts below are this test's.
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/lxcmon");
+    let a = lab.container("churn-a", &ContainerSpec::default())?;
+    let mut cfg = AgentConfig::new(dir.path(), "records");
+    cfg.collector = "ebpf".into();
+    cfg.check_interval = 0.3;
+    let daemon = lxcmon_testkit::agent::Daemon::start(bin(), &cfg)?;
+    let wait = |what: &str, cond: &dyn Fn() -> Result<bool>| -> Result<()> {
+        let ok = lxcmon_testkit::proc::poll(std::time::Duration::from_secs(20), || {
+            Ok(cond()?.then_some(()))
+        })?;
+        ensure!(ok.is_some(), "timed out waiting for {what}");
+        Ok(())
+    };
+    wait("one container tracked", &|| {
+        Ok(pinned_links() == 2 && tracked_entries()? == 1)
+    })?;
+    let b = lab.container("churn-b", &ContainerSpec::default())?;
+    wait("two containers tracked", &|| {
+        Ok(pinned_links() == 4 && tracked_entries()? == 2)
+    })?;
+    let b_cgroup = Path::new("/sys/fs/cgroup/unified").join(format!("lxc.payload.{}", b.name));
+    ensure!(
+        attached(&b_cgroup) == 2,
+        "ingress and egress attached to {}",
+        b_cgroup.display()
+    );
+    b.stop()?;
+    wait("the stopped container forgotten", &|| {
+        Ok(pinned_links() == 2 && tracked_entries()? == 1)
+    })?;
+    a.stop()?;
+    wait("nothing tracked", &|| {
+        Ok(pinned_links() == 0 && tracked_entries()? == 0)
+    })?;
+    let out = daemon.terminate(std::time::Duration::from_secs(20))?;
+    ensure!(out.status.success(), "daemon: {}", out.stderr);
+    ensure!(
+        !out.stderr.contains("ERROR") && !out.stderr.contains("WARN"),
+        "no cycle failed: {}",
+        out.stderr
+    );
+    Ok(())
+}
