@@ -32,6 +32,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // Real containers: the harness self-test, then the agent once per collector; with the
     // `ebpf` feature the suite also compares both collectors on the same workloads.
     crate::lxc::run_lxc_tests()?;
+    // The Debian package: dashboard checks, build, lintian, install/remove/purge here.
+    crate::deb::test()?;
     Ok(())
 }
 
