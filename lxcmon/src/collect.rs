@@ -102,6 +102,20 @@ pub struct Collector {
     #[cfg(feature = "ebpf")]
     kernel: Option<kernel::KernelCounters>,
     subsecond: bool,
+    root: std::path::PathBuf,
+}
+
+fn sample_options(cfg: &Config, net_io_files: bool) -> Options {
+    let m = &cfg.monitoring;
+    Options {
+        swap: m.enable_swap,
+        network: m.enable_network,
+        filesystem: m.enable_filesystem,
+        workers: cfg.workers(),
+        retry_limit: m.retry_limit,
+        retry_delay: m.retry_delay,
+        net_io_files,
+    }
 }
 
 impl Collector {
@@ -133,18 +147,10 @@ impl Collector {
             }
             CollectorChoice::Files => tracing::info!("collector: files (as configured)"),
         }
-        let options = Options {
-            swap: m.enable_swap,
-            network: m.enable_network,
-            filesystem: m.enable_filesystem,
-            workers: cfg.workers(),
-            retry_limit: m.retry_limit,
-            retry_delay: m.retry_delay,
-            #[cfg(feature = "ebpf")]
-            net_io_files: kernel.is_none(),
-            #[cfg(not(feature = "ebpf"))]
-            net_io_files: true,
-        };
+        #[cfg(feature = "ebpf")]
+        let options = sample_options(cfg, kernel.is_none());
+        #[cfg(not(feature = "ebpf"))]
+        let options = sample_options(cfg, true);
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
             sampler: Sampler::new(root, layout, devices, options),
@@ -153,7 +159,30 @@ impl Collector {
             #[cfg(feature = "ebpf")]
             kernel,
             subsecond: m.check_interval < std::time::Duration::from_secs(1),
+            root: root.to_path_buf(),
         })
+    }
+
+    /// Applies a reloaded configuration for the next cycle, keeping what must survive: CPU
+    /// baselines, discovery, the BPF programs and their counts. The collector choice itself
+    /// takes effect on restart.
+    pub fn reconfigure(&mut self, old: &Config, new: &Config) {
+        let m = &new.monitoring;
+        let net_io_files = self.collector_name() == "files";
+        self.sampler = Sampler::new(
+            &self.root,
+            self.sampler.layout().clone(),
+            DeviceFilter::new(&self.root, &m.excluded_devices),
+            sample_options(new, net_io_files),
+        );
+        self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            kernel.reconfigure(m);
+        }
+        if old.monitoring.collector != m.collector {
+            tracing::warn!("monitoring.collector changes take effect when the agent restarts");
+        }
     }
 
     /// `ebpf` when network and I/O bytes come from the BPF programs, `files` otherwise.
@@ -197,6 +226,7 @@ impl Collector {
             ended,
             metrics,
             total_containers: discovered.len(),
+            failed_containers: sampled.failed,
             collector: self.collector_name(),
             host_cpu_percent: self.host.cpu_percent(),
             agent_rss_bytes: self.host.rss(),
@@ -348,6 +378,14 @@ mod kernel {
                 ids: HashMap::new(),
                 network,
             })
+        }
+
+        pub fn reconfigure(&mut self, m: &crate::config::MonitoringConfig) {
+            self.network = m.enable_network;
+            let devs = bpf::excluded_dev_ts(Path::new("/sys"), &m.excluded_devices);
+            if let Err(e) = self.bpf.set_excluded_devices(&devs) {
+                tracing::warn!(error = %e, "cannot update the excluded devices of the BPF programs");
+            }
         }
 
         /// Tracks new (or restarted) containers, seeded with what the files counted so far,

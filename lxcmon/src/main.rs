@@ -1,6 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use lxcmon::config::{Config, DEFAULT_CONFIG_PATH};
+use lxcmon::daemon::ConfigSource;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,15 +28,27 @@ struct Cli {
     root: PathBuf,
 }
 
-fn load_config(cli: &Cli) -> Result<(Config, String)> {
+fn load_config(cli: &Cli) -> Result<(Config, ConfigSource, String)> {
     match &cli.config {
-        Some(path) => Ok((Config::load(path)?, path.display().to_string())),
+        Some(path) => Ok((
+            Config::load(path)?,
+            ConfigSource::File(path.clone()),
+            path.display().to_string(),
+        )),
         None => {
             let default = PathBuf::from(DEFAULT_CONFIG_PATH);
             if default.exists() {
-                Ok((Config::load(&default)?, DEFAULT_CONFIG_PATH.to_string()))
+                Ok((
+                    Config::load(&default)?,
+                    ConfigSource::File(default),
+                    DEFAULT_CONFIG_PATH.to_string(),
+                ))
             } else {
-                Ok((Config::default(), "built-in defaults".to_string()))
+                Ok((
+                    Config::default(),
+                    ConfigSource::Default(default),
+                    "built-in defaults".to_string(),
+                ))
             }
         }
     }
@@ -62,7 +75,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let (cfg, origin) = match load_config(&cli) {
+    let (cfg, source, origin) = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lxcmon: invalid configuration: {e:#}");
@@ -73,7 +86,7 @@ fn main() -> ExitCode {
         println!("{origin}: configuration OK");
         return ExitCode::SUCCESS;
     }
-    lxcmon::logging::init(&cfg.logging);
+    let log = lxcmon::logging::init(&cfg.logging);
     tracing::info!(config = %origin, "configuration loaded");
     for key in cfg.ignored_keys() {
         tracing::info!(
@@ -84,7 +97,7 @@ fn main() -> ExitCode {
     let result = if cli.once {
         run_once(&cfg, &cli)
     } else {
-        lxcmon::daemon::run(&cfg, &cli.root)
+        lxcmon::daemon::run(cfg, source, &cli.root, log)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,15 +6,14 @@
 //! layout version is part of the path), so counting goes on while the agent restarts and a new
 //! agent continues the same cumulative counts. [`cleanup_pinned`] removes everything (uninstall).
 //!
-//! Byte semantics: network counters are IP-level bytes (`skb->len` at the cgroup hooks: IP
-//! header + transport header + payload, no Ethernet header), for sockets of the container's
-//! processes, excluding the loopback device; packets the kernel answers itself (ICMP echo, TCP
-//! resets without a socket) are not a socket's and are not counted. I/O counters are bytes of
-//! bios submitted by the container's tasks; buffered writes flushed later by kernel writeback
-//! threads are not charged to the container (see the README of the BPF path).
+//! Byte semantics: network counters are frame bytes as the container's (Ethernet) interfaces
+//! count them: `skb->len` at the cgroup hooks plus the 14-byte Ethernet header, for sockets of
+//! the container's processes, excluding the loopback device; packets the kernel answers itself
+//! (ICMP echo, TCP resets without a socket) are not a socket's and are not counted. I/O counters
+//! are bytes of bios submitted by the container's tasks, and buffered writes when their pages
+//! are dirtied (see `lxcmon-ebpf/README.md`).
 //!
-//! Wire-up: `#[cfg(feature = "ebpf")] pub mod bpf;` in `lib.rs`; the object must have been built
-//! by `cargo xtask build-ebpf` (it is embedded at compile time).
+//! The object is built by `cargo xtask build-ebpf` and embedded at compile time.
 
 mod btf;
 mod format;
