@@ -5,7 +5,9 @@
    `instance` and `container` variables, panels that do not overlap.
 2. Every PromQL expression (panel targets and variable queries) names only metrics that the
    agent serves (METRICS below, the /metrics contract), and every one of those is used.
-3. With --promtool: every expression parses in Prometheus' own engine (`promtool check
+3. With --served FILE: every metric the dashboard uses appears in FILE, a real scrape of the
+   agent's /metrics.
+4. With --promtool: every expression parses in Prometheus' own engine (`promtool check
    rules`), and the main per-container ones give the right numbers on synthetic series this
    script writes (`promtool test rules`): e.g. a CPU counter growing 0.5 s/s with 2 cores
    allowed must read 25 %.
@@ -26,7 +28,8 @@ METRICS = {
     "lxcmon_container_network_receive_bytes_total", "lxcmon_container_network_transmit_bytes_total",
     "lxcmon_container_filesystem_size_bytes", "lxcmon_container_filesystem_used_bytes",
     "lxcmon_container_filesystem_avail_bytes", "lxcmon_container_processes",
-    "lxcmon_container_threads", "lxcmon_cycle_duration_seconds", "lxcmon_containers_running",
+    "lxcmon_container_threads", "lxcmon_cycle_duration_seconds",
+    "lxcmon_last_cycle_timestamp_seconds", "lxcmon_containers_running",
     "lxcmon_containers_exported", "lxcmon_collector_info", "lxcmon_errors_total",
     "lxcmon_export_write_failures_total",
 }
@@ -136,9 +139,32 @@ def main():
         fail(f"metrics the dashboard never shows: {sorted(METRICS - used)}")
     print(f"{len(exprs)} expressions in {len(boxes)} panels checked against {len(METRICS)} metric names")
 
+    if "--served" in sys.argv:
+        served_check(pathlib.Path(sys.argv[sys.argv.index("--served") + 1]))
     if "--promtool" in sys.argv:
         promtool_checks([substitute(e) for _, e in exprs if not e.startswith("label_values(")])
     return 1 if failures else 0
+
+
+def served_check(scrape):
+    """Every metric the dashboard uses is in a real scrape of the agent's /metrics."""
+    served = set()
+    for line in scrape.read_text().splitlines():
+        if line.startswith("# TYPE "):
+            served.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            served.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    if not served:
+        fail(f"{scrape}: no metrics")
+    unknown = {n for n in served if n.startswith("lxcmon_")} - METRICS - {"lxcmon_collector"}
+    if unknown:
+        print(f"note: served metrics the dashboard does not show: {sorted(unknown)}")
+    missing = METRICS - served
+    if missing:
+        fail(f"metrics the dashboard uses but the agent does not serve: {sorted(missing)}")
+    else:
+        print(f"all {len(METRICS)} dashboard metrics are served by the agent "
+              f"({len(served)} names in the scrape)")
 
 
 # Synthetic series, 10 s apart: two containers on two nodes. Known rates and ratios.

@@ -103,12 +103,17 @@ panels += [
 y += 4
 panels += [
     timeseries("Cycle duration", [target(f"lxcmon_cycle_duration_seconds{{{NODE}}}", "{{instance}}")],
-               "s", 0, y, w=8),
+               "s", 0, y, w=6),
+    timeseries("Seconds since the last cycle",
+               [target(f"time() - lxcmon_last_cycle_timestamp_seconds{{{NODE}}}", "{{instance}}")],
+               "s", 6, y, w=6,
+               desc="Grows past check_interval when an agent stops completing cycles (also /healthz: 503)."),
     timeseries("Errors by kind", [target(f"rate(lxcmon_errors_total{{{NODE}}}[{W}])",
-                                         "{{instance}} {{kind}}")], "ops", 8, y, w=8),
+                                         "{{instance}} {{kind}}")], "ops", 12, y, w=6,
+               desc="kind: container (a container left out of a cycle), cycle, bpf."),
     timeseries("Containers", [target(f"lxcmon_containers_running{{{NODE}}}", "{{instance}} running", "A"),
                               target(f"lxcmon_containers_exported{{{NODE}}}", "{{instance}} exported", "B")],
-               "none", 16, y, w=8),
+               "none", 18, y, w=6),
 ]
 y += 8
 panels.append(row("CPU and memory", y)); y += 1

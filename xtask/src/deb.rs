@@ -363,6 +363,137 @@ fn install_checks(root: &Path, deb: &Path) -> Result<()> {
         exists(PIN_ROOT),
         "{PIN_ROOT} missing after a BPF run of the installed agent"
     );
+    daemon_checks(&dir, &caps)
+}
+
+/// Kills the agent started by [`daemon_checks`] if a check fails before it is stopped.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// One HTTP/1.0 GET over loopback: (status code, body).
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {resp:?}"))?;
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
+fn wait_healthy(port: u16, agent: &mut Agent) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(status) = agent.0.try_wait()? {
+            bail!("the agent exited: {status}");
+        }
+        if let Ok((200, _)) = http_get(port, "/healthz") {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "/healthz not 200 within 15 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn signal(agent: &Agent, sig: &str) -> Result<()> {
+    ok(Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(agent.0.id().to_string()))
+    .map(|_| ())
+}
+
+/// The installed agent as the unit runs it (same capabilities, no_new_privs) serving
+/// `/metrics` on loopback: every metric the dashboard uses is in its scrape; SIGHUP (the unit's
+/// ExecReload) keeps it serving; SIGTERM stops it with status 0.
+fn daemon_checks(dir: &Path, caps: &str) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg = dir.join("daemon.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  log_file: {}\nmonitoring:\n  export_file: {}\n  check_interval: 0.2\n  \
+             prometheus_listen: \"127.0.0.1:{port}\"\n",
+            dir.join("daemon.log").display(),
+            dir.join("export.json").display()
+        ),
+    )?;
+    let mut agent = Agent(
+        Command::new("setpriv")
+            .arg(format!("--bounding-set=-all,{caps}"))
+            .arg("--inh-caps=-all")
+            .arg("--no-new-privs")
+            .arg(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the installed agent")?,
+    );
+    wait_healthy(port, &mut agent)?;
+    // /healthz is 200 from the start; the container families appear with the first cycle.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let body = loop {
+        let (code, body) = http_get(port, "/metrics")?;
+        ensure!(code == 200, "/metrics: HTTP {code}");
+        if body.contains("\nlxcmon_cycle_duration_seconds ") {
+            break body;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no cycle in /metrics within 15 s:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let scrape = dir.join("metrics.txt");
+    std::fs::write(&scrape, &body)?;
+    deps::exec(
+        Command::new("python3")
+            .arg(deps::workspace_root().join("tests/deb/check_dashboard.py"))
+            .arg("--served")
+            .arg(&scrape),
+    )?;
+
+    signal(&agent, "HUP")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    wait_healthy(port, &mut agent).context("after SIGHUP")?;
+
+    signal(&agent, "TERM")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait()? {
+            break s;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // (No export file is expected: with no container running there is nothing to export.)
+    ensure!(
+        status.success(),
+        "the agent stopped with {status} on SIGTERM"
+    );
     Ok(())
 }
 
