@@ -166,8 +166,11 @@ fn build_object(release: bool) -> Result<()> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::copy(&built, &dest)
-        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    // Copy only a changed object: a new mtime would make cargo rebuild the agent that embeds it.
+    let object = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    if std::fs::read(&dest).ok().as_deref() != Some(object.as_slice()) {
+        std::fs::write(&dest, &object).with_context(|| format!("writing {}", dest.display()))?;
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! so the README's commands work on a fresh Debian machine.
 
 mod bench;
+mod deb;
 mod deps;
 mod ebpf;
 mod lxc;
@@ -31,6 +32,8 @@ enum Task {
     Test(test::TestArgs),
     /// Boot the VM kernel matrix and run the agent checks inside.
     VmTest(vm::VmArgs),
+    /// Build the Debian package (the agent with its BPF programs, unit, config, dashboard).
+    Deb(deb::DebArgs),
     /// Measure the agent's cost on a synthetic fleet of containers (not part of `test`).
     Bench(bench::BenchArgs),
 }
@@ -42,6 +45,8 @@ fn main() -> Result<()> {
         Task::Test(args) => test::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Deb(args) if args.test => deb::test(),
+        Task::Deb(args) => deb::build(&args).map(|p| println!("{}", p.display())),
     }
 }
 

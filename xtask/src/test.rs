@@ -79,6 +79,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
     parts.run("VM matrix (6.1, 6.1 lockdown, 5.10)", || {
         crate::vm::run(&crate::vm::VmArgs::default())
     })?;
+    // The .deb: build, lintian, install, run with the unit's capabilities, remove, purge.
+    parts.run("Debian package", crate::deb::test)?;
     Ok(())
 }
 
