@@ -232,10 +232,32 @@ fn auto_falls_back_to_files_without_bpf_capabilities() -> Result<()> {
     Ok(())
 }
 
-/// Pinned links of tracked containers (two per container: ingress and egress).
-fn pinned_links() -> usize {
+/// Pinned links of the container whose v2 cgroup has inode `id` (ingress and egress).
+fn links_of(id: u64) -> usize {
     std::fs::read_dir("/sys/fs/bpf/lxcmon/v1/links")
-        .map(|d| d.count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("cg-{id}-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Containers with pinned links, of any test or none.
+fn tracked_by_links() -> usize {
+    std::fs::read_dir("/sys/fs/bpf/lxcmon/v1/links")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("cg-") && n.ends_with("-ingress")
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -272,13 +294,16 @@ fn attached(cgroup: &Path) -> usize {
         .unwrap_or(0)
 }
 
+fn v2_cgroup(c: &Container) -> std::path::PathBuf {
+    Path::new("/sys/fs/cgroup/unified").join(format!("lxc.payload.{}", c.name))
+}
+
 #[test]
 #[ignore = "needs root, LXC and BPF: run by cargo xtask test"]
 fn container_churn_leaves_no_attachment_or_map_entry() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir()?;
     let mut lab = Lab::new()?;
-    // Start from nothing pinned, so the counts below are this test's.
-    let _ = std::fs::remove_dir_all("/sys/fs/bpf/lxcmon");
     let a = lab.container("churn-a", &ContainerSpec::default())?;
     let mut cfg = AgentConfig::new(dir.path(), "records");
     cfg.collector = "ebpf".into();
@@ -291,26 +316,29 @@ fn container_churn_leaves_no_attachment_or_map_entry() -> Result<()> {
         ensure!(ok.is_some(), "timed out waiting for {what}");
         Ok(())
     };
-    wait("one container tracked", &|| {
-        Ok(pinned_links() == 2 && tracked_entries()? == 1)
+    // The map holds exactly the containers with links: no stale entry at any step.
+    let consistent = || -> Result<bool> { Ok(tracked_entries()? == tracked_by_links()) };
+    let id_a = std::fs::metadata(v2_cgroup(&a))?.ino();
+    wait("the first container tracked", &|| {
+        Ok(links_of(id_a) == 2 && consistent()?)
     })?;
     let b = lab.container("churn-b", &ContainerSpec::default())?;
-    wait("two containers tracked", &|| {
-        Ok(pinned_links() == 4 && tracked_entries()? == 2)
+    let id_b = std::fs::metadata(v2_cgroup(&b))?.ino();
+    wait("the second container tracked", &|| {
+        Ok(links_of(id_b) == 2 && consistent()?)
     })?;
-    let b_cgroup = Path::new("/sys/fs/cgroup/unified").join(format!("lxc.payload.{}", b.name));
     ensure!(
-        attached(&b_cgroup) == 2,
+        attached(&v2_cgroup(&b)) == 2,
         "ingress and egress attached to {}",
-        b_cgroup.display()
+        b.name
     );
     b.stop()?;
     wait("the stopped container forgotten", &|| {
-        Ok(pinned_links() == 2 && tracked_entries()? == 1)
+        Ok(links_of(id_b) == 0 && links_of(id_a) == 2 && consistent()?)
     })?;
     a.stop()?;
-    wait("nothing tracked", &|| {
-        Ok(pinned_links() == 0 && tracked_entries()? == 0)
+    wait("both forgotten", &|| {
+        Ok(links_of(id_a) == 0 && consistent()?)
     })?;
     let out = daemon.terminate(std::time::Duration::from_secs(20))?;
     ensure!(out.status.success(), "daemon: {}", out.stderr);
