@@ -95,9 +95,9 @@ pub struct TrackedCgroup {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// IP-level bytes delivered to the container's sockets (skb->len at cgroup ingress).
+    /// Frame bytes delivered to the container's sockets (skb->len at cgroup ingress + 14).
     pub net_rx: u64,
-    /// IP-level bytes sent by the container's sockets (skb->len at cgroup egress).
+    /// Frame bytes sent by the container's sockets (skb->len at cgroup egress + 14).
     pub net_tx: u64,
     /// Block I/O bytes read, charged to the submitting task's container.
     pub io_read: u64,

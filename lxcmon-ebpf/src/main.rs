@@ -1,7 +1,7 @@
 //! lxcmon's kernel side: per-container network and block I/O byte counters.
 //!
 //! * `cgroup_skb` ingress/egress programs, attached by the agent to each container's cgroup v2
-//!   directory, add `skb->len` (IP-level bytes) to the container's per-CPU counters; packets on
+//!   directory, add `skb->len` plus the Ethernet header to the container's per-CPU counters; packets on
 //!   the loopback device (ifindex 1 in every network namespace) are skipped.
 //! * The `block/block_bio_queue` tracepoint adds the bio's bytes to the container of the task
 //!   that submits it (`bpf_get_current_cgroup_id` and its ancestors), unless its device is in the
@@ -115,11 +115,17 @@ fn slot_of(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
     None
 }
 
+/// The cgroup hooks see packets from the IP header on; the container's interfaces (veth, as
+/// every LXC and Proxmox network device is) count the 14-byte Ethernet header too. Adding it
+/// per packet makes both collectors count the same bytes ("as seen inside the container").
+const ETH_HLEN: u32 = 14;
+
 #[inline(always)]
 fn count_skb(ctx: &SkBuffContext, ingress: bool) {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // SAFETY: `skb` is the program's context pointer; these fields are readable in cgroup_skb.
-    let (ifindex, len) = unsafe { ((*skb).ifindex, (*skb).len) };
+    let (ifindex, ip_len) = unsafe { ((*skb).ifindex, (*skb).len) };
+    let len = ip_len + ETH_HLEN;
     if ifindex == LOOPBACK_IFINDEX {
         return;
     }

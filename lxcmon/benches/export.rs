@@ -24,6 +24,7 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
                     name: format!("bench-container-{i}"),
                     cpu_percent: (s % 10_000) as f64 / 100.0,
                     cpu_cores_allowed: 2.0,
+                    cpu_usage_ns: s * 10_000_000,
                     memory_bytes: 200 * 1024 * 1024 + s * 4096,
                     memory_limit_bytes: 1 << 30,
                     swap_bytes: s * 512,
@@ -43,6 +44,7 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
             })
             .collect(),
         total_containers: containers,
+        failed_containers: 0,
         collector: "files",
         host_cpu_percent: 12.5,
         agent_rss_bytes: 9 << 20,

@@ -1,7 +1,9 @@
 //! One collection cycle: discover → sample → derive, plus the host figures the export needs.
 
 use crate::cgroup::{Layout, LayoutError, Mode};
-use crate::config::{CollectorChoice, Config};
+#[cfg(not(feature = "ebpf"))]
+use crate::config::CollectorChoice;
+use crate::config::Config;
 use crate::derive::{Deriver, HostFacts};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::export::Cycle;
@@ -20,8 +22,10 @@ pub enum CollectError {
     Discovery(#[from] DiscoveryError),
     #[error("host figures: {0}")]
     Host(#[from] ReadError),
-    #[error("the BPF collector is not built into this binary (collector: ebpf); build with `cargo xtask build-ebpf` or use collector: auto")]
+    #[error("the BPF collector is not built into this binary (collector: ebpf); build it with `cargo xtask run` or use collector: auto")]
     NoBpf,
+    #[error("the BPF collector cannot run (collector: ebpf): {0}")]
+    Bpf(String),
 }
 
 /// Host-wide files read once per cycle, held open.
@@ -95,24 +99,28 @@ pub struct Collector {
     sampler: Sampler,
     deriver: Deriver,
     host: HostFiles,
-    collector_name: &'static str,
+    #[cfg(feature = "ebpf")]
+    kernel: Option<kernel::KernelCounters>,
     subsecond: bool,
+    root: std::path::PathBuf,
+}
+
+fn sample_options(cfg: &Config, net_io_files: bool) -> Options {
+    let m = &cfg.monitoring;
+    Options {
+        swap: m.enable_swap,
+        network: m.enable_network,
+        filesystem: m.enable_filesystem,
+        workers: cfg.workers(),
+        retry_limit: m.retry_limit,
+        retry_delay: m.retry_delay,
+        net_io_files,
+    }
 }
 
 impl Collector {
     pub fn new(cfg: &Config, root: &Path) -> Result<Self, CollectError> {
         let m = &cfg.monitoring;
-        let collector_name = match m.collector {
-            CollectorChoice::Ebpf => return Err(CollectError::NoBpf),
-            CollectorChoice::Auto => {
-                tracing::info!("collector: files (this binary has no BPF programs built in)");
-                "files"
-            }
-            CollectorChoice::Files => {
-                tracing::info!("collector: files (as configured)");
-                "files"
-            }
-        };
         let layout = Layout::detect(root)?;
         let hierarchy = layout
             .primary()
@@ -123,26 +131,67 @@ impl Collector {
             v1_io_accounting(root, &layout, cfg);
         }
         let devices = DeviceFilter::new(root, &m.excluded_devices);
-        let options = Options {
-            swap: m.enable_swap,
-            network: m.enable_network,
-            filesystem: m.enable_filesystem,
-            workers: cfg.workers(),
-            retry_limit: m.retry_limit,
-            retry_delay: m.retry_delay,
-        };
+        #[cfg(feature = "ebpf")]
+        let kernel = kernel::KernelCounters::choose(
+            m.collector,
+            root,
+            &layout,
+            &m.excluded_devices,
+            m.enable_network,
+        )?;
+        #[cfg(not(feature = "ebpf"))]
+        match m.collector {
+            CollectorChoice::Ebpf => return Err(CollectError::NoBpf),
+            CollectorChoice::Auto => {
+                tracing::info!("collector: files (this binary has no BPF programs built in)")
+            }
+            CollectorChoice::Files => tracing::info!("collector: files (as configured)"),
+        }
+        #[cfg(feature = "ebpf")]
+        let options = sample_options(cfg, kernel.is_none());
+        #[cfg(not(feature = "ebpf"))]
+        let options = sample_options(cfg, true);
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
             sampler: Sampler::new(root, layout, devices, options),
             deriver: Deriver::default(),
             host: HostFiles::open(root)?,
-            collector_name,
+            #[cfg(feature = "ebpf")]
+            kernel,
             subsecond: m.check_interval < std::time::Duration::from_secs(1),
+            root: root.to_path_buf(),
         })
     }
 
+    /// Applies a reloaded configuration for the next cycle, keeping what must survive: CPU
+    /// baselines, discovery, the BPF programs and their counts. The collector choice itself
+    /// takes effect on restart.
+    pub fn reconfigure(&mut self, old: &Config, new: &Config) {
+        let m = &new.monitoring;
+        let net_io_files = self.collector_name() == "files";
+        self.sampler = Sampler::new(
+            &self.root,
+            self.sampler.layout().clone(),
+            DeviceFilter::new(&self.root, &m.excluded_devices),
+            sample_options(new, net_io_files),
+        );
+        self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            kernel.reconfigure(m);
+        }
+        if old.monitoring.collector != m.collector {
+            tracing::warn!("monitoring.collector changes take effect when the agent restarts");
+        }
+    }
+
+    /// `ebpf` when network and I/O bytes come from the BPF programs, `files` otherwise.
     pub fn collector_name(&self) -> &'static str {
-        self.collector_name
+        #[cfg(feature = "ebpf")]
+        if self.kernel.is_some() {
+            return "ebpf";
+        }
+        "files"
     }
 
     /// Runs one cycle. Containers seen for the first time set their baseline and are exported
@@ -151,7 +200,17 @@ impl Collector {
         let started = Utc::now();
         let discovered = self.discovery.scan()?;
         let host = self.host.facts()?;
-        let sampled = self.sampler.sample(&discovered);
+        #[allow(unused_mut)]
+        let mut sampled = self.sampler.sample(&discovered);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            if let Err(e) = kernel.apply(&discovered, &mut sampled.containers) {
+                tracing::warn!(error = %e, "the BPF collector failed; network and I/O figures come from the file readers from now on");
+                self.kernel = None;
+                self.sampler.set_net_io_files(true);
+                sampled = self.sampler.sample(&discovered);
+            }
+        }
         let metrics = self.deriver.derive(&sampled.containers, host);
         let ended = Utc::now();
         tracing::debug!(
@@ -167,7 +226,8 @@ impl Collector {
             ended,
             metrics,
             total_containers: discovered.len(),
-            collector: self.collector_name,
+            failed_containers: sampled.failed,
+            collector: self.collector_name(),
             host_cpu_percent: self.host.cpu_percent(),
             agent_rss_bytes: self.host.rss(),
             subsecond: self.subsecond,
@@ -218,5 +278,171 @@ fn v1_io_accounting(root: &Path, layout: &Layout, cfg: &Config) {
         );
     } else {
         tracing::info!(disks = ?enabled, "switched on cgroup v1 block I/O counting (unlimited throttle rule; see README)");
+    }
+}
+
+/// Network and block I/O bytes counted in the kernel by the BPF programs.
+#[cfg(feature = "ebpf")]
+mod kernel {
+    use super::CollectError;
+    use crate::bpf::{self, BpfCollector, BpfError, BpfOptions, Counters};
+    use crate::cgroup::Layout;
+    use crate::config::CollectorChoice;
+    use crate::discovery::Discovered;
+    use crate::sample::ContainerSample;
+    use std::collections::{HashMap, HashSet};
+    use std::path::{Path, PathBuf};
+
+    pub struct KernelCounters {
+        bpf: BpfCollector,
+        unified: PathBuf,
+        /// Container id to the cgroup id its counters are kept under.
+        ids: HashMap<String, u64>,
+        /// `enable_network`: when false network bytes stay 0, as with the file readers.
+        network: bool,
+    }
+
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+
+    /// Without these the kernel refuses the programs, and libraries then report confusing
+    /// follow-on errors: say plainly what is missing instead.
+    fn check_capabilities() -> Result<(), String> {
+        let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or("no CapEff in /proc/self/status")?;
+        let has = |cap: u32| eff & (1u64 << cap) != 0;
+        if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "missing capabilities: loading and attaching needs CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (effective set {eff:#x})"
+            ))
+        }
+    }
+
+    impl KernelCounters {
+        /// Loads the programs as `choice` says: `auto` falls back to the file readers with one
+        /// warning carrying the kernel's reason, `ebpf` fails with it.
+        pub fn choose(
+            choice: CollectorChoice,
+            root: &Path,
+            layout: &Layout,
+            excluded: &[String],
+            network: bool,
+        ) -> Result<Option<Self>, CollectError> {
+            if choice == CollectorChoice::Files {
+                tracing::info!("collector: files (as configured)");
+                return Ok(None);
+            }
+            match Self::load(root, layout, excluded, network) {
+                Ok(k) => {
+                    tracing::info!(io = ?k.bpf.io_mode(), pins = %k.bpf.pin_dir().display(), "collector: ebpf");
+                    Ok(Some(k))
+                }
+                Err(reason) if choice == CollectorChoice::Auto => {
+                    tracing::warn!(%reason, "collector: files (BPF unavailable)");
+                    Ok(None)
+                }
+                Err(reason) => Err(CollectError::Bpf(reason)),
+            }
+        }
+
+        fn load(
+            root: &Path,
+            layout: &Layout,
+            excluded: &[String],
+            network: bool,
+        ) -> Result<Self, String> {
+            if root != Path::new("/") {
+                return Err("the BPF programs see the real kernel, not a --root tree".into());
+            }
+            check_capabilities()?;
+            let unified = layout
+                .unified
+                .clone()
+                .ok_or("no cgroup v2 hierarchy is mounted to attach to")?;
+            let opts = BpfOptions {
+                excluded_devices: bpf::excluded_dev_ts(Path::new("/sys"), excluded),
+                ..BpfOptions::default()
+            };
+            let bpf = BpfCollector::load(&opts).map_err(|e| e.to_string())?;
+            Ok(Self {
+                bpf,
+                unified,
+                ids: HashMap::new(),
+                network,
+            })
+        }
+
+        pub fn reconfigure(&mut self, m: &crate::config::MonitoringConfig) {
+            self.network = m.enable_network;
+            let devs = bpf::excluded_dev_ts(Path::new("/sys"), &m.excluded_devices);
+            if let Err(e) = self.bpf.set_excluded_devices(&devs) {
+                tracing::warn!(error = %e, "cannot update the excluded devices of the BPF programs");
+            }
+        }
+
+        /// Tracks new (or restarted) containers, seeded with what the files counted so far,
+        /// forgets stopped ones, and replaces the samples' network and I/O bytes with the
+        /// kernel's counts. Samples of containers that vanished before they could be tracked
+        /// are dropped.
+        pub fn apply(
+            &mut self,
+            discovered: &[Discovered],
+            samples: &mut Vec<ContainerSample>,
+        ) -> Result<(), BpfError> {
+            let mut vanished = HashSet::new();
+            for s in samples.iter() {
+                if !s.fresh && self.ids.contains_key(&s.id) {
+                    continue;
+                }
+                let Some(d) = discovered.iter().find(|d| d.id == s.id) else {
+                    continue;
+                };
+                let seed = Counters {
+                    net_rx: s.net_rx,
+                    net_tx: s.net_tx,
+                    io_read: s.cgroup.io.read,
+                    io_write: s.cgroup.io.write,
+                };
+                match self.bpf.track_seeded(&self.unified.join(&d.rel), seed) {
+                    Ok(id) => {
+                        self.ids.insert(s.id.clone(), id);
+                    }
+                    Err(BpfError::Cgroup { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        vanished.insert(s.id.clone());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.ids
+                .retain(|id, _| discovered.iter().any(|d| &d.id == id));
+            let keep: HashSet<u64> = self.ids.values().copied().collect();
+            for (id, e) in self.bpf.retain(&keep) {
+                tracing::warn!(cgroup_id = id, error = %e, "cannot detach from a stopped container");
+            }
+            self.bpf.refresh()?;
+            samples.retain(|s| !vanished.contains(&s.id));
+            for s in samples.iter_mut() {
+                let Some(c) = self.ids.get(&s.id).and_then(|id| self.bpf.counters(*id)) else {
+                    continue;
+                };
+                if self.network {
+                    s.net_rx = c.net_rx;
+                    s.net_tx = c.net_tx;
+                }
+                s.cgroup.io.read = c.io_read;
+                s.cgroup.io.write = c.io_write;
+            }
+            Ok(())
+        }
     }
 }

@@ -130,6 +130,9 @@ pub struct MonitoringConfig {
     /// cgroup v1 on kernels >= 6.9 counts block I/O only once a throttle rule exists on the
     /// disk; lxcmon writes an unlimited rule unless this is false (then I/O reads 0, logged).
     pub enable_v1_io_accounting: bool,
+    /// Serve `/metrics` (Prometheus/OpenMetrics) and `/healthz` here, e.g. `127.0.0.1:9273`.
+    #[serde(deserialize_with = "listen_address")]
+    pub prometheus_listen: Option<std::net::SocketAddr>,
     /// The seed ran `pct exec` with this timeout; lxcmon spawns nothing, so it means nothing.
     #[serde(deserialize_with = "ignored")]
     pub command_timeout: Option<()>,
@@ -152,6 +155,7 @@ impl Default for MonitoringConfig {
             retry_delay: Duration::from_secs(2),
             collector: CollectorChoice::Auto,
             enable_v1_io_accounting: true,
+            prometheus_listen: None,
             command_timeout: None,
         }
     }
@@ -203,6 +207,19 @@ fn max_workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn max_metrics_entries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     positive(d, "max_metrics_entries")
+}
+
+fn listen_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let Some(s) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    s.parse().map(Some).map_err(|_| {
+        D::Error::custom(format!(
+            "prometheus_listen: {s:?} is not an address:port such as 127.0.0.1:9273 or [::1]:9273"
+        ))
+    })
 }
 
 fn ignored<'de, D: Deserializer<'de>>(d: D) -> Result<Option<()>, D::Error> {
@@ -356,6 +373,11 @@ mod tests {
             ("monitoring:\n  export_format: csv\n", "export_format", 2),
             ("monitoring:\n  retry_delay: -1\n", "retry_delay", 2),
             ("logging:\n  log_max_bytes: 0\n", "log_max_bytes", 2),
+            (
+                "monitoring:\n  prometheus_listen: localhost\n",
+                "prometheus_listen",
+                2,
+            ),
         ] {
             let e = error(doc);
             assert!(e.contains(key), "{doc:?}: {e}");
@@ -375,6 +397,16 @@ mod tests {
         let c = parse("monitoring:\n  export_format: autoscale_ml\n  collector: files\n").unwrap();
         assert_eq!(c.monitoring.export_format, ExportFormat::AutoscaleMl);
         assert_eq!(c.monitoring.collector, CollectorChoice::Files);
+    }
+
+    #[test]
+    fn prometheus_listen_address() {
+        let c = parse("monitoring:\n  prometheus_listen: \"[::1]:9273\"\n").unwrap();
+        assert_eq!(
+            c.monitoring.prometheus_listen,
+            Some("[::1]:9273".parse().unwrap())
+        );
+        assert_eq!(Config::default().monitoring.prometheus_listen, None);
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! The daemon loop: a cycle every `check_interval` on a fixed grid (no drift), exports
-//! written by a thread of their own so a slow disk never delays collection, and a clean
-//! stop on SIGTERM/SIGINT.
+//! written by a thread of their own so a slow disk never delays collection, `/metrics` served
+//! from the latest cycle, SIGHUP re-reading the configuration, and a clean stop on
+//! SIGTERM/SIGINT.
 
 use crate::collect::Collector;
 use crate::config::Config;
 use crate::export::{self, Cycle, Exporter};
+use crate::logging::LogControl;
+use crate::prometheus::Exposition;
 use anyhow::{Context, Result};
-use std::path::Path;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -25,92 +29,228 @@ pub fn once(cfg: &Config, root: &Path) -> Result<Vec<u8>> {
     Ok(export::document(cfg.monitoring.export_format, &cycle))
 }
 
-pub fn run(cfg: &Config, root: &Path) -> Result<()> {
+/// Where the configuration came from, so SIGHUP reads the same place again.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// The default path, which did not exist at start (built-in defaults until it does).
+    Default(PathBuf),
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<Config> {
+        match self {
+            Self::File(p) => Ok(Config::load(p)?),
+            Self::Default(p) if p.exists() => Ok(Config::load(p)?),
+            Self::Default(_) => Ok(Config::default()),
+        }
+    }
+}
+
+pub fn run(cfg: Config, source: ConfigSource, root: &Path, log: LogControl) -> Result<()> {
     let exporter = Exporter::open(
         &cfg.monitoring.export_file,
         cfg.monitoring.export_format,
         cfg.monitoring.max_metrics_entries,
     )?;
-    let collector = Collector::new(cfg, root).context("starting the collector")?;
+    let collector = Collector::new(&cfg, root).context("starting the collector")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let writer = ExportWriter::spawn(exporter)?;
-    let result = runtime.block_on(run_loop(cfg, collector, &writer));
-    writer.finish();
+    let exposition = Arc::new(Exposition::new(
+        collector.collector_name(),
+        cfg.monitoring.check_interval,
+    ));
+    let writer = ExportWriter::spawn(exporter, exposition.clone())?;
+    let mut daemon = Daemon {
+        cfg,
+        source,
+        log,
+        exposition,
+        writer,
+    };
+    let result = runtime.block_on(daemon.run_loop(collector));
+    daemon.writer.finish();
     result
 }
 
-async fn run_loop(cfg: &Config, mut collector: Collector, writer: &ExportWriter) -> Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let interval = cfg.monitoring.check_interval;
-    tracing::info!(
-        interval_s = interval.as_secs_f64(),
-        export_file = %cfg.monitoring.export_file.display(),
-        format = ?cfg.monitoring.export_format,
-        workers = cfg.workers(),
-        "lxcmon started"
-    );
-    // The first sample only sets each container's baseline.
-    let (c, _) = cycle_blocking(collector).await?;
-    collector = c;
-    let start = tokio::time::Instant::now() + first_gap(cfg);
-    let mut ticker = tokio::time::interval_at(start, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                let (c, cycle) = cycle_blocking(collector).await?;
-                collector = c;
-                if let Some(cycle) = cycle {
-                    writer.send(cycle);
-                }
-            }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
-        }
-    }
-    Ok(())
+struct Daemon {
+    cfg: Config,
+    source: ConfigSource,
+    log: LogControl,
+    exposition: Arc<Exposition>,
+    writer: ExportWriter,
 }
 
-/// Runs one cycle off the runtime thread; a failed cycle is logged and the loop goes on.
-async fn cycle_blocking(mut collector: Collector) -> Result<(Collector, Option<Cycle>)> {
-    let joined = tokio::task::spawn_blocking(move || {
-        let cycle = collector.cycle();
-        (collector, cycle)
-    })
-    .await
-    .context("the collection task panicked")?;
-    let (collector, cycle) = joined;
-    match cycle {
-        Ok(c) => Ok((collector, Some(c))),
-        Err(e) => {
-            tracing::error!(error = %e, "collection cycle failed");
-            Ok((collector, None))
+impl Daemon {
+    async fn run_loop(&mut self, mut collector: Collector) -> Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        if let Some(addr) = self.cfg.monitoring.prometheus_listen {
+            let bound = crate::prometheus::serve(addr, self.exposition.clone())
+                .await
+                .with_context(|| format!("prometheus_listen: cannot listen on {addr}"))?;
+            tracing::info!(%bound, "serving /metrics and /healthz");
         }
+        tracing::info!(
+            interval_s = self.cfg.monitoring.check_interval.as_secs_f64(),
+            export_file = %self.cfg.monitoring.export_file.display(),
+            format = ?self.cfg.monitoring.export_format,
+            workers = self.cfg.workers(),
+            "lxcmon started"
+        );
+        // The first sample only sets each container's baseline.
+        collector = self.cycle(collector).await?;
+        let mut ticker = self.ticker(first_gap(&self.cfg));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => collector = self.cycle(collector).await?,
+                _ = sighup.recv() => {
+                    if self.reload(&mut collector) {
+                        ticker = self.ticker(self.cfg.monitoring.check_interval);
+                    }
+                }
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            }
+        }
+        Ok(())
     }
+
+    fn ticker(&self, first: Duration) -> tokio::time::Interval {
+        let mut t = tokio::time::interval_at(
+            tokio::time::Instant::now() + first,
+            self.cfg.monitoring.check_interval,
+        );
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        t
+    }
+
+    /// Runs one cycle off the runtime thread; a failed cycle is logged and counted.
+    async fn cycle(&self, mut collector: Collector) -> Result<Collector> {
+        let (collector, cycle) = tokio::task::spawn_blocking(move || {
+            let cycle = collector.cycle();
+            (collector, cycle)
+        })
+        .await
+        .context("the collection task panicked")?;
+        match cycle {
+            Ok(c) => {
+                let c = Arc::new(c);
+                self.exposition.publish(c.clone());
+                self.writer.send(WriterMsg::Cycle(c));
+            }
+            Err(e) => {
+                self.exposition.cycle_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "collection cycle failed");
+            }
+        }
+        Ok(collector)
+    }
+
+    /// Re-reads the configuration. An invalid one is rejected with its reason and the old one
+    /// stays in force. Returns whether the interval changed.
+    fn reload(&mut self, collector: &mut Collector) -> bool {
+        let new = match self.source.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    "configuration reload rejected, the running configuration stays: {e:#}"
+                );
+                return false;
+            }
+        };
+        let old = std::mem::replace(&mut self.cfg, new);
+        let (old_m, new_m) = (&old.monitoring, &self.cfg.monitoring);
+        self.log.set_level(self.cfg.logging.log_level);
+        if old.logging.log_file != self.cfg.logging.log_file
+            || old.logging.log_max_bytes != self.cfg.logging.log_max_bytes
+            || old.logging.log_backup_count != self.cfg.logging.log_backup_count
+        {
+            tracing::warn!("log file settings take effect when the agent restarts");
+        }
+        if old_m.prometheus_listen != new_m.prometheus_listen {
+            tracing::warn!("prometheus_listen takes effect when the agent restarts");
+        }
+        collector.reconfigure(&old, &self.cfg);
+        if old_m.export_file != new_m.export_file
+            || old_m.export_format != new_m.export_format
+            || old_m.max_metrics_entries != new_m.max_metrics_entries
+        {
+            self.writer.send(WriterMsg::Reopen {
+                path: new_m.export_file.clone(),
+                format: new_m.export_format,
+                max_entries: new_m.max_metrics_entries,
+            });
+        }
+        self.exposition.set_interval(new_m.check_interval);
+        for key in self.cfg.ignored_keys() {
+            tracing::info!(
+                key,
+                "setting accepted for compatibility; lxcmon has no use for it"
+            );
+        }
+        tracing::info!("configuration reloaded");
+        old_m.check_interval != new_m.check_interval
+    }
+}
+
+enum WriterMsg {
+    Cycle(Arc<Cycle>),
+    /// The export settings changed: continue in the (possibly other) file.
+    Reopen {
+        path: PathBuf,
+        format: crate::config::ExportFormat,
+        max_entries: usize,
+    },
 }
 
 /// Owns the export file on a thread of its own. Cycles that queue up while a write is slow
 /// are folded into the next write.
 struct ExportWriter {
-    tx: Option<mpsc::Sender<Cycle>>,
+    tx: Option<mpsc::Sender<WriterMsg>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ExportWriter {
-    fn spawn(mut exporter: Exporter) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Cycle>();
+    fn spawn(mut exporter: Exporter, exposition: Arc<Exposition>) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<WriterMsg>();
         let thread = std::thread::Builder::new()
             .name("lxcmon-export".into())
             .spawn(move || {
                 let mut pending = false;
-                while let Ok(cycle) = rx.recv() {
-                    pending |= exporter.push(&cycle);
-                    while let Ok(more) = rx.try_recv() {
-                        pending |= exporter.push(&more);
+                let write = |exporter: &Exporter| match exporter.write() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        exposition
+                            .export_write_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "export failed; the previous file is intact, retrying next cycle");
+                        true
+                    }
+                };
+                while let Ok(first) = rx.recv() {
+                    let mut next = Some(first);
+                    while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+                        match msg {
+                            WriterMsg::Cycle(c) => pending |= exporter.push(&c),
+                            WriterMsg::Reopen {
+                                path,
+                                format,
+                                max_entries,
+                            } => {
+                                if pending {
+                                    write(&exporter);
+                                }
+                                match Exporter::open(&path, format, max_entries) {
+                                    Ok(e) => exporter = e,
+                                    Err(e) => tracing::error!(error = %e, "cannot switch the export file; keeping the old one"),
+                                }
+                                pending = true;
+                            }
+                        }
                     }
                     if pending {
                         pending = write(&exporter);
@@ -127,30 +267,19 @@ impl ExportWriter {
         })
     }
 
-    fn send(&self, cycle: Cycle) {
+    fn send(&self, msg: WriterMsg) {
         if let Some(tx) = &self.tx {
-            if tx.send(cycle).is_err() {
+            if tx.send(msg).is_err() {
                 tracing::error!("the export thread has stopped; cycle not exported");
             }
         }
     }
 
     /// Flushes what is queued and waits for the last write.
-    fn finish(mut self) {
+    fn finish(&mut self) {
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-    }
-}
-
-/// Writes the file; returns whether a write is still owed (it failed).
-fn write(exporter: &Exporter) -> bool {
-    match exporter.write() {
-        Ok(()) => false,
-        Err(e) => {
-            tracing::error!(error = %e, "export failed; the previous file is intact, retrying next cycle");
-            true
         }
     }
 }

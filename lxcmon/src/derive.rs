@@ -13,6 +13,8 @@ pub struct ContainerMetrics {
     /// Percent (0–100) of the CPU the container may use.
     pub cpu_percent: f64,
     pub cpu_cores_allowed: f64,
+    /// Cumulative CPU time of the container's cgroup.
+    pub cpu_usage_ns: u64,
     pub memory_bytes: u64,
     /// The container's memory limit, or the host's memory when unlimited.
     pub memory_limit_bytes: u64,
@@ -99,6 +101,7 @@ fn metrics(s: &ContainerSample, prev: &Previous, host: HostFacts) -> Option<Cont
         name: s.name.clone(),
         cpu_percent,
         cpu_cores_allowed: cores,
+        cpu_usage_ns: s.cgroup.cpu_usage_ns,
         memory_bytes: s.cgroup.memory_bytes,
         memory_limit_bytes: limits
             .memory_bytes
@@ -142,6 +145,7 @@ mod tests {
             net_rx: 0,
             net_tx: 0,
             fs: FsUsage::default(),
+            fresh: false,
         }
     }
 

@@ -16,5 +16,6 @@ pub mod export;
 pub mod kfile;
 pub mod logging;
 pub mod procfs;
+pub mod prometheus;
 pub mod sample;
 pub mod sysfs;

@@ -1,46 +1,59 @@
 //! Logging through `tracing`: stderr always, and the configured file with size rotation.
 
-use crate::config::LoggingConfig;
+use crate::config::{LogLevel, LoggingConfig};
 use file_rotate::{compression::Compression, suffix::AppendCount, ContentLimit, FileRotate};
 use std::fs::OpenOptions;
 use std::sync::Mutex;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
-use tracing_subscriber::fmt;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::{fmt, reload, Registry};
+
+/// Changes the level of the running subscriber (on a configuration reload).
+pub struct LogControl {
+    filter: reload::Handle<EnvFilter, Registry>,
+}
+
+impl LogControl {
+    pub fn set_level(&self, level: LogLevel) {
+        if let Err(e) = self.filter.modify(|f| *f = filter(level)) {
+            tracing::warn!(error = %e, "cannot change the log level");
+        }
+    }
+}
+
+/// `RUST_LOG`, when set, overrides the configured level.
+fn filter(level: LogLevel) -> EnvFilter {
+    EnvFilter::builder()
+        .with_default_directive(LevelFilter::from_level(level.as_tracing()).into())
+        .from_env_lossy()
+}
 
 /// Installs the global subscriber. A log file that cannot be opened leaves logging on stderr
-/// with a warning rather than stopping the agent. `RUST_LOG` overrides the level when set.
-pub fn init(cfg: &LoggingConfig) {
-    let level = LevelFilter::from_level(cfg.log_level.as_tracing());
-    let filter = || {
-        EnvFilter::builder()
-            .with_default_directive(level.into())
-            .from_env_lossy()
-    };
-    let stderr = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_filter(filter());
+/// with a warning rather than stopping the agent.
+pub fn init(cfg: &LoggingConfig) -> LogControl {
+    let (filter_layer, handle) = reload::Layer::new(filter(cfg.log_level));
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_target(false);
     let (file_layer, file_problem) = match open_rotating(cfg) {
         Ok(writer) => (
             Some(
                 fmt::layer()
                     .with_writer(Mutex::new(writer))
                     .with_ansi(false)
-                    .with_target(false)
-                    .with_filter(filter()),
+                    .with_target(false),
             ),
             None,
         ),
         Err(e) => (None, Some(e)),
     };
     let _ = tracing_subscriber::registry()
+        .with(filter_layer)
         .with(stderr)
         .with(file_layer)
         .try_init();
     if let Some(e) = file_problem {
         tracing::warn!(log_file = %cfg.log_file.display(), error = %e, "cannot write the log file; logging to stderr only");
     }
+    LogControl { filter: handle }
 }
 
 fn open_rotating(cfg: &LoggingConfig) -> std::io::Result<FileRotate<AppendCount>> {

@@ -1,6 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use lxcmon::config::{Config, DEFAULT_CONFIG_PATH};
+use lxcmon::daemon::ConfigSource;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,28 +19,63 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Remove the BPF programs' pinned counters and attachments (/sys/fs/bpf/lxcmon) and exit;
+    /// for an uninstall, with the service stopped.
+    #[arg(long)]
+    cleanup_bpf: bool,
     /// Read /sys, /proc and /etc below this directory (for fixture trees).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
 }
 
-fn load_config(cli: &Cli) -> Result<(Config, String)> {
+fn load_config(cli: &Cli) -> Result<(Config, ConfigSource, String)> {
     match &cli.config {
-        Some(path) => Ok((Config::load(path)?, path.display().to_string())),
+        Some(path) => Ok((
+            Config::load(path)?,
+            ConfigSource::File(path.clone()),
+            path.display().to_string(),
+        )),
         None => {
             let default = PathBuf::from(DEFAULT_CONFIG_PATH);
             if default.exists() {
-                Ok((Config::load(&default)?, DEFAULT_CONFIG_PATH.to_string()))
+                Ok((
+                    Config::load(&default)?,
+                    ConfigSource::File(default),
+                    DEFAULT_CONFIG_PATH.to_string(),
+                ))
             } else {
-                Ok((Config::default(), "built-in defaults".to_string()))
+                Ok((
+                    Config::default(),
+                    ConfigSource::Default(default),
+                    "built-in defaults".to_string(),
+                ))
             }
         }
     }
 }
 
+/// Where every layout version of the BPF pins lives.
+const PIN_ROOT: &str = "/sys/fs/bpf/lxcmon";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (cfg, origin) = match load_config(&cli) {
+    if cli.cleanup_bpf {
+        return match std::fs::remove_dir_all(PIN_ROOT) {
+            Ok(()) => {
+                println!("removed {PIN_ROOT}");
+                ExitCode::SUCCESS
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("nothing pinned at {PIN_ROOT}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lxcmon: cannot remove {PIN_ROOT}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (cfg, source, origin) = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lxcmon: invalid configuration: {e:#}");
@@ -50,7 +86,7 @@ fn main() -> ExitCode {
         println!("{origin}: configuration OK");
         return ExitCode::SUCCESS;
     }
-    lxcmon::logging::init(&cfg.logging);
+    let log = lxcmon::logging::init(&cfg.logging);
     tracing::info!(config = %origin, "configuration loaded");
     for key in cfg.ignored_keys() {
         tracing::info!(
@@ -61,7 +97,7 @@ fn main() -> ExitCode {
     let result = if cli.once {
         run_once(&cfg, &cli)
     } else {
-        lxcmon::daemon::run(&cfg, &cli.root)
+        lxcmon::daemon::run(cfg, source, &cli.root, log)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

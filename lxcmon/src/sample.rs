@@ -30,6 +30,8 @@ pub struct ContainerSample {
     pub net_rx: u64,
     pub net_tx: u64,
     pub fs: FsUsage,
+    /// The container's files were (re)opened for this sample: it is new, or it restarted.
+    pub fresh: bool,
 }
 
 /// What a cycle's sampling found.
@@ -51,6 +53,9 @@ pub struct Options {
     pub workers: usize,
     pub retry_limit: u32,
     pub retry_delay: Duration,
+    /// Read network and block I/O counters from files every cycle. When another collector
+    /// counts them, they are read only in a container's fresh sample, to seed that collector.
+    pub net_io_files: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +117,10 @@ impl Sampler {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    pub fn set_net_io_files(&mut self, on: bool) {
+        self.options.net_io_files = on;
     }
 
     /// Reads every container once. Containers that are gone are skipped silently; one that
@@ -237,7 +246,8 @@ impl Ctx<'_> {
         state: &mut Option<ContainerState>,
         scratch: &mut Scratch,
     ) -> Result<ContainerSample, SampleError> {
-        if state.is_none() {
+        let fresh = state.is_none();
+        if fresh {
             let cgroup = CgroupReader::open(self.layout, &d.rel).map_err(SampleError::from_read)?;
             let missing = match &cgroup {
                 CgroupReader::V1(r) => r.missing(),
@@ -257,9 +267,14 @@ impl Ctx<'_> {
             return Err(SampleError::Gone);
         };
         let at = Instant::now();
+        let net_io = self.options.net_io_files || fresh;
         let mut cgroup = st
             .cgroup
-            .sample(self.devices, &mut scratch.buf, &mut scratch.pids)
+            .sample(
+                net_io.then_some(self.devices),
+                &mut scratch.buf,
+                &mut scratch.pids,
+            )
             .map_err(SampleError::from_read)?;
         if !self.options.swap {
             cgroup.swap_bytes = 0;
@@ -271,7 +286,7 @@ impl Ctx<'_> {
         }
         let mut fs = FsUsage::default();
         if let Some(init) = &st.init {
-            if let Some(net_dev) = &init.net_dev {
+            if let (Some(net_dev), true) = (&init.net_dev, net_io) {
                 st.net.update(
                     net_dev
                         .read(&mut scratch.buf)
@@ -292,6 +307,7 @@ impl Ctx<'_> {
             net_rx: st.net.rx(),
             net_tx: st.net.tx(),
             fs,
+            fresh,
         })
     }
 

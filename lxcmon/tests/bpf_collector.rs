@@ -252,8 +252,8 @@ fn assert_within(what: &str, got: u64, truth: u64, pct: u64) {
 const NET_BYTES: usize = 8 * 1024 * 1024;
 
 /// TCP both ways over the veth from a process in a nested sub-cgroup: counted as the
-/// container's, within 5% above the payload (IP and TCP headers; no Ethernet header at the
-/// cgroup hooks). Loopback traffic inside the namespace is not counted at all.
+/// container's, within 5% above the payload (Ethernet, IP and TCP headers, as the interface
+/// counts them). Loopback traffic inside the namespace is not counted at all.
 #[test]
 #[ignore = "needs root and BPF: run by cargo xtask test"]
 fn network_bytes_over_veth_counted_loopback_not() {
@@ -357,7 +357,7 @@ fn network_bytes_over_veth_counted_loopback_not() {
 /// frame on a non-loopback device counts exactly its IP length, on loopback nothing.
 #[test]
 #[ignore = "needs root and BPF: run by cargo xtask test"]
-fn prog_test_run_counts_ip_length_and_skips_loopback() {
+fn prog_test_run_counts_frame_length_and_skips_loopback() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pins = PinDir::new("testrun");
     let cg = TestCgroup::new("testrun");
@@ -416,8 +416,17 @@ fn prog_test_run_counts_ip_length_and_skips_loopback() {
         "the programs never drop packets"
     );
     let got = counters(&mut c, id);
-    assert_eq!(got.net_tx, ip_len as u64, "egress on the veth: IP length");
-    assert_eq!(got.net_rx, ip_len as u64, "ingress on the veth: IP length");
+    // The frame as the interface counts it: Ethernet header + IP packet.
+    assert_eq!(
+        got.net_tx,
+        14 + ip_len as u64,
+        "egress on the veth: frame length"
+    );
+    assert_eq!(
+        got.net_rx,
+        14 + ip_len as u64,
+        "ingress on the veth: frame length"
+    );
 }
 
 fn block_dev_of(path: &Path) -> u32 {

@@ -54,8 +54,3 @@ pub fn ensure_apt(pkgs: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
-
-/// What the agent itself needs to build and run.
-pub fn ensure_run_deps() -> Result<()> {
-    Ok(())
-}

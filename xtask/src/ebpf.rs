@@ -166,8 +166,11 @@ fn build_object(release: bool) -> Result<()> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::copy(&built, &dest)
-        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    // Copy only a changed object: a new mtime would make cargo rebuild the agent that embeds it.
+    let object = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    if std::fs::read(&dest).ok().as_deref() != Some(object.as_slice()) {
+        std::fs::write(&dest, &object).with_context(|| format!("writing {}", dest.display()))?;
+    }
     Ok(())
 }
 
@@ -183,7 +186,6 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
 /// The BPF part of `cargo xtask test` (root): builds the object, lints and unit-tests the
 /// `ebpf` feature, then runs the root tests of `lxcmon/tests/bpf_*.rs` one at a time.
 // Wired into `xtask/src/test.rs` by the lead (`ebpf::test()?;`).
-#[allow(dead_code)]
 pub fn test() -> Result<()> {
     build(&BuildArgs { debug: false })?;
     deps::ensure_apt(&["bpftool", "iproute2"])?;

@@ -2,8 +2,10 @@
 //! so the README's commands work on a fresh Debian machine.
 
 mod bench;
+mod deb;
 mod deps;
 mod ebpf;
+mod lxc;
 mod test;
 mod vm;
 
@@ -30,6 +32,8 @@ enum Task {
     Test(test::TestArgs),
     /// Boot the VM kernel matrix and run the agent checks inside.
     VmTest(vm::VmArgs),
+    /// Build the Debian package (the agent with its BPF programs, unit, config, dashboard).
+    Deb(deb::DebArgs),
     /// Measure the agent's cost on a synthetic fleet of containers (not part of `test`).
     Bench(bench::BenchArgs),
 }
@@ -41,12 +45,23 @@ fn main() -> Result<()> {
         Task::Test(args) => test::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Deb(args) if args.test => deb::test(),
+        Task::Deb(args) => deb::build(&args).map(|p| println!("{}", p.display())),
     }
 }
 
+/// Builds the agent with its BPF programs (installing the BPF toolchain when missing); where
+/// that toolchain cannot be had, builds it without them: it then runs on the file readers.
 fn run(args: &[String]) -> Result<()> {
-    deps::ensure_run_deps()?;
-    deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+    match ebpf::build(&ebpf::BuildArgs { debug: false }) {
+        Ok(()) => deps::cargo(&["build", "--release", "-p", "lxcmon", "--features", "ebpf"])?,
+        Err(e) => {
+            eprintln!(
+                "xtask: building without BPF programs ({e:#}); the agent will use the file readers"
+            );
+            deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+        }
+    }
     let bin = deps::workspace_root().join("target/release/lxcmon");
     deps::exec(std::process::Command::new(bin).args(args))
 }

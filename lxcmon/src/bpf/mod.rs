@@ -6,15 +6,14 @@
 //! layout version is part of the path), so counting goes on while the agent restarts and a new
 //! agent continues the same cumulative counts. [`cleanup_pinned`] removes everything (uninstall).
 //!
-//! Byte semantics: network counters are IP-level bytes (`skb->len` at the cgroup hooks: IP
-//! header + transport header + payload, no Ethernet header), for sockets of the container's
-//! processes, excluding the loopback device; packets the kernel answers itself (ICMP echo, TCP
-//! resets without a socket) are not a socket's and are not counted. I/O counters are bytes of
-//! bios submitted by the container's tasks; buffered writes flushed later by kernel writeback
-//! threads are not charged to the container (see the README of the BPF path).
+//! Byte semantics: network counters are frame bytes as the container's (Ethernet) interfaces
+//! count them: `skb->len` at the cgroup hooks plus the 14-byte Ethernet header, for sockets of
+//! the container's processes, excluding the loopback device; packets the kernel answers itself
+//! (ICMP echo, TCP resets without a socket) are not a socket's and are not counted. I/O counters
+//! are bytes of bios submitted by the container's tasks, and buffered writes when their pages
+//! are dirtied (see `lxcmon-ebpf/README.md`).
 //!
-//! Wire-up: `#[cfg(feature = "ebpf")] pub mod bpf;` in `lib.rs`; the object must have been built
-//! by `cargo xtask build-ebpf` (it is embedded at compile time).
+//! The object is built by `cargo xtask build-ebpf` and embedded at compile time.
 
 mod btf;
 mod format;
@@ -553,15 +552,18 @@ impl BpfCollector {
         levels.set(0, mask, 0).map_err(map_err(MAP_TRACKED_LEVELS))
     }
 
-    fn zero_slot(&mut self, slot: u32) -> Result<(), BpfError> {
+    /// Sets a slot's counters to `seed` (held by CPU 0; the others start at zero).
+    fn seed_slot(&mut self, slot: u32, seed: Counters) -> Result<(), BpfError> {
         let ncpus = self.ncpus;
         let mut counters: PerCpuArray<&mut MapData, Counters> =
             PerCpuArray::try_from(self.map_mut(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
-        let zeros = PerCpuValues::try_from(vec![Counters::default(); ncpus]).map_err(|e| {
-            BpfError::Map {
-                map: MAP_COUNTERS,
-                reason: e.to_string(),
-            }
+        let mut values = vec![Counters::default(); ncpus];
+        if let Some(first) = values.first_mut() {
+            *first = seed;
+        }
+        let zeros = PerCpuValues::try_from(values).map_err(|e| BpfError::Map {
+            map: MAP_COUNTERS,
+            reason: e.to_string(),
         })?;
         counters.set(slot, zeros, 0).map_err(map_err(MAP_COUNTERS))
     }
@@ -575,6 +577,13 @@ impl BpfCollector {
     /// hierarchy; its id (the directory's inode) is the key for [`Self::counters`]. Tracking an
     /// already tracked cgroup keeps its counts. Returns the cgroup id.
     pub fn track(&mut self, cgroup_v2_dir: &Path) -> Result<u64, BpfError> {
+        self.track_seeded(cgroup_v2_dir, Counters::default())
+    }
+
+    /// [`Self::track`], starting a newly tracked container's counters at `seed` (what the file
+    /// readers counted before the programs were attached), so both collectors report the same
+    /// cumulative figures. A container already tracked (also through pins) keeps its counts.
+    pub fn track_seeded(&mut self, cgroup_v2_dir: &Path, seed: Counters) -> Result<u64, BpfError> {
         let cg = sys::cgroup_dir(cgroup_v2_dir).map_err(|source| BpfError::Cgroup {
             path: cgroup_v2_dir.to_path_buf(),
             source,
@@ -601,7 +610,7 @@ impl BpfCollector {
             level: cg.level,
         };
         if !self.tracked.contains_key(&cg.id) {
-            self.zero_slot(entry.slot)?;
+            self.seed_slot(entry.slot, seed)?;
         }
         self.tracked_map()?
             .insert(cg.id, entry, 0)

@@ -4,6 +4,7 @@
 //! hybrid hosts (Proxmox VE 6, plain LXC on older systemd, this project's CI host) the figures
 //! come from the v1 controllers, and the v2 tree, where mounted, only names the cgroup for BPF.
 
+pub mod subtree;
 pub mod v1;
 pub mod v2;
 
@@ -172,6 +173,9 @@ pub struct IoBytes {
     pub write: u64,
 }
 
+/// Limits change rarely (an admin's `pct set`); they are re-read at most this often.
+pub const LIMITS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Limits that bound the container; `None` means unlimited at the container's level.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Limits {
@@ -217,9 +221,10 @@ impl CgroupReader {
         }
     }
 
+    /// Reads the figures; `devices: None` skips block I/O (counted elsewhere).
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
@@ -228,50 +233,6 @@ impl CgroupReader {
             Self::V2(r) => r.sample(devices, buf, pids),
         }
     }
-
-    /// The directory whose subtree holds the container's processes.
-    pub fn procs_dir(&self) -> &Path {
-        match self {
-            Self::V1(r) => r.procs_dir(),
-            Self::V2(r) => r.dir(),
-        }
-    }
-}
-
-/// Lists the processes of the subtree below `dir`, shallowest first, into `pids`.
-/// Subdirectories that vanish during the walk are skipped; the top one vanishing is an error.
-pub fn subtree_pids(dir: &Path, buf: &mut Vec<u8>, pids: &mut Vec<u32>) -> Result<(), ReadError> {
-    pids.clear();
-    let mut queue = vec![dir.to_path_buf()];
-    let mut next = 0;
-    while next < queue.len() {
-        let current = queue[next].clone();
-        let top = next == 0;
-        next += 1;
-        let procs = match kfile::KFile::open(current.join("cgroup.procs")).and_then(|f| {
-            f.read(buf).map(|text| {
-                text.lines()
-                    .filter_map(|l| l.trim().parse::<u32>().ok())
-                    .collect::<Vec<_>>()
-            })
-        }) {
-            Ok(p) => p,
-            Err(e) if !top && e.is_gone() => continue,
-            Err(e) => return Err(e),
-        };
-        pids.extend(procs);
-        let entries = match std::fs::read_dir(&current) {
-            Ok(entries) => entries,
-            Err(e) if !top && e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(ReadError::io(&current, e)),
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                queue.push(entry.path());
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Number of CPUs in a cpu list such as `0-3,8,10-11`.
@@ -358,30 +319,5 @@ mod tests {
         assert_eq!(cpu_list_len("0"), Some(1));
         assert_eq!(cpu_list_len(""), None);
         assert_eq!(cpu_list_len("3-1"), None);
-    }
-
-    #[test]
-    fn subtree_walk_lists_nested_processes_and_tolerates_races() {
-        let dir = tempfile::tempdir().unwrap();
-        let top = dir.path().join("lxc.payload.c1");
-        std::fs::create_dir_all(top.join(".lxc")).unwrap();
-        std::fs::create_dir_all(top.join("system.slice/cron.service")).unwrap();
-        std::fs::write(top.join("cgroup.procs"), "100\n").unwrap();
-        std::fs::write(top.join(".lxc/cgroup.procs"), "200\n201\n").unwrap();
-        std::fs::write(top.join("system.slice/cgroup.procs"), "").unwrap();
-        std::fs::write(top.join("system.slice/cron.service/cgroup.procs"), "300\n").unwrap();
-        let (mut buf, mut pids) = (Vec::new(), Vec::new());
-        subtree_pids(&top, &mut buf, &mut pids).unwrap();
-        assert_eq!(pids[0], 100, "shallowest first");
-        pids.sort();
-        assert_eq!(pids, vec![100, 200, 201, 300]);
-
-        // A child cgroup without its procs file behaves like one removed mid-walk.
-        std::fs::remove_file(top.join(".lxc/cgroup.procs")).unwrap();
-        subtree_pids(&top, &mut buf, &mut pids).unwrap();
-        assert_eq!(pids.len(), 2);
-
-        let err = subtree_pids(&dir.path().join("gone"), &mut buf, &mut pids).unwrap_err();
-        assert!(err.is_gone());
     }
 }

@@ -1,16 +1,19 @@
 //! cgroup v1 figures, one controller hierarchy each: cpuacct, cpu, cpuset, memory, blkio, pids.
 
-use super::{cpu_list_len, parse_dev, subtree_pids, CgroupSample, IoBytes, Layout, Limits};
+use super::subtree::Subtree;
+use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Layout, Limits, LIMITS_TTL};
 use crate::kfile::{keyed_value, KFile, ReadError};
 use crate::sysfs::DeviceFilter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::time::Instant;
 
 /// v1 reports "unlimited" as the largest page-aligned counter value; anything this big is.
 const UNLIMITED: u64 = 1 << 62;
 
 #[derive(Debug)]
 pub struct Reader {
-    procs_dir: PathBuf,
+    subtree: Subtree,
+    limits: Option<(Instant, Limits)>,
     cpuacct_usage: KFile,
     cfs_quota: Option<KFile>,
     cfs_period: Option<KFile>,
@@ -53,12 +56,9 @@ impl Reader {
             memsw_limit: opt("memory", "memory.memsw.limit_in_bytes")?,
             blkio: opt("blkio", "blkio.throttle.io_service_bytes_recursive")?,
             pids_current: opt("pids", "pids.current")?,
-            procs_dir,
+            subtree: Subtree::new(procs_dir),
+            limits: None,
         })
-    }
-
-    pub fn procs_dir(&self) -> &Path {
-        &self.procs_dir
     }
 
     /// Controllers that are not mounted or not present, so their figures read 0.
@@ -78,7 +78,7 @@ impl Reader {
 
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
@@ -96,16 +96,38 @@ impl Reader {
             Some(f) => f.read_u64(buf)?.saturating_sub(usage),
             None => 0,
         };
-        let io = match &self.blkio {
-            Some(f) => parse_throttle_bytes(f.read(buf)?, devices),
-            None => IoBytes::default(),
+        let io = match (&self.blkio, devices) {
+            (Some(f), Some(devices)) => parse_throttle_bytes(f.read(buf)?, devices),
+            _ => IoBytes::default(),
         };
         let threads = match &self.pids_current {
             Some(f) => f.read_u64(buf)?,
             None => 0,
         };
-        subtree_pids(&self.procs_dir, buf, pids)?;
+        self.subtree.pids(buf, pids)?;
 
+        let limits = match self.limits {
+            Some((at, l)) if at.elapsed() < LIMITS_TTL => l,
+            _ => {
+                let l = self.read_limits(buf)?;
+                self.limits = Some((Instant::now(), l));
+                l
+            }
+        };
+        Ok(CgroupSample {
+            cpu_usage_ns,
+            memory_bytes,
+            swap_bytes,
+            io,
+            threads,
+            processes: pids.len() as u64,
+            limits,
+        })
+    }
+}
+
+impl Reader {
+    fn read_limits(&self, buf: &mut Vec<u8>) -> Result<Limits, ReadError> {
         let cpu_quota_cores = match (&self.cfs_quota, &self.cfs_period) {
             (Some(q), Some(p)) => {
                 let quota = q
@@ -123,22 +145,14 @@ impl Reader {
             (Some(mem), Some(memsw)) => Some(memsw.saturating_sub(mem)),
             _ => None,
         };
-        Ok(CgroupSample {
-            cpu_usage_ns,
-            memory_bytes,
-            swap_bytes,
-            io,
-            threads,
-            processes: pids.len() as u64,
-            limits: Limits {
-                cpu_quota_cores,
-                cpuset_cpus: match &self.cpuset {
-                    Some(f) => cpu_list_len(f.read(buf)?),
-                    None => None,
-                },
-                memory_bytes: memory_limit,
-                swap_bytes: swap_limit,
+        Ok(Limits {
+            cpu_quota_cores,
+            cpuset_cpus: match &self.cpuset {
+                Some(f) => cpu_list_len(f.read(buf)?),
+                None => None,
             },
+            memory_bytes: memory_limit,
+            swap_bytes: swap_limit,
         })
     }
 }

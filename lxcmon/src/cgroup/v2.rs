@@ -1,13 +1,17 @@
 //! cgroup v2 (unified) figures: `cpu.stat`, `memory.*`, `io.stat`, `pids.current`.
 
-use super::{cpu_list_len, parse_dev, subtree_pids, CgroupSample, IoBytes, Limits};
+use super::subtree::Subtree;
+use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Limits, LIMITS_TTL};
 use crate::kfile::{keyed_value, parse_u64_or_max, KFile, ReadError};
 use crate::sysfs::DeviceFilter;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(Debug)]
 pub struct Reader {
     dir: PathBuf,
+    subtree: Subtree,
+    limits: Option<(Instant, Limits)>,
     cpu_stat: KFile,
     memory_current: Option<KFile>,
     memory_stat: Option<KFile>,
@@ -34,6 +38,8 @@ impl Reader {
             pids_current: opt("pids.current")?,
             cpu_max: opt("cpu.max")?,
             cpuset: opt("cpuset.cpus.effective")?,
+            subtree: Subtree::new(dir.clone()),
+            limits: None,
             dir,
         })
     }
@@ -59,7 +65,7 @@ impl Reader {
 
     pub fn sample(
         &mut self,
-        devices: &DeviceFilter,
+        devices: Option<&DeviceFilter>,
         buf: &mut Vec<u8>,
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
@@ -81,16 +87,38 @@ impl Reader {
             Some(f) => f.read_u64(buf)?,
             None => 0,
         };
-        let io = match &self.io_stat {
-            Some(f) => parse_io_stat(f.read(buf)?, devices),
-            None => IoBytes::default(),
+        let io = match (&self.io_stat, devices) {
+            (Some(f), Some(devices)) => parse_io_stat(f.read(buf)?, devices),
+            _ => IoBytes::default(),
         };
         let threads = match &self.pids_current {
             Some(f) => f.read_u64(buf)?,
             None => 0,
         };
-        subtree_pids(&self.dir, buf, pids)?;
-        let limits = Limits {
+        self.subtree.pids(buf, pids)?;
+        let limits = match self.limits {
+            Some((at, l)) if at.elapsed() < LIMITS_TTL => l,
+            _ => {
+                let l = self.read_limits(buf)?;
+                self.limits = Some((Instant::now(), l));
+                l
+            }
+        };
+        Ok(CgroupSample {
+            cpu_usage_ns,
+            memory_bytes,
+            swap_bytes,
+            io,
+            threads,
+            processes: pids.len() as u64,
+            limits,
+        })
+    }
+}
+
+impl Reader {
+    fn read_limits(&self, buf: &mut Vec<u8>) -> Result<Limits, ReadError> {
+        Ok(Limits {
             cpu_quota_cores: match &self.cpu_max {
                 Some(f) => parse_cpu_max(f.read(buf)?)
                     .ok_or_else(|| ReadError::parse(f.path(), "bad cpu.max"))?,
@@ -102,15 +130,6 @@ impl Reader {
             },
             memory_bytes: read_max(self.memory_max.as_ref(), buf)?,
             swap_bytes: read_max(self.swap_max.as_ref(), buf)?,
-        };
-        Ok(CgroupSample {
-            cpu_usage_ns,
-            memory_bytes,
-            swap_bytes,
-            io,
-            threads,
-            processes: pids.len() as u64,
-            limits,
         })
     }
 }

@@ -21,6 +21,8 @@ pub struct Cycle {
     pub metrics: Vec<ContainerMetrics>,
     /// Containers found running, exported or not.
     pub total_containers: usize,
+    /// Containers left out after their retries failed.
+    pub failed_containers: usize,
     pub collector: &'static str,
     /// Host-wide CPU busy percent over the last interval.
     pub host_cpu_percent: f64,
@@ -199,6 +201,7 @@ pub(crate) mod tests {
             name: format!("{id}-name"),
             cpu_percent: 12.345,
             cpu_cores_allowed: 2.0,
+            cpu_usage_ns: 1_500_000_000,
             memory_bytes: 512 * 1024 * 1024 + seed,
             memory_limit_bytes: 1 << 30,
             swap_bytes: 3 * 1024 * 1024,
@@ -231,6 +234,7 @@ pub(crate) mod tests {
                 .map(|(i, id)| metrics(id, i as u64 + secs as u64))
                 .collect(),
             total_containers: ids.len() + 1,
+            failed_containers: 0,
             collector: "files",
             host_cpu_percent: 3.5,
             agent_rss_bytes: 8 * 1024 * 1024,

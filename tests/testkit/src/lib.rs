@@ -1,1 +1,16 @@
 //! Test support for lxcmon: real LXC containers with ground-truth workloads.
+//!
+//! - [`lab`]: creates busybox LXC containers on a private bridge, runs workloads inside them
+//!   whose size the test knows exactly, and tears everything down (also leftovers of a crashed
+//!   earlier run).
+//! - [`agent`]: writes an lxcmon config and runs the agent (`--once` or as a daemon).
+//! - [`contract`]: checks an export against `shared/spec/export-formats.md`, field by field.
+//!
+//! This crate is test code: it spawns processes (lxc-*, ip, gcc) freely.
+
+pub mod agent;
+pub mod contract;
+pub mod lab;
+pub mod proc;
+
+pub use lab::{Container, ContainerSpec, Lab};

@@ -1,0 +1,492 @@
+//! `/metrics` for Prometheus (text format 0.0.4) and OpenMetrics 1.0, plus `/healthz`.
+//!
+//! A scrape renders the latest cycle the daemon published: it never triggers collection and
+//! never waits for one. Counters are cumulative (CPU seconds, bytes); rates are the
+//! scraper's business, so no percentage is exported here.
+
+use crate::export::Cycle;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the daemon publishes for scrapes: the latest cycle and its own counters.
+#[derive(Debug)]
+pub struct Exposition {
+    latest: RwLock<Option<Arc<Cycle>>>,
+    published_at: RwLock<Option<Instant>>,
+    collector: RwLock<&'static str>,
+    interval: RwLock<Duration>,
+    /// Containers left out of a cycle after their retries.
+    pub container_errors: AtomicU64,
+    /// Cycles that failed as a whole (the cgroup tree could not be listed, ...).
+    pub cycle_errors: AtomicU64,
+    /// The BPF collector failed at run time and the file readers took over.
+    pub bpf_errors: AtomicU64,
+    pub export_write_failures: AtomicU64,
+}
+
+impl Exposition {
+    pub fn new(collector: &'static str, interval: Duration) -> Self {
+        Self {
+            latest: RwLock::new(None),
+            published_at: RwLock::new(None),
+            collector: RwLock::new(collector),
+            interval: RwLock::new(interval),
+            container_errors: AtomicU64::new(0),
+            cycle_errors: AtomicU64::new(0),
+            bpf_errors: AtomicU64::new(0),
+            export_write_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub fn publish(&self, cycle: Arc<Cycle>) {
+        if cycle.collector != self.collector() {
+            self.bpf_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.container_errors
+            .fetch_add(cycle.failed_containers as u64, Ordering::Relaxed);
+        if let Ok(mut c) = self.collector.write() {
+            *c = cycle.collector;
+        }
+        if let Ok(mut l) = self.latest.write() {
+            *l = Some(cycle);
+        }
+        if let Ok(mut t) = self.published_at.write() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    pub fn set_interval(&self, interval: Duration) {
+        if let Ok(mut i) = self.interval.write() {
+            *i = interval;
+        }
+    }
+
+    /// The collector of the latest published cycle.
+    pub fn collector(&self) -> &'static str {
+        self.collector.read().map(|c| *c).unwrap_or("files")
+    }
+
+    fn latest(&self) -> Option<Arc<Cycle>> {
+        self.latest.read().ok().and_then(|l| l.clone())
+    }
+
+    /// Healthy while cycles keep coming: the last one is at most three intervals old (and
+    /// the first is allowed its interval plus the priming second).
+    fn healthy(&self, started: Instant) -> bool {
+        let interval = self.interval.read().map(|i| *i).unwrap_or_default();
+        let limit = interval * 3 + Duration::from_secs(2);
+        match self.published_at.read().ok().and_then(|t| *t) {
+            Some(t) => t.elapsed() <= limit,
+            None => started.elapsed() <= limit,
+        }
+    }
+
+    /// The exposition text. `openmetrics` selects OpenMetrics 1.0 over Prometheus 0.0.4.
+    pub fn render(&self, openmetrics: bool) -> String {
+        let cycle = self.latest();
+        let collector = self.collector.read().map(|c| *c).unwrap_or("files");
+        render(cycle.as_deref(), collector, self, openmetrics)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// Writes metric families in either text format.
+struct Writer {
+    out: String,
+    openmetrics: bool,
+}
+
+impl Writer {
+    /// Starts a family; `name` is the sample name (counters end in `_total`).
+    fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let (family, ty) = match kind {
+            Kind::Counter if self.openmetrics => (name.trim_end_matches("_total"), "counter"),
+            Kind::Counter => (name, "counter"),
+            Kind::Gauge => (name, "gauge"),
+        };
+        let _ = writeln!(self.out, "# HELP {family} {help}");
+        let _ = writeln!(self.out, "# TYPE {family} {ty}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"");
+                escape_label(&mut self.out, v);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", number(value));
+    }
+}
+
+fn number(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "0".into()
+    }
+}
+
+/// Label values escape backslash, double quote and newline, in both formats.
+fn escape_label(out: &mut String, v: &str) {
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+type Field = fn(&crate::derive::ContainerMetrics) -> f64;
+
+const CONTAINER_FAMILIES: &[(&str, Kind, &str, Field)] = &[
+    (
+        "lxcmon_container_cpu_seconds_total",
+        Kind::Counter,
+        "CPU time used by the container's cgroup.",
+        |m| m.cpu_usage_ns as f64 / 1e9,
+    ),
+    (
+        "lxcmon_container_cpu_cores_allowed",
+        Kind::Gauge,
+        "CPUs the container may use: the smallest of its quota, its cpuset and the host's CPUs.",
+        |m| m.cpu_cores_allowed,
+    ),
+    (
+        "lxcmon_container_memory_bytes",
+        Kind::Gauge,
+        "Memory in use, page cache excluded.",
+        |m| m.memory_bytes as f64,
+    ),
+    (
+        "lxcmon_container_memory_limit_bytes",
+        Kind::Gauge,
+        "Memory limit (the host's memory when unlimited).",
+        |m| m.memory_limit_bytes as f64,
+    ),
+    (
+        "lxcmon_container_swap_bytes",
+        Kind::Gauge,
+        "Swap in use.",
+        |m| m.swap_bytes as f64,
+    ),
+    (
+        "lxcmon_container_swap_limit_bytes",
+        Kind::Gauge,
+        "Swap the container may use, capped by the host's swap.",
+        |m| m.swap_limit_bytes as f64,
+    ),
+    (
+        "lxcmon_container_io_read_bytes_total",
+        Kind::Counter,
+        "Bytes read from block devices not excluded.",
+        |m| m.io_read_bytes as f64,
+    ),
+    (
+        "lxcmon_container_io_written_bytes_total",
+        Kind::Counter,
+        "Bytes written to block devices not excluded.",
+        |m| m.io_write_bytes as f64,
+    ),
+    (
+        "lxcmon_container_network_receive_bytes_total",
+        Kind::Counter,
+        "Bytes received on the container's non-loopback interfaces.",
+        |m| m.net_rx_bytes as f64,
+    ),
+    (
+        "lxcmon_container_network_transmit_bytes_total",
+        Kind::Counter,
+        "Bytes sent on the container's non-loopback interfaces.",
+        |m| m.net_tx_bytes as f64,
+    ),
+    (
+        "lxcmon_container_filesystem_size_bytes",
+        Kind::Gauge,
+        "Size of the container's root filesystem.",
+        |m| m.fs.total as f64,
+    ),
+    (
+        "lxcmon_container_filesystem_used_bytes",
+        Kind::Gauge,
+        "Used bytes of the container's root filesystem.",
+        |m| m.fs.used as f64,
+    ),
+    (
+        "lxcmon_container_filesystem_avail_bytes",
+        Kind::Gauge,
+        "Bytes of the root filesystem available to unprivileged users.",
+        |m| m.fs.free as f64,
+    ),
+    (
+        "lxcmon_container_processes",
+        Kind::Gauge,
+        "Processes in the container's cgroup subtree.",
+        |m| m.processes as f64,
+    ),
+    (
+        "lxcmon_container_threads",
+        Kind::Gauge,
+        "Threads (tasks) in the container's cgroup subtree.",
+        |m| m.threads as f64,
+    ),
+];
+
+fn render(cycle: Option<&Cycle>, collector: &str, stats: &Exposition, openmetrics: bool) -> String {
+    let mut w = Writer {
+        out: String::with_capacity(256 + cycle.map_or(0, |c| c.metrics.len() * 1800)),
+        openmetrics,
+    };
+    if let Some(cycle) = cycle {
+        for (name, kind, help, field) in CONTAINER_FAMILIES {
+            w.family(name, *kind, help);
+            for m in &cycle.metrics {
+                w.sample(
+                    name,
+                    &[("container_id", &m.id), ("container_name", &m.name)],
+                    field(m),
+                );
+            }
+        }
+        w.family(
+            "lxcmon_cycle_duration_seconds",
+            Kind::Gauge,
+            "Time the last collection cycle took.",
+        );
+        let took = (cycle.ended - cycle.started).to_std().unwrap_or_default();
+        w.sample("lxcmon_cycle_duration_seconds", &[], took.as_secs_f64());
+        w.family(
+            "lxcmon_last_cycle_timestamp_seconds",
+            Kind::Gauge,
+            "When the last cycle started (Unix time).",
+        );
+        w.sample(
+            "lxcmon_last_cycle_timestamp_seconds",
+            &[],
+            cycle.started.timestamp_micros() as f64 / 1e6,
+        );
+    }
+    let (running, exported) = cycle.map_or((0, 0), |c| (c.total_containers, c.metrics.len()));
+    w.family(
+        "lxcmon_containers_running",
+        Kind::Gauge,
+        "Containers found running in the last cycle.",
+    );
+    w.sample("lxcmon_containers_running", &[], running as f64);
+    w.family(
+        "lxcmon_containers_exported",
+        Kind::Gauge,
+        "Containers with figures in the last cycle.",
+    );
+    w.sample("lxcmon_containers_exported", &[], exported as f64);
+    if openmetrics {
+        let _ = writeln!(
+            w.out,
+            "# HELP lxcmon_collector Which collector counts network and block I/O."
+        );
+        let _ = writeln!(w.out, "# TYPE lxcmon_collector info");
+    } else {
+        w.family(
+            "lxcmon_collector_info",
+            Kind::Gauge,
+            "Which collector counts network and block I/O.",
+        );
+    }
+    w.sample("lxcmon_collector_info", &[("collector", collector)], 1.0);
+    w.family(
+        "lxcmon_errors_total",
+        Kind::Counter,
+        "Errors by kind since start.",
+    );
+    for (kind, counter) in [
+        ("container", &stats.container_errors),
+        ("cycle", &stats.cycle_errors),
+        ("bpf", &stats.bpf_errors),
+    ] {
+        w.sample(
+            "lxcmon_errors_total",
+            &[("kind", kind)],
+            counter.load(Ordering::Relaxed) as f64,
+        );
+    }
+    w.family(
+        "lxcmon_export_write_failures_total",
+        Kind::Counter,
+        "Export file writes that failed.",
+    );
+    w.sample(
+        "lxcmon_export_write_failures_total",
+        &[],
+        stats.export_write_failures.load(Ordering::Relaxed) as f64,
+    );
+    if openmetrics {
+        w.out.push_str("# EOF\n");
+    }
+    w.out
+}
+
+/// Whether the scraper asked for OpenMetrics.
+fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
+    accept
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"))
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn handle(req: &Request<Incoming>, shared: &Exposition, started: Instant) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let om = wants_openmetrics(req.headers().get(ACCEPT));
+            let body = shared.render(om);
+            respond(
+                StatusCode::OK,
+                if om {
+                    OPENMETRICS_TYPE
+                } else {
+                    PROMETHEUS_TYPE
+                },
+                body,
+            )
+        }
+        "/healthz" => {
+            if shared.healthy(started) {
+                respond(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no recent cycle\n".into(),
+                )
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "see /metrics and /healthz\n".into(),
+        ),
+    }
+}
+
+/// Binds the listener now (so a taken port fails start-up) and serves it on the runtime.
+pub async fn serve(addr: SocketAddr, shared: Arc<Exposition>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let started = Instant::now();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a scrape failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let resp = handle(&req, &shared, started);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "scrape connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::tests::cycle;
+
+    #[test]
+    fn both_formats_carry_every_family_with_escaped_labels() {
+        let shared = Exposition::new("files", Duration::from_secs(1));
+        let mut c = cycle(0, &["100", "101"]);
+        c.metrics[1].name = "odd \"name\"\\with\nnewline".into();
+        shared.publish(Arc::new(c));
+        let prom = shared.render(false);
+        assert!(prom.contains("# TYPE lxcmon_container_cpu_seconds_total counter"));
+        assert!(prom.contains(
+            "lxcmon_container_cpu_seconds_total{container_id=\"100\",container_name=\"100-name\"} 1.5\n"
+        ));
+        assert!(
+            prom.contains("container_name=\"odd \\\"name\\\"\\\\with\\nnewline\""),
+            "{prom}"
+        );
+        assert!(prom.contains("lxcmon_collector_info{collector=\"files\"} 1\n"));
+        assert!(!prom.contains("# EOF"));
+        let om = shared.render(true);
+        assert!(om.contains("# TYPE lxcmon_container_cpu_seconds counter\n"));
+        assert!(om.contains("lxcmon_container_cpu_seconds_total{"));
+        assert!(om.contains("# TYPE lxcmon_collector info\n"));
+        assert!(om.ends_with("# EOF\n"));
+        for (name, ..) in CONTAINER_FAMILIES {
+            assert_eq!(prom.matches(&format!("\n{name}{{")).count(), 2, "{name}");
+        }
+    }
+
+    #[test]
+    fn counters_accumulate_and_health_follows_cycles() {
+        let shared = Exposition::new("ebpf", Duration::from_millis(10));
+        let started = Instant::now() - Duration::from_secs(60);
+        assert!(!shared.healthy(started), "no cycle for long after start");
+        let mut c = cycle(0, &["a"]);
+        c.failed_containers = 2;
+        shared.publish(Arc::new(c.clone()));
+        shared.publish(Arc::new(c));
+        assert!(shared.healthy(started));
+        assert!(shared
+            .render(false)
+            .contains("lxcmon_errors_total{kind=\"container\"} 4\n"));
+        assert!(wants_openmetrics(Some(&HeaderValue::from_static(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+        ))));
+        assert!(!wants_openmetrics(None));
+    }
+}

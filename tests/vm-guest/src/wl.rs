@@ -1,0 +1,171 @@
+//! Workloads with a known footprint, run inside the containers (`vm-guest wl ...`). Each one
+//! prints what it did; the driver turns that into ground truth.
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+const CHUNK: usize = 1 << 20;
+
+/// A page-aligned buffer for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len, 4096)?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            bail!("allocating {len} bytes");
+        }
+        // SAFETY: ptr points to len writable bytes.
+        unsafe { std::ptr::write_bytes(ptr, fill, len) };
+        Ok(Self { ptr, layout })
+    }
+    fn slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr/len come from a live allocation owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+fn direct_flag() -> i32 {
+    rustix::fs::OFlags::DIRECT.bits() as i32
+}
+
+pub fn main(args: &[String]) -> Result<()> {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["write", path, bytes, mode] => write(path, bytes.parse()?, *mode == "direct"),
+        ["read", path, bytes] => read_direct(path, bytes.parse()?),
+        ["udp-recv", port, count] => udp_recv(port.parse()?, count.parse()?),
+        ["udp-send", dst, port, count, size] => {
+            udp_send(dst, port.parse()?, count.parse()?, size.parse()?)
+        }
+        ["udp-bcast", dst, port, size] => {
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+            sock.set_broadcast(true)?;
+            let n = sock.send_to(&vec![0x42u8; size.parse()?], (*dst, port.parse::<u16>()?))?;
+            println!("SENT 1 {n}");
+            Ok(())
+        }
+        ["mem", mib, ready] => mem(mib.parse()?, ready),
+        ["spin"] => spin(),
+        _ => bail!("unknown workload {a:?}"),
+    }
+}
+
+/// Writes `bytes` (a multiple of 1 MiB) to `path` with O_DIRECT, or buffered and then fsync.
+fn write(path: &str, bytes: usize, direct: bool) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if direct {
+        opts.custom_flags(direct_flag());
+    }
+    let mut f = opts.open(path).with_context(|| format!("opening {path}"))?;
+    let mut buf = Aligned::new(CHUNK, 0x5a)?;
+    let mut done = 0;
+    while done < bytes {
+        let n = f.write(buf.slice())?;
+        done += n;
+    }
+    f.sync_all()?;
+    println!("WROTE {done}");
+    Ok(())
+}
+
+fn read_direct(path: &str, bytes: usize) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(direct_flag())
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    let mut buf = Aligned::new(CHUNK, 0)?;
+    let mut done = 0;
+    while done < bytes {
+        let n = f.read(buf.slice())?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    println!("READ {done}");
+    Ok(())
+}
+
+/// Receives up to `count` datagrams on 0.0.0.0:port; stops 5 s after the last one.
+fn udp_recv(port: u16, count: usize) -> Result<()> {
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+    // Room for every datagram even if this process gets no CPU for a while (TCG): a drop in
+    // the socket would leave the ground truth unsure. The driver raised net.core.rmem_max.
+    rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 8 << 20)?;
+    println!("READY");
+    std::io::stdout().flush()?;
+    let mut buf = vec![0u8; 65536];
+    let (mut n, mut bytes) = (0usize, 0usize);
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    while n < count {
+        match sock.recv_from(&mut buf) {
+            Ok((len, _)) => {
+                n += 1;
+                bytes += len;
+                sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+            }
+            Err(_) => break,
+        }
+    }
+    println!("RECEIVED {n} {bytes}");
+    Ok(())
+}
+
+/// Sends `count` datagrams of `size` payload bytes, paced so that nothing is dropped.
+fn udp_send(dst: &str, port: u16, count: usize, size: usize) -> Result<()> {
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+    let payload = vec![0xa5u8; size];
+    let mut sent = 0;
+    for i in 0..count {
+        sock.send_to(&payload, (dst, port))?;
+        sent += 1;
+        if i % 16 == 15 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    println!("SENT {sent}");
+    Ok(())
+}
+
+/// Allocates and touches `mib` MiB of anonymous memory, says so in `ready`, then sleeps.
+fn mem(mib: usize, ready: &str) -> Result<()> {
+    // A non-zero fill writes every page (a zeroed allocation could stay unbacked).
+    let mut v: Vec<u8> = vec![0x11; mib << 20];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = (i >> 12) as u8 | 1;
+    }
+    std::hint::black_box(&v);
+    std::fs::write(ready, format!("{}\n", v.len()))?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+        std::hint::black_box(&v);
+    }
+}
+
+fn spin() -> Result<()> {
+    let t0 = Instant::now();
+    let mut x: u64 = 0;
+    loop {
+        for _ in 0..1_000_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        std::hint::black_box(t0.elapsed());
+    }
+}
