@@ -397,12 +397,14 @@ mod kernel {
             discovered: &[Discovered],
             samples: &mut Vec<ContainerSample>,
         ) -> Result<(), BpfError> {
+            let by_id: HashMap<&str, &Discovered> =
+                discovered.iter().map(|d| (d.id.as_str(), d)).collect();
             let mut vanished = HashSet::new();
             for s in samples.iter() {
                 if !s.fresh && self.ids.contains_key(&s.id) {
                     continue;
                 }
-                let Some(d) = discovered.iter().find(|d| d.id == s.id) else {
+                let Some(d) = by_id.get(s.id.as_str()) else {
                     continue;
                 };
                 let seed = Counters {
@@ -423,8 +425,7 @@ mod kernel {
                     Err(e) => return Err(e),
                 }
             }
-            self.ids
-                .retain(|id, _| discovered.iter().any(|d| &d.id == id));
+            self.ids.retain(|id, _| by_id.contains_key(id.as_str()));
             let keep: HashSet<u64> = self.ids.values().copied().collect();
             for (id, e) in self.bpf.retain(&keep) {
                 tracing::warn!(cgroup_id = id, error = %e, "cannot detach from a stopped container");

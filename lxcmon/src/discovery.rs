@@ -89,7 +89,8 @@ impl Discovery {
             }
         }
         found.sort_by(|a, b| id_order(&a.0, &b.0));
-        self.names.retain(|id, _| found.iter().any(|f| &f.0 == id));
+        let ids: std::collections::HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
+        self.names.retain(|id, _| ids.contains(id.as_str()));
         Ok(found
             .into_iter()
             .map(|(id, rel, flavor)| {

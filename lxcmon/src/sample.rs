@@ -126,12 +126,12 @@ impl Sampler {
     /// Reads every container once. Containers that are gone are skipped silently; one that
     /// fails otherwise is retried `retry_limit` times before it is left out of the cycle.
     pub fn sample(&mut self, discovered: &[Discovered]) -> Sampled {
-        self.states
-            .retain(|id, _| discovered.iter().any(|d| &d.id == id));
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
             .iter()
             .map(|d| (d, self.states.remove(&d.id).filter(|s| s.rel == d.rel)))
             .collect();
+        // What is left belongs to containers that are gone: their files close here.
+        self.states.clear();
         let workers = self.options.workers.clamp(1, work.len().max(1));
         let chunk = work.len().div_ceil(workers).max(1);
         let ctx = Ctx {
