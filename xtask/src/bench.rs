@@ -49,8 +49,8 @@ pub struct BenchArgs {
     /// Skip the export bench.
     #[arg(long)]
     no_export: bool,
-    /// Cargo features for the agent build (e.g. `ebpf` once the BPF collector is wired).
-    #[arg(long, default_value = "")]
+    /// Cargo features for the agent build (`ebpf` builds the BPF object first; "" for none).
+    #[arg(long, default_value = "ebpf")]
     agent_features: String,
     /// Only build the fleet (first size of --containers), keep it up this many seconds (or
     /// until Ctrl-C) for profiling by hand, then tear it down.
@@ -146,6 +146,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.agent_features.is_empty() {
         deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
     } else {
+        if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
+            crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
+        }
         deps::cargo(&[
             "build",
             "--release",
