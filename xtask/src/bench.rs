@@ -130,6 +130,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     fleet::cleanup().context("removing leftovers of an earlier run")?;
     if let Some(secs) = args.hold {
         let n = args.containers.first().copied().unwrap_or(10);
+        // After the export bench: `cargo bench` rebuilds target/release/lxcmon without features.
+        if args.agent_features.is_empty() {
+            deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
+        } else {
+            if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
+                crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
+            }
+            deps::cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "lxcmon",
+                "--features",
+                &args.agent_features,
+            ])?;
+        }
+
         let flavor = if args.proxmox {
             Flavor::Proxmox
         } else {
@@ -142,21 +159,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
         return Ok(());
-    }
-    if args.agent_features.is_empty() {
-        deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
-    } else {
-        if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
-            crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
-        }
-        deps::cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "lxcmon",
-            "--features",
-            &args.agent_features,
-        ])?;
     }
     let root = deps::workspace_root();
     let bin = root.join("target/release/lxcmon");
