@@ -115,6 +115,17 @@ struct ExportRow {
     line: String,
 }
 
+fn build_agent(args: &BenchArgs) -> Result<()> {
+    if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
+        crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
+    }
+    let mut build = vec!["build", "--release", "-p", "lxcmon"];
+    if !args.agent_features.is_empty() {
+        build.extend(["--features", args.agent_features.as_str()]);
+    }
+    deps::cargo(&build)
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     // SAFETY: geteuid has no memory effects.
     if unsafe { libc::geteuid() } != 0 {
@@ -130,23 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     fleet::cleanup().context("removing leftovers of an earlier run")?;
     if let Some(secs) = args.hold {
         let n = args.containers.first().copied().unwrap_or(10);
-        // After the export bench: `cargo bench` rebuilds target/release/lxcmon without features.
-        if args.agent_features.is_empty() {
-            deps::cargo(&["build", "--release", "-p", "lxcmon"])?;
-        } else {
-            if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
-                crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
-            }
-            deps::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "lxcmon",
-                "--features",
-                &args.agent_features,
-            ])?;
-        }
-
+        build_agent(args)?;
         let flavor = if args.proxmox {
             Flavor::Proxmox
         } else {
@@ -168,6 +163,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         export_bench()?
     };
+    // After the export bench: `cargo bench` rebuilds target/release/lxcmon without features.
+    build_agent(args)?;
 
     let flavor = if args.proxmox {
         Flavor::Proxmox
