@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     }
     let log = lxcmon::logging::init(&cfg.logging);
     tracing::info!(config = %origin, "configuration loaded");
+    raise_fd_limit();
     for key in cfg.ignored_keys() {
         tracing::info!(
             key,
@@ -104,6 +105,26 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Each container keeps about a dozen kernel files open across cycles: the soft limit of 1024
+/// that systemd gives a service would stop the agent at about 90 containers.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let old = getrlimit(Resource::Nofile);
+    if old.current == old.maximum {
+        return;
+    }
+    let new = Rlimit {
+        current: old.maximum,
+        maximum: old.maximum,
+    };
+    match setrlimit(Resource::Nofile, new) {
+        Ok(()) => tracing::debug!(from = ?old.current, to = ?old.maximum, "open file limit raised"),
+        Err(e) => {
+            tracing::warn!(limit = ?old.current, error = %e, "cannot raise the open file limit")
         }
     }
 }

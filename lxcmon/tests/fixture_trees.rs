@@ -43,7 +43,15 @@ fn plain_lxc_hybrid() -> Tree {
             "memory",
             name,
             "memory.stat",
-            &format!("cache 1\ntotal_cache {cache}\ntotal_rss 5\n"),
+            &if name == "web" {
+                // Swap accounting on: the kernel adds total_swap (as memsw - usage below).
+                format!(
+                    "cache 1\ntotal_cache {cache}\ntotal_rss 5\ntotal_swap {}\n",
+                    3 * MIB
+                )
+            } else {
+                format!("cache 1\ntotal_cache {cache}\ntotal_rss 5\n")
+            },
         );
         v1(
             "memory",
@@ -344,7 +352,7 @@ fn plain_lxc_on_hybrid_v1() {
     let web = by_id(&records, "web");
     assert_eq!(web["container_name"], "web");
     assert_eq!(web["memory_usage"], 150.0, "usage - total_cache");
-    assert_eq!(web["swap_usage"], 3.0, "memsw - usage");
+    assert_eq!(web["swap_usage"], 3.0, "total_swap");
     assert_eq!(web["io_read_bytes"], 8192);
     assert_eq!(web["io_write_bytes"], 65536);
     assert_eq!(
@@ -596,4 +604,44 @@ fn unwritable_log_file_falls_back_to_stderr() {
     assert!(stderr.contains("cannot write the log file"), "{stderr}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2, "the agent still ran");
+}
+
+/// systemd starts services with a soft limit of 1024 open files; the agent keeps about a dozen
+/// per container open, so it raises the soft limit to the hard one itself.
+#[test]
+fn more_containers_than_the_soft_open_file_limit_allows() {
+    const N: u32 = 60;
+    let t = Tree::new(V2);
+    t.file("sys/fs/cgroup/cgroup.controllers", "cpu io memory pids\n");
+    for i in 0..N {
+        let c = format!("sys/fs/cgroup/lxc.payload.c{i}");
+        let pid = 20_000 + i;
+        t.file(&format!("{c}/cpu.stat"), "usage_usec 1\n");
+        t.file(&format!("{c}/memory.current"), &format!("{}\n", 8 * MIB));
+        t.file(&format!("{c}/memory.stat"), "file 0\n");
+        t.file(&format!("{c}/memory.swap.current"), "0\n");
+        t.file(&format!("{c}/memory.max"), "max\n");
+        t.file(&format!("{c}/io.stat"), "");
+        t.file(&format!("{c}/pids.current"), "1\n");
+        t.file(&format!("{c}/cgroup.procs"), &format!("{pid}\n"));
+        t.process(pid, &format!("{pid}\t1"), Some((1, 1)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    std::fs::write(&cfg, "monitoring:\n  check_interval: 0.1\n").unwrap();
+    // 64 descriptors are far fewer than N containers need.
+    let out = std::process::Command::new("sh")
+        .args(["-c", r#"ulimit -Sn 64 && exec "$@""#, "sh"])
+        .arg(env!("CARGO_BIN_EXE_lxcmon"))
+        .args(["--once", "--config"])
+        .arg(&cfg)
+        .arg("--root")
+        .arg(t.root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), N as usize, "{stderr}");
 }

@@ -83,18 +83,25 @@ impl Reader {
         pids: &mut Vec<u32>,
     ) -> Result<CgroupSample, ReadError> {
         let cpu_usage_ns = self.cpuacct_usage.read_u64(buf)?;
-        let (memory_bytes, usage) = match (&self.memory_usage, &self.memory_stat) {
+        let (memory_bytes, usage, stat_swap) = match (&self.memory_usage, &self.memory_stat) {
             (Some(usage), Some(stat)) => {
                 let usage = usage.read_u64(buf)?;
-                let cache = keyed_value(stat.read(buf)?, "total_cache")
+                let text = stat.read(buf)?;
+                let cache = keyed_value(text, "total_cache")
                     .ok_or_else(|| ReadError::parse(stat.path(), "no total_cache"))?;
-                (usage.saturating_sub(cache), usage)
+                (
+                    usage.saturating_sub(cache),
+                    usage,
+                    keyed_value(text, "total_swap"),
+                )
             }
-            _ => (0, 0),
+            _ => (0, 0, None),
         };
-        let swap_bytes = match &self.memsw_usage {
-            Some(f) => f.read_u64(buf)?.saturating_sub(usage),
-            None => 0,
+        // With swap accounting memory.stat carries total_swap, which saves a read of memsw.
+        let swap_bytes = match (&self.memsw_usage, stat_swap) {
+            (None, _) => 0,
+            (Some(_), Some(swap)) => swap,
+            (Some(f), None) => f.read_u64(buf)?.saturating_sub(usage),
         };
         let io = match (&self.blkio, devices) {
             (Some(f), Some(devices)) => parse_throttle_bytes(f.read(buf)?, devices),
