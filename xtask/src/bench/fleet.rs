@@ -20,7 +20,7 @@ const VMID_SPAN: u32 = 10_000;
 pub const BRIDGE: &str = "lxcmbench0";
 const VETH_PREFIX: &str = "lxcmb-";
 const RUN_DIR: &str = "/run/lxcmon-bench";
-const IO_DIR: &str = "/var/tmp/lxcmon-bench-io";
+pub const IO_DIR: &str = "/var/tmp/lxcmon-bench-io";
 /// The bridge's address; containers get 10.213.x.y/16, and their only traffic goes here.
 pub const HOST_ADDR: &str = "10.213.0.1";
 /// Every this-many-th container runs light background I/O and pings the bridge.
@@ -171,7 +171,7 @@ fi
 exec busybox chroot "$R" /bin/busybox sleep 2147483647
 "#;
 
-fn which(name: &str) -> Result<PathBuf> {
+pub fn which(name: &str) -> Result<PathBuf> {
     for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
         let p = Path::new(dir).join(name);
         if p.exists() {

@@ -1,0 +1,301 @@
+//! Kernel-side cost of the agent's BPF programs: `kernel.bpf_stats_enabled=1` makes the kernel
+//! keep run time and run count per program; `bpftool prog show` reads them. Each load step
+//! runs a bounded workload (TCP to the bench bridge, direct and buffered writes), inside one
+//! bench container (its cgroups and network namespace) or on the host, and the deltas give
+//! nanoseconds per event for each program that ran.
+
+use super::fleet::{Fleet, HOST_ADDR};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+/// Bytes per load step (network and each kind of write).
+const LOAD_BYTES: u64 = 64 << 20;
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `bpf_stats_enabled` set for as long as this lives; the old value is put back on drop.
+struct StatsEnabled {
+    old: String,
+}
+
+impl StatsEnabled {
+    fn new() -> Result<Self> {
+        let old = std::fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
+        std::fs::write(SYSCTL, "1").with_context(|| format!("writing {SYSCTL}"))?;
+        Ok(Self {
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for StatsEnabled {
+    fn drop(&mut self) {
+        let _ = std::fs::write(SYSCTL, &self.old);
+    }
+}
+
+/// Run time and count of one program, summed over every loaded program of that name.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// `lxcmon_*` programs by name (the kernel keeps 15 characters of it).
+fn snapshot() -> Result<BTreeMap<String, Counts>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .context("running bpftool prog show")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(parse_prog_show(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_prog_show(text: &str) -> BTreeMap<String, Counts> {
+    let mut out: BTreeMap<String, Counts> = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |key: &str| {
+            words
+                .iter()
+                .position(|w| *w == key)
+                .and_then(|i| words.get(i + 1))
+                .copied()
+        };
+        let Some(name) = after("name").filter(|n| n.starts_with("lxcmon_")) else {
+            continue;
+        };
+        let num = |key: &str| after(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let c = out.entry(name.to_string()).or_default();
+        c.run_time_ns += num("run_time_ns");
+        c.run_cnt += num("run_cnt");
+    }
+    out
+}
+
+/// One program's cost during one load step.
+pub struct ProgCost {
+    pub step: &'static str,
+    pub program: String,
+    pub events: u64,
+    pub ns_per_event: f64,
+}
+
+/// Runs the load steps with stats enabled while the agent (BPF collector) tracks the fleet.
+pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgCost>> {
+    let Some(c) = fleet.containers.first() else {
+        bail!("no container to load");
+    };
+    let _enabled = StatsEnabled::new()?;
+    let cgroup_procs: Vec<PathBuf> = fleet
+        .hierarchies
+        .iter()
+        .map(|h| h.mount.join(&c.procs_rel).join("cgroup.procs"))
+        .collect();
+    let inside = Inside {
+        cgroup_procs,
+        init: c.init,
+    };
+    std::fs::create_dir_all(io_dir).context("creating the BPF load dir")?;
+    let file = io_dir.join("bpfcost");
+    let file_s = file.display().to_string();
+    let count = (LOAD_BYTES >> 20).to_string();
+    let bb = busybox.display().to_string();
+    let mut costs = Vec::new();
+    let mut step = |name: &'static str, run: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        super::check_interrupted()?;
+        let before = snapshot()?;
+        run().with_context(|| format!("BPF load step '{name}'"))?;
+        for (program, after) in snapshot()? {
+            let b = before.get(&program).copied().unwrap_or_default();
+            let events = after.run_cnt.saturating_sub(b.run_cnt);
+            if events > 0 {
+                let ns = after.run_time_ns.saturating_sub(b.run_time_ns);
+                costs.push(ProgCost {
+                    step: name,
+                    program,
+                    events,
+                    ns_per_event: ns as f64 / events as f64,
+                });
+            }
+        }
+        Ok(())
+    };
+    step("container: 64 MiB TCP to the host", &mut || {
+        tcp_upload(&inside, &bb)
+    })?;
+    let direct = [
+        bb.as_str(),
+        "dd",
+        "if=/dev/zero",
+        &format!("of={file_s}"),
+        "bs=1M",
+        &format!("count={count}"),
+        "oflag=direct",
+    ];
+    let buffered = format!("{bb} dd if=/dev/zero of={file_s} bs=1M count={count} && {bb} sync");
+    step("container: 64 MiB direct writes", &mut || {
+        inside.run(&direct)
+    })?;
+    step("container: 64 MiB buffered writes + sync", &mut || {
+        inside.run(&[bb.as_str(), "sh", "-c", &buffered])
+    })?;
+    step("host (untracked): 64 MiB direct writes", &mut || {
+        run_bounded(Command::new(&bb).args(&direct[1..]))
+    })?;
+    let _ = std::fs::remove_file(&file);
+    Ok(costs)
+}
+
+/// Runs commands in a container's cgroups (every hierarchy) and network namespace.
+struct Inside {
+    cgroup_procs: Vec<PathBuf>,
+    init: u32,
+}
+
+impl Inside {
+    fn command(&self, argv: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"for f in $LXB_JOIN; do echo $$ > "$f" || exit 1; done; exec "$@""#,
+            "sh",
+            "nsenter",
+            "-t",
+            &self.init.to_string(),
+            "-n",
+            "--",
+        ])
+        .args(argv)
+        .env(
+            "LXB_JOIN",
+            self.cgroup_procs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        cmd
+    }
+
+    fn run(&self, argv: &[&str]) -> Result<()> {
+        run_bounded(&mut self.command(argv))
+    }
+}
+
+fn run_bounded(cmd: &mut Command) -> Result<()> {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting a load process")?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for a load process")? {
+            if !status.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("load process failed ({status}): {}", err.trim());
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline || super::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("load process did not finish in {STEP_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `LOAD_BYTES` from the container to a listener of this process on the bridge address; the
+/// listener closes after the last byte, which ends the container's `nc`.
+fn tcp_upload(inside: &Inside, busybox: &str) -> Result<()> {
+    let listener = TcpListener::bind((HOST_ADDR, 0)).context("listening on the bench bridge")?;
+    let port = listener.local_addr().context("listener address")?.port();
+    let script = format!(
+        "{busybox} head -c {LOAD_BYTES} /dev/zero | {busybox} nc {HOST_ADDR} {port} > /dev/null"
+    );
+    let mut child = inside
+        .command(&[busybox, "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the container's nc")?;
+    let received = receive(&listener, STEP_TIMEOUT);
+    let _ = child.kill();
+    let _ = child.wait();
+    let received = received?;
+    if received < LOAD_BYTES {
+        bail!("received {received} of {LOAD_BYTES} bytes");
+    }
+    Ok(())
+}
+
+fn receive(listener: &TcpListener, timeout: Duration) -> Result<u64> {
+    listener
+        .set_nonblocking(true)
+        .context("listener nonblocking")?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline || super::interrupted() {
+                    bail!("the container's nc did not connect");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).context("accepting the container's nc"),
+        }
+    };
+    stream
+        .set_nonblocking(false)
+        .context("stream blocking mode")?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .context("stream read timeout")?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    while total < LOAD_BYTES && Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => return Err(e).context("reading from the container"),
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prog_show_is_summed_per_name() {
+        let text = "\
+12: cgroup_skb  name lxcmon_skb_ingr  tag 1a2b  gpl run_time_ns 3000 run_cnt 40
+\tloaded_at 2026-11-29T21:00:00+0000  uid 0
+13: cgroup_skb  name lxcmon_skb_ingr  tag 1a2b  gpl run_time_ns 1000 run_cnt 10
+14: tracepoint  name lxcmon_block_b  tag 3c4d  gpl
+15: cgroup_skb  name other_prog  tag 5e6f  gpl run_time_ns 9 run_cnt 9
+";
+        let m = parse_prog_show(text);
+        assert_eq!(m.len(), 2);
+        let skb = m["lxcmon_skb_ingr"];
+        assert_eq!((skb.run_time_ns, skb.run_cnt), (4000, 50));
+        assert_eq!(m["lxcmon_block_b"].run_cnt, 0);
+    }
+}
