@@ -126,6 +126,9 @@ impl Sampler {
     /// Reads every container once. Containers that are gone are skipped silently; one that
     /// fails otherwise is retried `retry_limit` times before it is left out of the cycle.
     pub fn sample(&mut self, discovered: &[Discovered]) -> Sampled {
+        if let Some(w) = &self.layout.watcher {
+            w.drain();
+        }
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
             .iter()
             .map(|d| (d, self.states.remove(&d.id).filter(|s| s.rel == d.rel)))

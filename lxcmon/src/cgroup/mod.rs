@@ -12,6 +12,8 @@ use crate::kfile::{self, ReadError};
 use crate::sysfs::DeviceFilter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use subtree::Watcher;
 
 /// Where the cgroup hierarchies are mounted, as seen under the configured root.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,6 +24,8 @@ pub struct Layout {
     pub unified_has_controllers: bool,
     /// v1 controller name (`memory`, `cpuacct`, `name=systemd`, ...) to its mount point.
     pub v1: BTreeMap<String, PathBuf>,
+    /// Child-cgroup events for every reader's subtree; `None` where inotify is refused.
+    pub watcher: Option<Arc<Watcher>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,13 @@ impl Layout {
         if layout.mode().is_none() {
             return Err(LayoutError::NoControllers(mountinfo));
         }
+        layout.watcher = match Watcher::new() {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::info!(error = %e, "no inotify: cgroup subtrees are checked by mtime");
+                None
+            }
+        };
         Ok(layout)
     }
 
@@ -215,7 +226,10 @@ impl CgroupReader {
         match layout.mode() {
             Some(Mode::V2) | None => {
                 let unified = layout.unified.as_deref().unwrap_or(Path::new("/"));
-                Ok(Self::V2(v2::Reader::open(unified.join(rel))?))
+                Ok(Self::V2(v2::Reader::open(
+                    unified.join(rel),
+                    layout.watcher.clone(),
+                )?))
             }
             Some(Mode::V1) => Ok(Self::V1(v1::Reader::open(layout, rel)?)),
         }

@@ -1,14 +1,144 @@
 //! The processes of a container's cgroup subtree, without re-walking the tree every cycle.
 //!
-//! Creating or removing a child cgroup updates its parent directory's mtime, so a cycle checks
-//! one `fstat` per known directory and re-walks only when one changed. The kernel's timestamps
-//! are coarse (a jiffy), so a directory modified within the last second is re-walked anyway.
+//! Creating or removing a child cgroup is a directory event. With a [`Watcher`] (one inotify
+//! descriptor for the whole agent, drained once per cycle) an unchanged subtree costs no
+//! syscall beyond its `cgroup.procs` reads. Without one (inotify refused, watch limit reached)
+//! each cycle checks the mtime of every known directory instead; the kernel's timestamps are
+//! coarse (a jiffy), so a directory modified within the last second is re-walked anyway.
 
 use crate::kfile::{KFile, ReadError};
+use rustix::fs::inotify;
+use std::collections::HashMap;
 use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Watches cgroup directories for children created, removed or renamed, and marks the
+/// subtrees that hold them for a re-walk.
+#[derive(Debug)]
+pub struct Watcher {
+    fd: OwnedFd,
+    /// Watch descriptor to the dirty flags of the subtrees watching that directory (two only
+    /// while a container's reader is being replaced).
+    watches: Mutex<HashMap<i32, Vec<Arc<AtomicBool>>>>,
+}
+
+/// A watcher is a resource, not a value: two are equal only if they are the same one.
+impl PartialEq for Watcher {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+const WATCH_MASK: inotify::WatchFlags = inotify::WatchFlags::CREATE
+    .union(inotify::WatchFlags::DELETE)
+    .union(inotify::WatchFlags::MOVED_FROM)
+    .union(inotify::WatchFlags::MOVED_TO)
+    .union(inotify::WatchFlags::DELETE_SELF)
+    .union(inotify::WatchFlags::ONLYDIR);
+
+impl Watcher {
+    pub fn new() -> std::io::Result<Self> {
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        Ok(Self {
+            fd,
+            watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn add(&self, dir: &Path, flag: &Arc<AtomicBool>) -> std::io::Result<i32> {
+        let wd = inotify::add_watch(&self.fd, dir, WATCH_MASK)?;
+        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        let flags = watches.entry(wd).or_default();
+        if !flags.iter().any(|f| Arc::ptr_eq(f, flag)) {
+            flags.push(flag.clone());
+        }
+        Ok(wd)
+    }
+
+    fn remove(&self, wd: i32, flag: &Arc<AtomicBool>) {
+        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(flags) = watches.get_mut(&wd) {
+            flags.retain(|f| !Arc::ptr_eq(f, flag));
+            if flags.is_empty() {
+                watches.remove(&wd);
+                // Fails harmlessly when the directory, and with it the watch, is gone.
+                let _ = inotify::remove_watch(&self.fd, wd);
+            }
+        }
+    }
+
+    /// Reads the pending events (one `read` when there are none) and marks their subtrees.
+    pub fn drain(&self) {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&self.fd, &mut buf);
+        let mut watches = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let event = match reader.next() {
+                Ok(e) => e,
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "inotify read failed; every subtree re-walked");
+                    mark_all(&watches);
+                    return;
+                }
+            };
+            let flags = event.events();
+            if flags.contains(inotify::ReadFlags::QUEUE_OVERFLOW) {
+                mark_all(&watches);
+                continue;
+            }
+            let wd = event.wd();
+            // Only directories are cgroups; files appear in fixture trees, not in cgroupfs.
+            let relevant = flags.intersects(
+                inotify::ReadFlags::ISDIR
+                    | inotify::ReadFlags::DELETE_SELF
+                    | inotify::ReadFlags::IGNORED,
+            );
+            if !relevant {
+                continue;
+            }
+            if let Some(subtrees) = watches.get(&wd) {
+                for f in subtrees {
+                    f.store(true, Ordering::Relaxed);
+                }
+            }
+            // The kernel dropped the watch (its directory is gone); the number may come back.
+            if flags.contains(inotify::ReadFlags::IGNORED) {
+                watches.remove(&wd);
+            }
+        }
+    }
+}
+
+fn mark_all(watches: &HashMap<i32, Vec<Arc<AtomicBool>>>) {
+    for f in watches.values().flatten() {
+        f.store(true, Ordering::Relaxed);
+    }
+}
+
+/// This subtree's part of the watcher.
+#[derive(Debug)]
+struct Watched {
+    watcher: Arc<Watcher>,
+    dirty: Arc<AtomicBool>,
+    wds: Vec<i32>,
+    /// A watch could not be added: the subtree goes back to mtime checks after this walk.
+    failed: bool,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        for wd in self.wds.drain(..) {
+            self.watcher.remove(wd, &self.dirty);
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Dir {
@@ -21,6 +151,8 @@ struct Dir {
 pub struct Subtree {
     top: PathBuf,
     dirs: Vec<Dir>,
+    watched: Option<Watched>,
+    walks: u64,
 }
 
 /// A modification this recent may be followed by another with the same coarse timestamp.
@@ -40,15 +172,27 @@ fn settled(mtime: (i64, i64)) -> bool {
 }
 
 impl Subtree {
-    pub fn new(top: PathBuf) -> Self {
+    pub fn new(top: PathBuf, watcher: Option<Arc<Watcher>>) -> Self {
         Self {
             top,
             dirs: Vec::new(),
+            watched: watcher.map(|watcher| Watched {
+                watcher,
+                dirty: Arc::new(AtomicBool::new(false)),
+                wds: Vec::new(),
+                failed: false,
+            }),
+            walks: 0,
         }
     }
 
     pub fn top(&self) -> &Path {
         &self.top
+    }
+
+    /// How many times the subtree was walked (listed and its files opened).
+    pub fn walks(&self) -> u64 {
+        self.walks
     }
 
     /// Lists the subtree's processes, shallowest cgroup first, into `pids`.
@@ -68,24 +212,84 @@ impl Subtree {
         Ok(())
     }
 
+    /// Clears the dirty mark as it answers: a change after this point is seen next time.
     fn unchanged(&self) -> bool {
-        !self.dirs.is_empty()
-            && self.dirs.iter().all(|d| {
+        if self.dirs.is_empty() {
+            return false;
+        }
+        match &self.watched {
+            Some(w) => !w.dirty.swap(false, Ordering::Relaxed),
+            None => self.dirs.iter().all(|d| {
                 d.handle
                     .metadata()
                     .is_ok_and(|m| mtime(&m) == d.mtime && settled(d.mtime))
-            })
+            }),
+        }
+    }
+
+    /// Starts watching `dir` before it is listed, so a child created meanwhile is an event.
+    /// Watching a directory already watched gives back its number and costs nothing more.
+    fn watch(&mut self, dir: &Path) {
+        let Some(w) = &mut self.watched else {
+            return;
+        };
+        if w.failed {
+            return;
+        }
+        match w.watcher.add(dir, &w.dirty) {
+            Ok(wd) => {
+                if !w.wds.contains(&wd) {
+                    w.wds.push(wd);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "no inotify watch; checking mtimes");
+                w.failed = true;
+            }
+        }
+    }
+
+    fn walk(&mut self) -> Result<(), ReadError> {
+        self.walks += 1;
+        self.dirs.clear();
+        // Events from here on mark it again at the next drain.
+        let before = match &mut self.watched {
+            Some(w) => {
+                w.dirty.store(false, Ordering::Relaxed);
+                std::mem::take(&mut w.wds)
+            }
+            None => Vec::new(),
+        };
+        let result = self.walk_dirs();
+        if let Some(w) = &mut self.watched {
+            // Directories that left the subtree (their watches may be gone with them).
+            for wd in before {
+                if w.failed || !w.wds.contains(&wd) {
+                    w.watcher.remove(wd, &w.dirty);
+                }
+            }
+            if result.is_err() {
+                w.dirty.store(true, Ordering::Relaxed);
+            }
+            if w.failed {
+                self.watched = None;
+            }
+        }
+        if result.is_err() {
+            self.dirs.clear();
+        }
+        result
     }
 
     /// Opens every directory of the subtree (breadth first) with its `cgroup.procs`.
-    fn walk(&mut self) -> Result<(), ReadError> {
-        self.dirs.clear();
+    fn walk_dirs(&mut self) -> Result<(), ReadError> {
         let mut queue = vec![self.top.clone()];
         let mut next = 0;
         while next < queue.len() {
             let path = queue[next].clone();
             let top = next == 0;
             next += 1;
+            self.watch(&path);
             let opened = File::open(&path)
                 .and_then(|h| h.metadata().map(|m| (h, mtime(&m))))
                 .map_err(|e| ReadError::io(&path, e))
@@ -134,7 +338,7 @@ mod tests {
         std::fs::write(top.join(".lxc/cgroup.procs"), "200\n201\n").unwrap();
         std::fs::write(top.join("system.slice/cgroup.procs"), "").unwrap();
         std::fs::write(top.join("system.slice/cron.service/cgroup.procs"), "300\n").unwrap();
-        let mut s = Subtree::new(top.clone());
+        let mut s = Subtree::new(top.clone(), None);
         let (mut buf, mut pids) = (Vec::new(), Vec::new());
         s.pids(&mut buf, &mut pids).unwrap();
         assert_eq!(pids[0], 100, "shallowest first");
@@ -169,10 +373,90 @@ mod tests {
         let old = std::fs::File::open(&top).unwrap();
         old.set_modified(SystemTime::now() - std::time::Duration::from_secs(10))
             .unwrap();
-        let mut s = Subtree::new(top.clone());
+        let mut s = Subtree::new(top.clone(), None);
         s.pids(&mut Vec::new(), &mut Vec::new()).unwrap();
         assert!(s.unchanged());
         std::fs::create_dir(top.join("new")).unwrap();
         assert!(!s.unchanged(), "a new child is noticed");
+    }
+
+    fn tree(top: &Path) {
+        std::fs::create_dir_all(top.join(".lxc")).unwrap();
+        std::fs::write(top.join("cgroup.procs"), "1\n").unwrap();
+        std::fs::write(top.join(".lxc/cgroup.procs"), "2\n").unwrap();
+    }
+
+    #[test]
+    fn watched_subtree_is_walked_only_after_a_child_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("c");
+        tree(&top);
+        let watcher = Arc::new(Watcher::new().unwrap());
+        let mut s = Subtree::new(top.clone(), Some(watcher.clone()));
+        let (mut buf, mut pids) = (Vec::new(), Vec::new());
+        s.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!(s.walks(), 1);
+        // Freshly created directories would be re-walked for a second by mtime; not here.
+        for _ in 0..3 {
+            watcher.drain();
+            s.pids(&mut buf, &mut pids).unwrap();
+        }
+        assert_eq!(s.walks(), 1);
+        assert_eq!(sorted(pids.clone()), vec![1, 2]);
+
+        // A process moving between known cgroups needs no walk.
+        std::fs::write(top.join(".lxc/cgroup.procs"), "2\n3\n").unwrap();
+        watcher.drain();
+        s.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!((s.walks(), sorted(pids.clone())), (1, vec![1, 2, 3]));
+
+        // A new nested cgroup: one event, one walk, its processes counted.
+        std::fs::create_dir_all(top.join(".lxc/sub/deeper")).unwrap();
+        std::fs::write(top.join(".lxc/sub/cgroup.procs"), "").unwrap();
+        std::fs::write(top.join(".lxc/sub/deeper/cgroup.procs"), "4\n").unwrap();
+        watcher.drain();
+        s.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!((s.walks(), sorted(pids.clone())), (2, vec![1, 2, 3, 4]));
+        // The directory created below the new one is watched too.
+        std::fs::create_dir(top.join(".lxc/sub/deeper/x")).unwrap();
+        std::fs::write(top.join(".lxc/sub/deeper/x/cgroup.procs"), "5\n").unwrap();
+        watcher.drain();
+        s.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!((s.walks(), sorted(pids.clone())), (3, vec![1, 2, 3, 4, 5]));
+
+        // Removal is an event too.
+        std::fs::remove_dir_all(top.join(".lxc/sub")).unwrap();
+        watcher.drain();
+        s.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!((s.walks(), sorted(pids.clone())), (4, vec![1, 2, 3]));
+
+        // The container's own cgroup gone: an error that says so.
+        std::fs::remove_dir_all(&top).unwrap();
+        watcher.drain();
+        assert!(s.pids(&mut buf, &mut pids).unwrap_err().is_gone());
+    }
+
+    #[test]
+    fn replacing_a_reader_keeps_the_directory_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("c");
+        tree(&top);
+        let watcher = Arc::new(Watcher::new().unwrap());
+        let (mut buf, mut pids) = (Vec::new(), Vec::new());
+        let mut old = Subtree::new(top.clone(), Some(watcher.clone()));
+        old.pids(&mut buf, &mut pids).unwrap();
+        let mut new = Subtree::new(top.clone(), Some(watcher.clone()));
+        new.pids(&mut buf, &mut pids).unwrap();
+        drop(old);
+        std::fs::create_dir(top.join("late")).unwrap();
+        std::fs::write(top.join("late/cgroup.procs"), "9\n").unwrap();
+        watcher.drain();
+        new.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!((new.walks(), sorted(pids.clone())), (2, vec![1, 2, 9]));
+        drop(new);
+        assert!(
+            watcher.watches.lock().unwrap().is_empty(),
+            "no watch outlives its subtrees"
+        );
     }
 }

@@ -56,7 +56,7 @@ impl Reader {
             memsw_limit: opt("memory", "memory.memsw.limit_in_bytes")?,
             blkio: opt("blkio", "blkio.throttle.io_service_bytes_recursive")?,
             pids_current: opt("pids", "pids.current")?,
-            subtree: Subtree::new(procs_dir),
+            subtree: Subtree::new(procs_dir, layout.watcher.clone()),
             limits: None,
         })
     }

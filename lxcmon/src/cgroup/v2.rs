@@ -1,10 +1,11 @@
 //! cgroup v2 (unified) figures: `cpu.stat`, `memory.*`, `io.stat`, `pids.current`.
 
-use super::subtree::Subtree;
+use super::subtree::{Subtree, Watcher};
 use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Limits, LIMITS_TTL};
 use crate::kfile::{keyed_value, parse_u64_or_max, KFile, ReadError};
 use crate::sysfs::DeviceFilter;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -25,7 +26,7 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn open(dir: PathBuf) -> Result<Self, ReadError> {
+    pub fn open(dir: PathBuf, watcher: Option<Arc<Watcher>>) -> Result<Self, ReadError> {
         let opt = |name: &str| KFile::open_optional(dir.join(name));
         Ok(Self {
             cpu_stat: KFile::open(dir.join("cpu.stat"))?,
@@ -38,7 +39,7 @@ impl Reader {
             pids_current: opt("pids.current")?,
             cpu_max: opt("cpu.max")?,
             cpuset: opt("cpuset.cpus.effective")?,
-            subtree: Subtree::new(dir.clone()),
+            subtree: Subtree::new(dir.clone(), watcher),
             limits: None,
             dir,
         })
