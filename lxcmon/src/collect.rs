@@ -353,6 +353,16 @@ mod kernel {
             }
         }
 
+        /// Loading parses the kernel's BTF (several MiB, three times: the loader, the BTF
+        /// programs, the offsets); glibc keeps the freed pages unless asked to return them.
+        fn release_freed_heap() {
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+
         fn load(
             root: &Path,
             layout: &Layout,
@@ -372,6 +382,7 @@ mod kernel {
                 ..BpfOptions::default()
             };
             let bpf = BpfCollector::load(&opts).map_err(|e| e.to_string())?;
+            Self::release_freed_heap();
             Ok(Self {
                 bpf,
                 unified,

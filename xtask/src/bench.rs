@@ -231,11 +231,7 @@ fn splice(readme: &Path, summary: &str) -> Result<bool> {
     if e < b {
         return Ok(false);
     }
-    let new = format!(
-        "{}{README_BEGIN}\n{summary}{}",
-        &text[..b],
-        &text[e..]
-    );
+    let new = format!("{}{README_BEGIN}\n{summary}{}", &text[..b], &text[e..]);
     std::fs::write(readme, new).context("writing README.md")?;
     Ok(true)
 }
@@ -308,7 +304,8 @@ fn readme_summary(
                     if r.n == largest { "< 30 MiB" } else { "" },
                 );
                 if r.n == largest {
-                    let pct = measure::median(r.runs.iter().map(|s| s.core_share() * 100.0).collect());
+                    let pct =
+                        measure::median(r.runs.iter().map(|s| s.core_share() * 100.0).collect());
                     share.push(format!("{} {pct:.1} %", r.collector));
                     if let Some(b) = &r.bpf {
                         match b {
@@ -337,7 +334,10 @@ fn readme_summary(
             }
         }
     }
-    let _ = writeln!(md, "\n| at N = {largest} | measured | target |\n|---|---|---|");
+    let _ = writeln!(
+        md,
+        "\n| at N = {largest} | measured | target |\n|---|---|---|"
+    );
     let _ = writeln!(
         md,
         "| share of one core at a {} s interval | {} | < 2 % |",
@@ -849,7 +849,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lxcmon-splice-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let readme = dir.join("README.md");
-        std::fs::write(&readme, format!("a\n{README_BEGIN}\nold\n{README_END}\nb\n")).unwrap();
+        std::fs::write(
+            &readme,
+            format!("a\n{README_BEGIN}\nold\n{README_END}\nb\n"),
+        )
+        .unwrap();
         assert!(splice(&readme, "new\n").unwrap());
         assert_eq!(
             std::fs::read_to_string(&readme).unwrap(),

@@ -109,7 +109,9 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
     std::fs::create_dir_all(io_dir).context("creating the BPF load dir")?;
     let file = io_dir.join("bpfcost");
     let file_s = file.display().to_string();
-    let count = (LOAD_BYTES >> 20).to_string();
+    // 4 KiB per write: one bio per direct write, one small folio per buffered one, so the
+    // programs run thousands of times per step rather than a few dozen.
+    let count = (LOAD_BYTES >> 12).to_string();
     let bb = busybox.display().to_string();
     let mut costs = Vec::new();
     let mut step = |name: &'static str, run: &mut dyn FnMut() -> Result<()>| -> Result<()> {
@@ -139,20 +141,22 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
         "dd",
         "if=/dev/zero",
         &format!("of={file_s}"),
-        "bs=1M",
+        "bs=4k",
         &format!("count={count}"),
         "oflag=direct",
     ];
-    let buffered = format!("{bb} dd if=/dev/zero of={file_s} bs=1M count={count} && {bb} sync");
-    step("container: 64 MiB direct writes", &mut || {
+    let buffered = format!("{bb} dd if=/dev/zero of={file_s} bs=4k count={count} && {bb} sync");
+    step("container: 64 MiB direct writes, 4 KiB each", &mut || {
         inside.run(&direct)
     })?;
-    step("container: 64 MiB buffered writes + sync", &mut || {
-        inside.run(&[bb.as_str(), "sh", "-c", &buffered])
-    })?;
-    step("host (untracked): 64 MiB direct writes", &mut || {
-        run_bounded(Command::new(&bb).args(&direct[1..]))
-    })?;
+    step(
+        "container: 64 MiB buffered writes, 4 KiB each, + sync",
+        &mut || inside.run(&[bb.as_str(), "sh", "-c", &buffered]),
+    )?;
+    step(
+        "host (untracked): 64 MiB direct writes, 4 KiB each",
+        &mut || run_bounded(Command::new(&bb).args(&direct[1..])),
+    )?;
     let _ = std::fs::remove_file(&file);
     Ok(costs)
 }
