@@ -113,6 +113,23 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
     // programs run thousands of times per step rather than a few dozen.
     let count = (LOAD_BYTES >> 12).to_string();
     let bb = busybox.display().to_string();
+    // The same hooks with a program that does nothing: what the stats clock and the dispatch
+    // cost by themselves on this machine.
+    let v2 = fleet
+        .hierarchies
+        .iter()
+        .find(|h| h.controllers.is_empty() && h.mount.join("cgroup.controllers").exists())
+        .map(|h| h.mount.join(&c.rel));
+    let _baseline = match v2 {
+        Some(dir) => match EmptySkb::attach(&dir) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("bench: no empty baseline program: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
     let mut costs = Vec::new();
     let mut step = |name: &'static str, run: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         super::check_interrupted()?;
@@ -159,6 +176,80 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
     )?;
     let _ = std::fs::remove_file(&file);
     Ok(costs)
+}
+
+/// A two-instruction `cgroup_skb` program (`return 1`) attached for ingress and egress beside
+/// the agent's, named `lxcmon_empty` so the snapshots see it; detached and closed on drop.
+struct EmptySkb {
+    cgroup: std::fs::File,
+    prog: std::os::fd::OwnedFd,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// `bpf(2)` with a zero-padded `union bpf_attr` built by the caller.
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+    // SAFETY: attr is a valid, writable 128-byte buffer for the duration of the call, larger
+    // than every field these commands read.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn put(attr: &mut [u8; 128], off: usize, bytes: &[u8]) {
+    attr[off..off + bytes.len()].copy_from_slice(bytes);
+}
+
+impl EmptySkb {
+    fn attach(cgroup_dir: &Path) -> Result<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // r0 = 1 (BPF_ALU64 | BPF_MOV | BPF_K); exit.
+        let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+        let license = b"GPL\0";
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, &BPF_PROG_TYPE_CGROUP_SKB.to_ne_bytes());
+        put(&mut attr, 4, &2u32.to_ne_bytes());
+        put(&mut attr, 8, &(insns.as_ptr() as u64).to_ne_bytes());
+        put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
+        put(&mut attr, 48, b"lxcmon_empty");
+        let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
+        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+        let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let cgroup = std::fs::File::open(cgroup_dir)
+            .with_context(|| format!("opening {}", cgroup_dir.display()))?;
+        let this = Self { cgroup, prog };
+        for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
+            let mut attr = [0u8; 128];
+            put(&mut attr, 0, &(this.cgroup.as_raw_fd() as u32).to_ne_bytes());
+            put(&mut attr, 4, &(this.prog.as_raw_fd() as u32).to_ne_bytes());
+            put(&mut attr, 8, &at.to_ne_bytes());
+            put(&mut attr, 12, &BPF_F_ALLOW_MULTI.to_ne_bytes());
+            bpf(BPF_PROG_ATTACH, &mut attr).context("attaching the empty program")?;
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for EmptySkb {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
+            let mut attr = [0u8; 128];
+            put(&mut attr, 0, &(self.cgroup.as_raw_fd() as u32).to_ne_bytes());
+            put(&mut attr, 4, &(self.prog.as_raw_fd() as u32).to_ne_bytes());
+            put(&mut attr, 8, &at.to_ne_bytes());
+            let _ = bpf(BPF_PROG_DETACH, &mut attr);
+        }
+    }
 }
 
 /// Runs commands in a container's cgroups (every hierarchy) and network namespace.
