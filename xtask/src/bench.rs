@@ -122,6 +122,17 @@ struct ExportRow {
     line: String,
 }
 
+impl ExportRow {
+    /// The value of `key=value` in the export bench's line, `?` when absent.
+    fn field(&self, key: &str) -> String {
+        self.line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or("?")
+            .to_string()
+    }
+}
+
 fn build_agent(args: &BenchArgs) -> Result<()> {
     if args.agent_features.split(',').any(|f| f.trim() == "ebpf") {
         crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
@@ -354,9 +365,19 @@ fn readme_summary(
                 if achieved < 0.11 { "sustained" } else { "not sustained" }
             );
         } else {
+            let under = rates
+                .iter()
+                .filter(|x| (x.interval - 0.1).abs() > 1e-9 && x.stats.core_share() < 0.05)
+                .map(|x| x.interval)
+                .fold(f64::INFINITY, f64::min);
             let _ = writeln!(
                 md,
-                "| largest rate under 5 % of one core (files) | one cycle every {} s ({pct:.2} %) | |",
+                "| {} (files) | one cycle every {} s: {pct:.2} % of one core | |",
+                if r.interval == under {
+                    "largest rate under 5 % of one core"
+                } else {
+                    "tried on the way"
+                },
                 r.interval
             );
         }
@@ -364,13 +385,7 @@ fn readme_summary(
     let exports: Vec<String> = export
         .iter()
         .map(|e| {
-            let get = |k: &str| {
-                e.line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .unwrap_or("?")
-                    .to_string()
-            };
+            let get = |k: &str| e.field(k);
             let ms = |k: &str| {
                 get(k)
                     .parse::<f64>()
@@ -538,30 +553,54 @@ fn measure_collector(
 /// At the largest fleet: the interval where the agent would use 5% of one core, checked by
 /// running it there, and a run at 0.1 s.
 fn rate_runs(args: &BenchArgs, bin: &Path, row: &FilesRow) -> Result<Vec<RateRow>> {
-    let per_cycle_s = measure::median(row.runs.iter().map(|r| r.median_cpu_us()).collect()) / 1e6;
+    // The estimate from CPU per cycle, or from the whole-process stat figure (which also has
+    // the agent's work between cycles), whichever is larger; then checked by running there and
+    // moved up 0.05 s at a time until the measured share is under 5 %.
+    let per_cycle_s = row
+        .runs
+        .iter()
+        .map(|r| r.median_cpu_us().max(r.stat_per_cycle_us()))
+        .fold(0.0, f64::max)
+        / 1e6;
     let at_5pct = (per_cycle_s / 0.05).max(0.1);
-    // Rounded up to the next 0.05 s.
-    let candidate = ((at_5pct / 0.05).ceil() * 0.05 * 100.0).round() / 100.0;
+    let round = |v: f64| ((v / 0.05).ceil() * 0.05 * 100.0).round() / 100.0;
+    let mut candidate = round(at_5pct);
     let mut out = Vec::new();
-    let mut intervals = vec![candidate];
-    if (candidate - 0.1).abs() > 1e-9 {
-        intervals.push(0.1);
+    for _ in 0..6 {
+        let stats = rate_run(args, bin, candidate)?;
+        let share = stats.core_share();
+        out.push(RateRow {
+            interval: candidate,
+            stats,
+        });
+        if share < 0.05 {
+            break;
+        }
+        candidate = round(candidate + 0.05);
     }
-    for interval in intervals {
-        check_interrupted()?;
-        let mut agent = Agent::start(bin, &agent_config(args, "files", interval))?;
-        let k = ((10.0 / interval) as usize).clamp(20, 100);
-        let stats = agent.observe(3, k, interval)?;
-        eprintln!(
-            "bench: interval {interval} s: {:.1}% of one core (stat), median {:.1} ms CPU/cycle, {:.1} ms wall",
-            stats.core_share() * 100.0,
-            stats.median_cpu_us() / 1e3,
-            stats.median_wall_ms()
-        );
-        agent.stop()?;
-        out.push(RateRow { interval, stats });
+    if out.iter().all(|r| (r.interval - 0.1).abs() > 1e-9) {
+        let stats = rate_run(args, bin, 0.1)?;
+        out.push(RateRow {
+            interval: 0.1,
+            stats,
+        });
     }
     Ok(out)
+}
+
+fn rate_run(args: &BenchArgs, bin: &Path, interval: f64) -> Result<RunStats> {
+    check_interrupted()?;
+    let mut agent = Agent::start(bin, &agent_config(args, "files", interval))?;
+    let k = ((10.0 / interval) as usize).clamp(20, 100);
+    let stats = agent.observe(3, k, interval)?;
+    eprintln!(
+        "bench: interval {interval} s: {:.1}% of one core (stat), median {:.1} ms CPU/cycle, {:.1} ms wall",
+        stats.core_share() * 100.0,
+        stats.median_cpu_us() / 1e3,
+        stats.median_wall_ms()
+    );
+    agent.stop()?;
+    Ok(stats)
 }
 
 fn render(
@@ -712,7 +751,7 @@ fn render(
             if (r.interval - 0.1).abs() < 1e-9 {
                 "0.1 s sustainable"
             } else {
-                "largest rate under 5% of one core (interval = CPU per cycle / 0.05, rounded up to 0.05 s)"
+                "largest rate under 5% of one core (from CPU per cycle / 0.05, rounded up to 0.05 s, raised by 0.05 s until measured under 5%)"
             }
         );
     }
@@ -763,13 +802,7 @@ fn render(
     let _ = writeln!(md, "| format | retained cycles | push (us) | write (us, wall) | CPU push+write (us) | file size (MiB) |");
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     for e in export {
-        let get = |k: &str| {
-            e.line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .unwrap_or("?")
-                .to_string()
-        };
+        let get = |k: &str| e.field(k);
         let mib = get("bytes=")
             .parse::<f64>()
             .map(|b| format!("{:.1}", b / 1048576.0))

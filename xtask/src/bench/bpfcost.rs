@@ -229,7 +229,11 @@ impl EmptySkb {
         let this = Self { cgroup, prog };
         for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
             let mut attr = [0u8; 128];
-            put(&mut attr, 0, &(this.cgroup.as_raw_fd() as u32).to_ne_bytes());
+            put(
+                &mut attr,
+                0,
+                &(this.cgroup.as_raw_fd() as u32).to_ne_bytes(),
+            );
             put(&mut attr, 4, &(this.prog.as_raw_fd() as u32).to_ne_bytes());
             put(&mut attr, 8, &at.to_ne_bytes());
             put(&mut attr, 12, &BPF_F_ALLOW_MULTI.to_ne_bytes());
@@ -244,7 +248,11 @@ impl Drop for EmptySkb {
         use std::os::fd::AsRawFd;
         for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
             let mut attr = [0u8; 128];
-            put(&mut attr, 0, &(self.cgroup.as_raw_fd() as u32).to_ne_bytes());
+            put(
+                &mut attr,
+                0,
+                &(self.cgroup.as_raw_fd() as u32).to_ne_bytes(),
+            );
             put(&mut attr, 4, &(self.prog.as_raw_fd() as u32).to_ne_bytes());
             put(&mut attr, 8, &at.to_ne_bytes());
             let _ = bpf(BPF_PROG_DETACH, &mut attr);
