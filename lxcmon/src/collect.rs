@@ -105,7 +105,14 @@ pub struct Collector {
     root: std::path::PathBuf,
 }
 
-fn sample_options(cfg: &Config, net_io_files: bool) -> Options {
+/// (network, block I/O): whether the file readers supply each every cycle.
+#[cfg(feature = "ebpf")]
+fn from_files(kernel: Option<&kernel::KernelCounters>) -> (bool, bool) {
+    kernel.map_or((true, true), |k| (false, !k.counts_io()))
+}
+
+/// Which counters the file readers supply every cycle: (network, block I/O).
+fn sample_options(cfg: &Config, (net_files, io_files): (bool, bool)) -> Options {
     let m = &cfg.monitoring;
     Options {
         swap: m.enable_swap,
@@ -114,7 +121,8 @@ fn sample_options(cfg: &Config, net_io_files: bool) -> Options {
         workers: cfg.workers(),
         retry_limit: m.retry_limit,
         retry_delay: m.retry_delay,
-        net_io_files,
+        net_files,
+        io_files,
     }
 }
 
@@ -148,12 +156,12 @@ impl Collector {
             CollectorChoice::Files => tracing::info!("collector: files (as configured)"),
         }
         #[cfg(feature = "ebpf")]
-        let options = sample_options(cfg, kernel.is_none());
+        let files = from_files(kernel.as_ref());
         #[cfg(not(feature = "ebpf"))]
-        let options = sample_options(cfg, true);
+        let files = (true, true);
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
-            sampler: Sampler::new(root, layout, devices, options),
+            sampler: Sampler::new(root, layout, devices, sample_options(cfg, files)),
             deriver: Deriver::default(),
             host: HostFiles::open(root)?,
             #[cfg(feature = "ebpf")]
@@ -168,12 +176,11 @@ impl Collector {
     /// takes effect on restart.
     pub fn reconfigure(&mut self, old: &Config, new: &Config) {
         let m = &new.monitoring;
-        let net_io_files = self.collector_name() == "files";
         self.sampler = Sampler::new(
             &self.root,
             self.sampler.layout().clone(),
             DeviceFilter::new(&self.root, &m.excluded_devices),
-            sample_options(new, net_io_files),
+            sample_options(new, self.files_supply()),
         );
         self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
         #[cfg(feature = "ebpf")]
@@ -183,6 +190,15 @@ impl Collector {
         if old.monitoring.collector != m.collector {
             tracing::warn!("monitoring.collector changes take effect when the agent restarts");
         }
+    }
+
+    /// (network, block I/O): whether the file readers supply each every cycle.
+    fn files_supply(&self) -> (bool, bool) {
+        #[cfg(feature = "ebpf")]
+        let files = from_files(self.kernel.as_ref());
+        #[cfg(not(feature = "ebpf"))]
+        let files = (true, true);
+        files
     }
 
     /// `ebpf` when network and I/O bytes come from the BPF programs, `files` otherwise.
@@ -207,7 +223,7 @@ impl Collector {
             if let Err(e) = kernel.apply(&discovered, &mut sampled.containers) {
                 tracing::warn!(error = %e, "the BPF collector failed; network and I/O figures come from the file readers from now on");
                 self.kernel = None;
-                self.sampler.set_net_io_files(true);
+                self.sampler.set_net_io_files();
                 sampled = self.sampler.sample(&discovered);
             }
         }
@@ -343,6 +359,9 @@ mod kernel {
             match Self::load(root, layout, excluded, network) {
                 Ok(k) => {
                     tracing::info!(io = ?k.bpf.io_mode(), pins = %k.bpf.pin_dir().display(), "collector: ebpf");
+                    if let bpf::IoMode::Files(reason) = k.bpf.io_mode() {
+                        tracing::warn!(%reason, "the kernel refused the block I/O programs: network bytes come from BPF, block I/O from the file readers");
+                    }
                     Ok(Some(k))
                 }
                 Err(reason) if choice == CollectorChoice::Auto => {
@@ -389,6 +408,11 @@ mod kernel {
                 ids: HashMap::new(),
                 network,
             })
+        }
+
+        /// False when the kernel took the network programs but refused the block ones.
+        pub fn counts_io(&self) -> bool {
+            self.bpf.io_mode().counts_io()
         }
 
         pub fn reconfigure(&mut self, m: &crate::config::MonitoringConfig) {
@@ -451,8 +475,10 @@ mod kernel {
                     s.net_rx = c.net_rx;
                     s.net_tx = c.net_tx;
                 }
-                s.cgroup.io.read = c.io_read;
-                s.cgroup.io.write = c.io_write;
+                if self.counts_io() {
+                    s.cgroup.io.read = c.io_read;
+                    s.cgroup.io.write = c.io_write;
+                }
             }
             Ok(())
         }

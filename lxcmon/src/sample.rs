@@ -53,9 +53,11 @@ pub struct Options {
     pub workers: usize,
     pub retry_limit: u32,
     pub retry_delay: Duration,
-    /// Read network and block I/O counters from files every cycle. When another collector
-    /// counts them, they are read only in a container's fresh sample, to seed that collector.
-    pub net_io_files: bool,
+    /// Read network counters from files every cycle. When another collector counts them,
+    /// they are read only in a container's fresh sample, to seed that collector.
+    pub net_files: bool,
+    /// The same for block I/O counters.
+    pub io_files: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +121,10 @@ impl Sampler {
         &self.layout
     }
 
-    pub fn set_net_io_files(&mut self, on: bool) {
-        self.options.net_io_files = on;
+    /// Network and block I/O from the files every cycle (the BPF collector gave up).
+    pub fn set_net_io_files(&mut self) {
+        self.options.net_files = true;
+        self.options.io_files = true;
     }
 
     /// Reads every container once. Containers that are gone are skipped silently; one that
@@ -270,11 +274,12 @@ impl Ctx<'_> {
             return Err(SampleError::Gone);
         };
         let at = Instant::now();
-        let net_io = self.options.net_io_files || fresh;
+        let io = self.options.io_files || fresh;
+        let net = self.options.net_files || fresh;
         let mut cgroup = st
             .cgroup
             .sample(
-                net_io.then_some(self.devices),
+                io.then_some(self.devices),
                 &mut scratch.buf,
                 &mut scratch.pids,
             )
@@ -289,7 +294,7 @@ impl Ctx<'_> {
         }
         let mut fs = FsUsage::default();
         if let Some(init) = &st.init {
-            if let (Some(net_dev), true) = (&init.net_dev, net_io) {
+            if let (Some(net_dev), true) = (&init.net_dev, net) {
                 st.net.update(
                     net_dev
                         .read(&mut scratch.buf)

@@ -67,6 +67,17 @@ pub enum IoMode {
     /// Reads and direct writes from bios; buffered writes as page-cache bytes dirtied by the
     /// container's tasks (counted once, when a page turns dirty), whoever writes them back.
     BiosAndDirtied,
+    /// No block program could be loaded (5.10's verifier lacks the ancestor-cgroup helper for
+    /// tracepoints): the network programs run alone and block I/O is left to the file readers.
+    /// The string is the kernel's reason.
+    Files(String),
+}
+
+impl IoMode {
+    /// Whether the programs count block I/O at all.
+    pub fn counts_io(&self) -> bool {
+        !matches!(self, IoMode::Files(_))
+    }
 }
 
 /// Errors of the BPF path; each carries the kernel's (or aya's) reason in its message, so the
@@ -391,8 +402,13 @@ impl BpfCollector {
             Err(why) => {
                 unpin_link(&links.join(PIN_BIO_BTF));
                 unpin_link(&links.join(PIN_DIRTY));
-                Self::attach_classic_io(&mut ebpf, &links)?;
-                IoMode::BiosOnly(why)
+                match Self::attach_classic_io(&mut ebpf, &links) {
+                    Ok(()) => IoMode::BiosOnly(why),
+                    Err(e) => {
+                        unpin_link(&links.join(PIN_BIO_CLASSIC));
+                        IoMode::Files(e.to_string())
+                    }
+                }
             }
         };
 
