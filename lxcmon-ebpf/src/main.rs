@@ -4,12 +4,13 @@
 //!   directory, add `skb->len` plus the Ethernet header to the container's per-CPU counters; packets on
 //!   the loopback device (ifindex 1 in every network namespace) are skipped.
 //! * The `block/block_bio_queue` tracepoint adds the bio's bytes to the container of the task
-//!   that submits it (`bpf_get_current_cgroup_id` and its ancestors), unless its device is in the
+//!   that submits it (its cgroup or an ancestor of it), unless its device is in the
 //!   excluded-device map.
 //!
-//! A packet's or task's cgroup may be a sub-cgroup of the container's: the programs try the
-//! cgroup itself, then its ancestors at the levels where some container is tracked (deepest
-//! first), against the tracked-cgroup map; untracked cgroups end after one or two lookups.
+//! A packet's or task's cgroup may be a sub-cgroup of the container's: the programs look up its
+//! ancestors (itself included) at the levels where some container is tracked, deepest first,
+//! in the tracked-cgroup map; an untracked cgroup costs one lookup per tracked level (one on
+//! a host whose containers all sit at the same depth), none if it sits above them all.
 //! Counters are per-CPU, so the hot path has no atomics.
 #![no_std]
 #![no_main]
@@ -17,10 +18,7 @@
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::bpf_probe_read_kernel,
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
-    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
     macros::{btf_tracepoint, cgroup_skb, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
@@ -87,25 +85,23 @@ const REQ_OP_WRITE: u32 = 1;
 const PAGE_MAPPING_FLAGS: u64 = 3;
 const SECTOR_BYTES: u64 = 512;
 
-/// The counter slot of the tracked container that `id` (a cgroup) belongs to, if any.
-/// `ancestor(level)` returns the id of the cgroup's ancestor at `level` (0 past its own level).
+/// The counter slot of the tracked container a cgroup belongs to, if any. `ancestor(level)`
+/// returns the id of the cgroup's ancestor at `level` (itself at its own level, 0 below it).
+/// Only the levels where some container is tracked are tried, deepest first, starting at the
+/// deepest of them: one hash lookup per tracked level, none for a cgroup above them all.
 #[inline(always)]
-fn slot_of(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
-    // SAFETY: map values are plain integers; the pointer is valid for this program run.
-    if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
-        return Some(t.slot);
-    }
-    let mask = *LXCMON_LEVELS.get(0)?;
+fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+    let mask = *LXCMON_LEVELS.get(0)? & ((1u64 << MAX_TRACKED_LEVEL) - 1);
     if mask == 0 {
         return None;
     }
-    let mut level = MAX_TRACKED_LEVEL;
+    let mut level = highest_bit(mask) + 1;
     while level > 0 {
         level -= 1;
         if mask & (1u64 << level) != 0 {
             let anc = ancestor(level as i32);
-            if anc != 0 && anc != id {
-                // SAFETY: as above.
+            if anc != 0 {
+                // SAFETY: map values are plain integers; the pointer is valid for this run.
                 if let Some(t) = unsafe { LXCMON_TRACKED.get(&anc) } {
                     return Some(t.slot);
                 }
@@ -113,6 +109,19 @@ fn slot_of(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
         }
     }
     None
+}
+
+/// Index of the highest set bit of a non-zero value below 2^32, by halving (BPF has no clz).
+#[inline(always)]
+fn highest_bit(mut v: u64) -> u32 {
+    let mut n = 0;
+    for shift in [16u32, 8, 4, 2, 1] {
+        if v >> shift != 0 {
+            v >>= shift;
+            n += shift;
+        }
+    }
+    n
 }
 
 /// The cgroup hooks see packets from the IP header on; the container's interfaces (veth, as
@@ -130,10 +139,7 @@ fn count_skb(ctx: &SkBuffContext, ingress: bool) {
         return;
     }
     // SAFETY: helpers valid for cgroup_skb programs.
-    let id = unsafe { bpf_skb_cgroup_id(skb) };
-    let Some(slot) = slot_of(id, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    }) else {
+    let Some(slot) = slot_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }) else {
         return;
     };
     if let Some(c) = LXCMON_COUNTERS.get_ptr_mut(slot) {
@@ -163,10 +169,7 @@ pub fn lxcmon_skb_egress(ctx: SkBuffContext) -> i32 {
 #[tracepoint]
 pub fn lxcmon_block_bio_queue(ctx: TracePointContext) -> u32 {
     // SAFETY: helpers valid in tracepoint programs.
-    let id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(slot) = slot_of(id, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) else {
+    let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
         return 0;
     };
     // SAFETY: offsets come from the tracepoint's own format description; reads are checked
@@ -239,10 +242,7 @@ pub fn lxcmon_dirty_folio(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: helpers valid in tracing programs.
-    let id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(slot) = slot_of(id, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) else {
+    let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
         return 0;
     };
     let folio: *const u8 = ctx.arg(0);
@@ -294,10 +294,7 @@ pub fn lxcmon_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: helpers valid in tracing programs.
-    let id = unsafe { bpf_get_current_cgroup_id() };
-    let Some(slot) = slot_of(id, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    }) else {
+    let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
         return 0;
     };
     let bio: *const u8 = ctx.arg(0);
