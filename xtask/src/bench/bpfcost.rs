@@ -211,7 +211,7 @@ fn put(attr: &mut [u8; 128], off: usize, bytes: &[u8]) {
 
 impl EmptySkb {
     fn attach(cgroup_dir: &Path) -> Result<Self> {
-        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::fd::FromRawFd;
         // r0 = 1 (BPF_ALU64 | BPF_MOV | BPF_K); exit.
         let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
         let license = b"GPL\0";
@@ -228,34 +228,35 @@ impl EmptySkb {
             .with_context(|| format!("opening {}", cgroup_dir.display()))?;
         let this = Self { cgroup, prog };
         for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
-            let mut attr = [0u8; 128];
-            put(
-                &mut attr,
-                0,
-                &(this.cgroup.as_raw_fd() as u32).to_ne_bytes(),
-            );
-            put(&mut attr, 4, &(this.prog.as_raw_fd() as u32).to_ne_bytes());
-            put(&mut attr, 8, &at.to_ne_bytes());
-            put(&mut attr, 12, &BPF_F_ALLOW_MULTI.to_ne_bytes());
-            bpf(BPF_PROG_ATTACH, &mut attr).context("attaching the empty program")?;
+            bpf(
+                BPF_PROG_ATTACH,
+                &mut this.attach_attr(at, BPF_F_ALLOW_MULTI),
+            )
+            .context("attaching the empty program")?;
         }
         Ok(this)
+    }
+
+    /// The `bpf_attr` of BPF_PROG_ATTACH / BPF_PROG_DETACH for this program and cgroup.
+    fn attach_attr(&self, attach_type: u32, flags: u32) -> [u8; 128] {
+        use std::os::fd::AsRawFd;
+        let mut attr = [0u8; 128];
+        put(
+            &mut attr,
+            0,
+            &(self.cgroup.as_raw_fd() as u32).to_ne_bytes(),
+        );
+        put(&mut attr, 4, &(self.prog.as_raw_fd() as u32).to_ne_bytes());
+        put(&mut attr, 8, &attach_type.to_ne_bytes());
+        put(&mut attr, 12, &flags.to_ne_bytes());
+        attr
     }
 }
 
 impl Drop for EmptySkb {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
         for at in [BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS] {
-            let mut attr = [0u8; 128];
-            put(
-                &mut attr,
-                0,
-                &(self.cgroup.as_raw_fd() as u32).to_ne_bytes(),
-            );
-            put(&mut attr, 4, &(self.prog.as_raw_fd() as u32).to_ne_bytes());
-            put(&mut attr, 8, &at.to_ne_bytes());
-            let _ = bpf(BPF_PROG_DETACH, &mut attr);
+            let _ = bpf(BPF_PROG_DETACH, &mut self.attach_attr(at, 0));
         }
     }
 }
