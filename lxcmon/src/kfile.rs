@@ -123,14 +123,29 @@ pub fn parse_u64_or_max(s: &str) -> Option<Option<u64>> {
 
 /// Value of `key` in a flat `key value` file such as memory.stat or cpu.stat.
 pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        if k == key {
-            v.trim().parse().ok()
-        } else {
-            None
+    let [v] = keyed_values(text, [key]);
+    v
+}
+
+/// Several keys of a `key value` file in one pass over its lines.
+pub fn keyed_values<const N: usize>(text: &str, keys: [&str; N]) -> [Option<u64>; N] {
+    let mut out = [None; N];
+    let mut left = N;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(' ') else {
+            continue;
+        };
+        if let Some(i) = keys.iter().position(|key| *key == k) {
+            if out[i].is_none() {
+                out[i] = v.trim().parse().ok();
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
         }
-    })
+    }
+    out
 }
 
 /// Reads a small file once, for values read at discovery rather than every cycle.
@@ -194,9 +209,13 @@ mod tests {
     }
 
     #[test]
-    fn keyed_values() {
+    fn keyed_values_in_one_pass() {
         let text = "anon 10\nfile 2048\nfile_mapped 5\n";
         assert_eq!(keyed_value(text, "file"), Some(2048));
         assert_eq!(keyed_value(text, "shmem"), None);
+        assert_eq!(
+            keyed_values(text, ["file_mapped", "shmem", "anon"]),
+            [Some(5), None, Some(10)]
+        );
     }
 }

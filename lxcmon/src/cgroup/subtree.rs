@@ -142,9 +142,9 @@ impl Drop for Watched {
 
 #[derive(Debug)]
 struct Dir {
-    handle: File,
     procs: KFile,
-    mtime: (i64, i64),
+    /// Without a watcher: the directory, held open to check its mtime each cycle.
+    stamp: Option<(File, (i64, i64))>,
 }
 
 #[derive(Debug)]
@@ -219,10 +219,13 @@ impl Subtree {
         }
         match &self.watched {
             Some(w) => !w.dirty.swap(false, Ordering::Relaxed),
+            // A directory walked while watching has no stamp: walked again, now stamped.
             None => self.dirs.iter().all(|d| {
-                d.handle
-                    .metadata()
-                    .is_ok_and(|m| mtime(&m) == d.mtime && settled(d.mtime))
+                d.stamp.as_ref().is_some_and(|(handle, stamp)| {
+                    handle
+                        .metadata()
+                        .is_ok_and(|m| mtime(&m) == *stamp && settled(*stamp))
+                })
             }),
         }
     }
@@ -290,16 +293,24 @@ impl Subtree {
             let top = next == 0;
             next += 1;
             self.watch(&path);
-            let opened = File::open(&path)
-                .and_then(|h| h.metadata().map(|m| (h, mtime(&m))))
-                .map_err(|e| ReadError::io(&path, e))
-                .and_then(|(handle, mtime)| {
-                    // Listed before its procs are opened: a child created meanwhile changes mtime.
-                    let children = std::fs::read_dir(&path).map_err(|e| ReadError::io(&path, e))?;
-                    let procs = KFile::open(path.join("cgroup.procs"))?;
-                    Ok((handle, mtime, children, procs))
-                });
-            let (handle, mtime, children, procs) = match opened {
+            let watching = self.watched.as_ref().is_some_and(|w| !w.failed);
+            let stamped = || {
+                File::open(&path)
+                    .and_then(|h| h.metadata().map(|m| (h, mtime(&m))))
+                    .map_err(|e| ReadError::io(&path, e))
+            };
+            let opened = (if watching {
+                Ok(None)
+            } else {
+                stamped().map(Some)
+            })
+            .and_then(|stamp| {
+                // Listed after the watch or the stamp: a child created meanwhile is seen.
+                let children = std::fs::read_dir(&path).map_err(|e| ReadError::io(&path, e))?;
+                let procs = KFile::open(path.join("cgroup.procs"))?;
+                Ok((stamp, children, procs))
+            });
+            let (stamp, children, procs) = match opened {
                 Ok(o) => o,
                 Err(e) if !top && e.is_gone() => continue,
                 Err(e) => return Err(e),
@@ -309,11 +320,7 @@ impl Subtree {
                     queue.push(entry.path());
                 }
             }
-            self.dirs.push(Dir {
-                handle,
-                procs,
-                mtime,
-            });
+            self.dirs.push(Dir { procs, stamp });
         }
         Ok(())
     }

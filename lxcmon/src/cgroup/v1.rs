@@ -2,7 +2,7 @@
 
 use super::subtree::Subtree;
 use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Layout, Limits, LIMITS_TTL};
-use crate::kfile::{keyed_value, KFile, ReadError};
+use crate::kfile::{keyed_values, KFile, ReadError};
 use crate::sysfs::DeviceFilter;
 use std::path::Path;
 use std::time::Instant;
@@ -86,14 +86,9 @@ impl Reader {
         let (memory_bytes, usage, stat_swap) = match (&self.memory_usage, &self.memory_stat) {
             (Some(usage), Some(stat)) => {
                 let usage = usage.read_u64(buf)?;
-                let text = stat.read(buf)?;
-                let cache = keyed_value(text, "total_cache")
-                    .ok_or_else(|| ReadError::parse(stat.path(), "no total_cache"))?;
-                (
-                    usage.saturating_sub(cache),
-                    usage,
-                    keyed_value(text, "total_swap"),
-                )
+                let [cache, swap] = keyed_values(stat.read(buf)?, ["total_cache", "total_swap"]);
+                let cache = cache.ok_or_else(|| ReadError::parse(stat.path(), "no total_cache"))?;
+                (usage.saturating_sub(cache), usage, swap)
             }
             _ => (0, 0, None),
         };
