@@ -245,6 +245,8 @@ impl Subtree {
                     w.wds.push(wd);
                 }
             }
+            // Removed since it was listed: the walk skips it too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::debug!(dir = %dir.display(), error = %e, "no inotify watch; checking mtimes");
                 w.failed = true;
@@ -437,10 +439,12 @@ mod tests {
         s.pids(&mut buf, &mut pids).unwrap();
         assert_eq!((s.walks(), sorted(pids.clone())), (4, vec![1, 2, 3]));
 
-        // The container's own cgroup gone: an error that says so.
+        // The container's own cgroup gone: an error that says so. A directory gone before its
+        // watch was added is no reason to give up watching.
         std::fs::remove_dir_all(&top).unwrap();
         watcher.drain();
         assert!(s.pids(&mut buf, &mut pids).unwrap_err().is_gone());
+        assert!(s.watched.is_some());
     }
 
     #[test]
