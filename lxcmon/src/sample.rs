@@ -1,6 +1,7 @@
 //! Sampling: one reading of every discovered container's raw counters, files held open
 //! across cycles, containers spread over the configured number of workers.
 
+use crate::cgroup::subtree::Watcher;
 use crate::cgroup::{CgroupReader, CgroupSample, Layout};
 use crate::discovery::Discovered;
 use crate::kfile::{self, KFile, ReadError};
@@ -9,6 +10,7 @@ use crate::sysfs::DeviceFilter;
 use rustix::fd::OwnedFd;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Root filesystem figures in bytes, as `df` shows them.
@@ -104,16 +106,27 @@ pub struct Sampler {
     devices: DeviceFilter,
     options: Options,
     states: HashMap<String, ContainerState>,
+    /// Child-cgroup events for every container's subtree, drained once per cycle; `None`
+    /// where inotify is refused.
+    watcher: Option<Arc<Watcher>>,
 }
 
 impl Sampler {
     pub fn new(root: &Path, layout: Layout, devices: DeviceFilter, options: Options) -> Self {
+        let watcher = match Watcher::new() {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::info!(error = %e, "no inotify: cgroup subtrees are checked by mtime");
+                None
+            }
+        };
         Self {
             root: root.to_path_buf(),
             layout,
             devices,
             options,
             states: HashMap::new(),
+            watcher,
         }
     }
 
@@ -130,7 +143,7 @@ impl Sampler {
     /// Reads every container once. Containers that are gone are skipped silently; one that
     /// fails otherwise is retried `retry_limit` times before it is left out of the cycle.
     pub fn sample(&mut self, discovered: &[Discovered]) -> Sampled {
-        if let Some(w) = &self.layout.watcher {
+        if let Some(w) = &self.watcher {
             w.drain();
         }
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
@@ -144,6 +157,7 @@ impl Sampler {
         let ctx = Ctx {
             root: &self.root,
             layout: &self.layout,
+            watcher: self.watcher.as_ref(),
             devices: &self.devices,
             options: self.options,
         };
@@ -209,6 +223,7 @@ struct Scratch {
 struct Ctx<'a> {
     root: &'a Path,
     layout: &'a Layout,
+    watcher: Option<&'a Arc<Watcher>>,
     devices: &'a DeviceFilter,
     options: Options,
 }
@@ -255,7 +270,8 @@ impl Ctx<'_> {
     ) -> Result<ContainerSample, SampleError> {
         let fresh = state.is_none();
         if fresh {
-            let cgroup = CgroupReader::open(self.layout, &d.rel).map_err(SampleError::from_read)?;
+            let cgroup = CgroupReader::open(self.layout, &d.rel, self.watcher.cloned())
+                .map_err(SampleError::from_read)?;
             let missing = match &cgroup {
                 CgroupReader::V1(r) => r.missing(),
                 CgroupReader::V2(r) => r.missing(),

@@ -24,8 +24,6 @@ pub struct Layout {
     pub unified_has_controllers: bool,
     /// v1 controller name (`memory`, `cpuacct`, `name=systemd`, ...) to its mount point.
     pub v1: BTreeMap<String, PathBuf>,
-    /// Child-cgroup events for every reader's subtree; `None` where inotify is refused.
-    pub watcher: Option<Arc<Watcher>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,13 +58,6 @@ impl Layout {
         if layout.mode().is_none() {
             return Err(LayoutError::NoControllers(mountinfo));
         }
-        layout.watcher = match Watcher::new() {
-            Ok(w) => Some(Arc::new(w)),
-            Err(e) => {
-                tracing::info!(error = %e, "no inotify: cgroup subtrees are checked by mtime");
-                None
-            }
-        };
         Ok(layout)
     }
 
@@ -222,16 +213,19 @@ pub enum CgroupReader {
 
 impl CgroupReader {
     /// Opens the reader for the container whose cgroup is `rel` below each hierarchy's root.
-    pub fn open(layout: &Layout, rel: &Path) -> Result<Self, ReadError> {
+    /// `watcher` reports child cgroups created or removed; without one the subtree is checked
+    /// by mtime.
+    pub fn open(
+        layout: &Layout,
+        rel: &Path,
+        watcher: Option<Arc<Watcher>>,
+    ) -> Result<Self, ReadError> {
         match layout.mode() {
             Some(Mode::V2) | None => {
                 let unified = layout.unified.as_deref().unwrap_or(Path::new("/"));
-                Ok(Self::V2(v2::Reader::open(
-                    unified.join(rel),
-                    layout.watcher.clone(),
-                )?))
+                Ok(Self::V2(v2::Reader::open(unified.join(rel), watcher)?))
             }
-            Some(Mode::V1) => Ok(Self::V1(v1::Reader::open(layout, rel)?)),
+            Some(Mode::V1) => Ok(Self::V1(v1::Reader::open(layout, rel, watcher)?)),
         }
     }
 

@@ -28,13 +28,6 @@ pub struct Watcher {
     watches: Mutex<HashMap<i32, Vec<Arc<AtomicBool>>>>,
 }
 
-/// A watcher is a resource, not a value: two are equal only if they are the same one.
-impl PartialEq for Watcher {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
 const WATCH_MASK: inotify::WatchFlags = inotify::WatchFlags::CREATE
     .union(inotify::WatchFlags::DELETE)
     .union(inotify::WatchFlags::MOVED_FROM)

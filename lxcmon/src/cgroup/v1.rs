@@ -1,10 +1,11 @@
 //! cgroup v1 figures, one controller hierarchy each: cpuacct, cpu, cpuset, memory, blkio, pids.
 
-use super::subtree::Subtree;
+use super::subtree::{Subtree, Watcher};
 use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Layout, Limits, LIMITS_TTL};
 use crate::kfile::{keyed_values, KFile, ReadError};
 use crate::sysfs::DeviceFilter;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// v1 reports "unlimited" as the largest page-aligned counter value; anything this big is.
@@ -28,7 +29,11 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn open(layout: &Layout, rel: &Path) -> Result<Self, ReadError> {
+    pub fn open(
+        layout: &Layout,
+        rel: &Path,
+        watcher: Option<Arc<Watcher>>,
+    ) -> Result<Self, ReadError> {
         let dir = |ctrl: &str| layout.controller(ctrl).map(|m| m.join(rel));
         let opt = |ctrl: &str, name: &str| match dir(ctrl) {
             Some(d) => KFile::open_optional(d.join(name)),
@@ -56,7 +61,7 @@ impl Reader {
             memsw_limit: opt("memory", "memory.memsw.limit_in_bytes")?,
             blkio: opt("blkio", "blkio.throttle.io_service_bytes_recursive")?,
             pids_current: opt("pids", "pids.current")?,
-            subtree: Subtree::new(procs_dir, layout.watcher.clone()),
+            subtree: Subtree::new(procs_dir, watcher),
             limits: None,
         })
     }
