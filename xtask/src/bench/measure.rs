@@ -362,7 +362,7 @@ pub struct Floor {
 }
 
 /// What the agent reads per container every cycle (limits are re-read every 5 s).
-pub fn per_cycle_files(collector: &str) -> Vec<&'static str> {
+fn per_cycle_files(collector: &str) -> Vec<&'static str> {
     let mut v = vec![
         "cpuacct.usage",
         "memory.usage_in_bytes",
