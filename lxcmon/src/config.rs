@@ -295,7 +295,7 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/config")
+            .join("tests/fixtures/config")
             .join(name)
     }
 

@@ -2,7 +2,7 @@
 //! part took printed at the end (the README's timings come from that table).
 
 use crate::deps;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -36,6 +36,7 @@ impl Drop for Parts {
 pub fn run(args: &TestArgs) -> Result<()> {
     let mut parts = Parts(Vec::new());
     parts.run("lint (fmt, clippy)", || {
+        shared_fixtures_match()?;
         deps::cargo(&["fmt", "--all", "--", "--check"])?;
         deps::cargo(&[
             "clippy",
@@ -90,4 +91,37 @@ fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
+}
+
+/// The config fixtures are copied into the repository so a clone tests anywhere; where the
+/// team's originals sit beside the checkout, the copies must still be the same files.
+fn shared_fixtures_match() -> Result<()> {
+    let root = deps::workspace_root();
+    let shared = root.join("../shared/fixtures/config");
+    let ours = root.join("lxcmon/tests/fixtures/config");
+    let Ok(entries) = std::fs::read_dir(&shared) else {
+        eprintln!(
+            "xtask test: {} not present; testing the repository's copies of the config fixtures",
+            shared.display()
+        );
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.context("listing the shared fixtures")?.path();
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let theirs = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let copy = ours.join(name);
+        match std::fs::read(&copy) {
+            Ok(mine) if mine == theirs => {}
+            Ok(_) => bail!(
+                "{} differs from {}: copy the team's fixture again",
+                copy.display(),
+                path.display()
+            ),
+            Err(e) => bail!("{}: {e} (copy it from {})", copy.display(), path.display()),
+        }
+    }
+    Ok(())
 }
