@@ -1,9 +1,12 @@
 //! Types shared by the agent and its BPF programs: `#[repr(C)]`, `no_std`, defined once.
 //!
-//! The BPF side (`lxcmon-ebpf`) and the userspace loader (`lxcmon::bpf`, feature `ebpf`) agree on
+//! The BPF side (`lxcmon-ebpf`) and the userspace loader (`lxcmon::collect::bpf`, feature `ebpf`) agree on
 //! these layouts and on the map names below. A change to any of them is a change of the pinned
 //! layout: bump [`PIN_LAYOUT_VERSION`] so a new agent does not reuse old pinned maps.
 #![no_std]
+
+#[cfg(feature = "fingerprint")]
+pub mod fingerprint;
 
 /// Version of the pinned map layout; part of the pin directory (`/sys/fs/bpf/lxcmon/v1`).
 pub const PIN_LAYOUT_VERSION: u32 = 1;

@@ -5,10 +5,11 @@
 //! `cargo bench -p lxcmon --bench export [-- CONTAINERS RETAINED ROUNDS]`
 
 use chrono::Utc;
+use lxcmon::collect::sample::FsUsage;
 use lxcmon::config::ExportFormat;
 use lxcmon::derive::ContainerMetrics;
-use lxcmon::export::{Cycle, Exporter};
-use lxcmon::sample::FsUsage;
+use lxcmon::derive::Cycle;
+use lxcmon::export::Exporter;
 use std::time::Instant;
 
 fn cycle(seq: u64, containers: usize) -> Cycle {

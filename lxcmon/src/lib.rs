@@ -1,21 +1,20 @@
 //! lxcmon: per-container metrics for LXC and Proxmox VE hosts.
 //!
-//! Data flows one way: [`discovery`] finds the running containers, [`sample`] reads their raw
-//! counters through the cgroup and procfs readers, [`derive`] turns counters into the exported
-//! figures, and [`export`] writes them. [`daemon`] drives that pipeline on the configured interval.
+//! Data flows one way, and the folders follow it:
+//!
+//! - [`readers`]: leaf readers of kernel files (cgroup v1/v2, procfs, sysfs), held open across
+//!   cycles; they import nothing above them.
+//! - [`collect`]: one cycle's collection: discovery of the running containers, sampling through
+//!   the readers, and the BPF collector (feature `ebpf`) that owns its programs' whole lifecycle.
+//! - [`derive`]: owns the cycle's types and turns raw counters into the exported figures.
+//! - [`export`]: the JSON export file (`records`, `autoscale_ml`) and the Prometheus endpoint.
+//! - [`daemon`]: drives that pipeline on the configured interval; [`config`] and [`logging`]
+//!   serve every layer.
 
-#[cfg(feature = "ebpf")]
-pub mod bpf;
-pub mod cgroup;
 pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod derive;
-pub mod discovery;
 pub mod export;
-pub mod kfile;
 pub mod logging;
-pub mod procfs;
-pub mod prometheus;
-pub mod sample;
-pub mod sysfs;
+pub mod readers;

@@ -5,7 +5,9 @@
 //! `cargo test -p lxcmon --features ebpf --test bpf_collector -- --ignored --test-threads=1`.
 #![cfg(feature = "ebpf")]
 
-use lxcmon::bpf::{cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode};
+use lxcmon::collect::bpf::{
+    cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode,
+};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
@@ -271,7 +273,7 @@ fn network_bytes_over_veth_counted_loopback_not() {
         "one batched read for all containers"
     );
     assert_eq!(
-        lxcmon::bpf::cgroup2_mount(Path::new("/proc")).as_deref(),
+        lxcmon::collect::bpf::cgroup2_mount(Path::new("/proc")).as_deref(),
         Some(Path::new(V2_ROOT))
     );
 

@@ -5,6 +5,7 @@
 
 use crate::deps;
 use anyhow::{bail, Context, Result};
+use lxcmon_common::fingerprint;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,9 +26,9 @@ pub struct BuildArgs {
     pub debug: bool,
 }
 
-/// Where the built object lands; `lxcmon/src/bpf/mod.rs` embeds this path.
+/// Where the built object lands; the agent's `build.rs` hands this path to the embedding.
 pub fn object_path() -> PathBuf {
-    deps::workspace_root().join("target/bpf/lxcmon.bpf.o")
+    deps::workspace_root().join(fingerprint::OBJECT)
 }
 
 pub fn build(args: &BuildArgs) -> Result<()> {
@@ -128,6 +129,8 @@ fn ensure_bpf_linker() -> Result<()> {
 
 fn build_object(release: bool) -> Result<()> {
     let root = deps::workspace_root();
+    // The sources as the build starts: an edit during the build leaves the object stale.
+    let sources = fingerprint::fingerprint(&root).context("fingerprinting the BPF sources")?;
     let crate_dir = root.join("lxcmon-ebpf");
     let mut cmd = Command::new("rustup");
     cmd.args([
@@ -171,6 +174,108 @@ fn build_object(release: bool) -> Result<()> {
     if std::fs::read(&dest).ok().as_deref() != Some(object.as_slice()) {
         std::fs::write(&dest, &object).with_context(|| format!("writing {}", dest.display()))?;
     }
+    let stamp = root.join(fingerprint::STAMP);
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(sources.as_str()) {
+        std::fs::write(&stamp, &sources).with_context(|| format!("writing {}", stamp.display()))?;
+    }
+    Ok(())
+}
+
+/// Shows that the agent never embeds a stale or missing object: in a copy of the workspace
+/// (sharing this target directory for the dependencies), `cargo check --features ebpf` fails
+/// naming `cargo xtask build-ebpf` without the object, passes with the object built from these
+/// sources, and fails again after an edit of `lxcmon-ebpf/src`.
+fn stale_object_is_refused() -> Result<()> {
+    let root = deps::workspace_root();
+    let copy = std::env::temp_dir().join(format!("lxcmon-stale-bpf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    let result = (|| {
+        for dir in [
+            "lxcmon",
+            "lxcmon-common",
+            "lxcmon-ebpf/src",
+            "xtask",
+            "tests",
+        ] {
+            copy_tree(&root.join(dir), &copy.join(dir))?;
+        }
+        for file in [
+            "Cargo.toml",
+            "Cargo.lock",
+            "lxcmon-ebpf/Cargo.toml",
+            "lxcmon-ebpf/Cargo.lock",
+        ] {
+            std::fs::copy(root.join(file), copy.join(file))
+                .with_context(|| format!("copying {file}"))?;
+        }
+        let check = || -> Result<(bool, String)> {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args([
+                    "check",
+                    "--quiet",
+                    "-p",
+                    "lxcmon",
+                    "--features",
+                    "ebpf",
+                    "--lib",
+                ])
+                .current_dir(&copy)
+                .env("CARGO_TARGET_DIR", root.join("target"))
+                .output()
+                .context("running cargo check")?;
+            Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        };
+        let names_the_command = |stderr: &str| stderr.contains("run `cargo xtask build-ebpf`");
+        let (ok, stderr) = check()?;
+        if ok || !names_the_command(&stderr) {
+            bail!("without the BPF object, cargo check passed={ok}; stderr:\n{stderr}");
+        }
+        let bpf_dir = copy.join("target/bpf");
+        std::fs::create_dir_all(&bpf_dir)?;
+        for file in [fingerprint::OBJECT, fingerprint::STAMP] {
+            std::fs::copy(root.join(file), copy.join(file))
+                .with_context(|| format!("copying {file}"))?;
+        }
+        let (ok, stderr) = check()?;
+        if !ok {
+            bail!("with the object built from these sources, cargo check failed:\n{stderr}");
+        }
+        let main = copy.join("lxcmon-ebpf/src/main.rs");
+        let mut text = std::fs::read_to_string(&main)?;
+        text.push_str("\n// an edit after the object was built\n");
+        std::fs::write(&main, text)?;
+        let (ok, stderr) = check()?;
+        if ok || !names_the_command(&stderr) {
+            bail!("after an edit of lxcmon-ebpf/src, cargo check passed={ok}; stderr:\n{stderr}");
+        }
+        eprintln!(
+            "xtask: a missing or stale BPF object is refused, naming `cargo xtask build-ebpf`"
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&copy);
+    result
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default();
+        if name == "target" {
+            continue;
+        }
+        if path.is_dir() {
+            copy_tree(&path, &to.join(name))?;
+        } else {
+            std::fs::copy(&path, to.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -207,8 +312,9 @@ pub fn test() -> Result<()> {
         "--features",
         "ebpf",
         "--lib",
-        "bpf::",
+        "collect::bpf::",
     ])?;
+    stale_object_is_refused()?;
     deps::cargo(&[
         "test",
         "-p",

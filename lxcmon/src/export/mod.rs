@@ -3,33 +3,15 @@
 
 mod autoscale;
 mod file;
+pub mod prometheus;
 mod records;
 
 use crate::config::ExportFormat;
-use crate::derive::ContainerMetrics;
-use chrono::{DateTime, Utc};
+use crate::derive::Cycle;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 pub use file::write_atomic;
-
-/// Everything one cycle exports.
-#[derive(Debug, Clone)]
-pub struct Cycle {
-    pub started: DateTime<Utc>,
-    pub ended: DateTime<Utc>,
-    pub metrics: Vec<ContainerMetrics>,
-    /// Containers found running, exported or not.
-    pub total_containers: usize,
-    /// Containers left out after their retries failed.
-    pub failed_containers: usize,
-    pub collector: &'static str,
-    /// Host-wide CPU busy percent over the last interval.
-    pub host_cpu_percent: f64,
-    pub agent_rss_bytes: u64,
-    /// Timestamps carry sub-second digits (intervals under a second).
-    pub subsecond: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -192,8 +174,9 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::sample::FsUsage;
-    use chrono::TimeZone;
+    use crate::collect::sample::FsUsage;
+    use crate::derive::ContainerMetrics;
+    use chrono::{TimeZone, Utc};
 
     pub fn metrics(id: &str, seed: u64) -> ContainerMetrics {
         ContainerMetrics {

@@ -6,7 +6,7 @@
 //! each cycle checks the mtime of every known directory instead; the kernel's timestamps are
 //! coarse (a jiffy), so a directory modified within the last second is re-walked anyway.
 
-use crate::kfile::{KFile, ReadError};
+use crate::readers::kfile::{KFile, ReadError};
 use rustix::fs::inotify;
 use std::collections::HashMap;
 use std::fs::File;

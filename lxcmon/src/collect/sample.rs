@@ -1,12 +1,12 @@
 //! Sampling: one reading of every discovered container's raw counters, files held open
 //! across cycles, containers spread over the configured number of workers.
 
-use crate::cgroup::subtree::Watcher;
-use crate::cgroup::{CgroupReader, CgroupSample, Layout};
-use crate::discovery::Discovered;
-use crate::kfile::{self, KFile, ReadError};
-use crate::procfs::{self, NetTotals};
-use crate::sysfs::DeviceFilter;
+use crate::collect::discovery::Discovered;
+use crate::readers::cgroup::subtree::Watcher;
+use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout};
+use crate::readers::kfile::{self, KFile, ReadError};
+use crate::readers::procfs::{self, NetTotals};
+use crate::readers::sysfs::DeviceFilter;
 use rustix::fd::OwnedFd;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! procfs readers: a container's init, its network counters, and host-wide figures.
 
-use crate::kfile::{self, KFile, ReadError};
+use crate::readers::kfile::{self, KFile, ReadError};
 use std::path::Path;
 
 /// Whether a `/proc/<pid>/status` belongs to the first process of its innermost PID

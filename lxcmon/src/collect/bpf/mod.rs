@@ -16,6 +16,7 @@
 //! The object is built by `cargo xtask build-ebpf` and embedded at compile time.
 
 mod btf;
+pub(crate) mod counters;
 mod format;
 pub mod sys;
 
@@ -37,11 +38,9 @@ use tracing::{debug, info, warn};
 pub use lxcmon_common::Counters;
 pub use sys::kernel_dev_t;
 
-/// The BPF object built by `cargo xtask build-ebpf`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/bpf/lxcmon.bpf.o"
-));
+/// The BPF object built by `cargo xtask build-ebpf`; `build.rs` checks that it matches the
+/// sources and gives its path.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LXCMON_BPF_OBJECT"));
 
 /// Where bpffs is mounted.
 pub const BPF_FS: &str = "/sys/fs/bpf";

@@ -1,6 +1,6 @@
 //! Host facts from sysfs: block device names, whole disks, online CPUs.
 
-use crate::kfile::{self, ReadError};
+use crate::readers::kfile::{self, ReadError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -72,7 +72,7 @@ pub fn whole_disks(root: &Path) -> Result<Vec<Disk>, ReadError> {
         let Ok(dev) = kfile::read_to_string(&entry.path().join("dev")) else {
             continue;
         };
-        if let Some(dev) = crate::cgroup::parse_dev(dev.trim()) {
+        if let Some(dev) = crate::readers::parse::parse_dev(dev.trim()) {
             disks.push(Disk { name, dev });
         }
     }
@@ -84,7 +84,7 @@ pub fn whole_disks(root: &Path) -> Result<Vec<Disk>, ReadError> {
 pub fn online_cpus(root: &Path) -> Result<u32, ReadError> {
     let path = kfile::under(root, "/sys/devices/system/cpu/online");
     let text = kfile::read_to_string(&path)?;
-    crate::cgroup::cpu_list_len(&text).ok_or_else(|| ReadError::parse(&path, text.trim()))
+    crate::readers::parse::cpu_list_len(&text).ok_or_else(|| ReadError::parse(&path, text.trim()))
 }
 
 #[cfg(test)]

@@ -5,15 +5,18 @@
 
 use crate::collect::Collector;
 use crate::config::Config;
-use crate::export::{self, Cycle, Exporter};
+use crate::export::prometheus::Exposition;
+use crate::export::{self, Exporter};
 use crate::logging::LogControl;
-use crate::prometheus::Exposition;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use writer::{ExportWriter, WriterMsg};
+
+mod writer;
 
 /// Gap between the two samples of `--once`, and before the daemon's first export.
 pub fn first_gap(cfg: &Config) -> Duration {
@@ -89,7 +92,7 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         if let Some(addr) = self.cfg.monitoring.prometheus_listen {
-            let bound = crate::prometheus::serve(addr, self.exposition.clone())
+            let bound = crate::export::prometheus::serve(addr, self.exposition.clone())
                 .await
                 .with_context(|| format!("prometheus_listen: cannot listen on {addr}"))?;
             tracing::info!(%bound, "serving /metrics and /healthz");
@@ -194,92 +197,5 @@ impl Daemon {
         }
         tracing::info!("configuration reloaded");
         old_m.check_interval != new_m.check_interval
-    }
-}
-
-enum WriterMsg {
-    Cycle(Arc<Cycle>),
-    /// The export settings changed: continue in the (possibly other) file.
-    Reopen {
-        path: PathBuf,
-        format: crate::config::ExportFormat,
-        max_entries: usize,
-    },
-}
-
-/// Owns the export file on a thread of its own. Cycles that queue up while a write is slow
-/// are folded into the next write.
-struct ExportWriter {
-    tx: Option<mpsc::Sender<WriterMsg>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ExportWriter {
-    fn spawn(mut exporter: Exporter, exposition: Arc<Exposition>) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<WriterMsg>();
-        let thread = std::thread::Builder::new()
-            .name("lxcmon-export".into())
-            .spawn(move || {
-                let mut pending = false;
-                let write = |exporter: &Exporter| match exporter.write() {
-                    Ok(()) => false,
-                    Err(e) => {
-                        exposition
-                            .export_write_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, "export failed; the previous file is intact, retrying next cycle");
-                        true
-                    }
-                };
-                while let Ok(first) = rx.recv() {
-                    let mut next = Some(first);
-                    while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
-                        match msg {
-                            WriterMsg::Cycle(c) => pending |= exporter.push(&c),
-                            WriterMsg::Reopen {
-                                path,
-                                format,
-                                max_entries,
-                            } => {
-                                if pending {
-                                    write(&exporter);
-                                }
-                                match Exporter::open(&path, format, max_entries) {
-                                    Ok(e) => exporter = e,
-                                    Err(e) => tracing::error!(error = %e, "cannot switch the export file; keeping the old one"),
-                                }
-                                pending = true;
-                            }
-                        }
-                    }
-                    if pending {
-                        pending = write(&exporter);
-                    }
-                }
-                if pending {
-                    write(&exporter);
-                }
-            })
-            .context("starting the export thread")?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn send(&self, msg: WriterMsg) {
-        if let Some(tx) = &self.tx {
-            if tx.send(msg).is_err() {
-                tracing::error!("the export thread has stopped; cycle not exported");
-            }
-        }
-    }
-
-    /// Flushes what is queued and waits for the last write.
-    fn finish(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

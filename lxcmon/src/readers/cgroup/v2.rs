@@ -1,9 +1,10 @@
 //! cgroup v2 (unified) figures: `cpu.stat`, `memory.*`, `io.stat`, `pids.current`.
 
 use super::subtree::{Subtree, Watcher};
-use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Limits, LIMITS_TTL};
-use crate::kfile::{keyed_value, parse_u64_or_max, KFile, ReadError};
-use crate::sysfs::DeviceFilter;
+use super::{CgroupSample, IoBytes, Limits, LIMITS_TTL};
+use crate::readers::kfile::{keyed_value, parse_u64_or_max, KFile, ReadError};
+use crate::readers::parse::{cpu_list_len, parse_dev};
+use crate::readers::sysfs::DeviceFilter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -178,7 +179,7 @@ pub fn parse_io_stat(text: &str, devices: &DeviceFilter) -> IoBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sysfs::DeviceFilter;
+    use crate::readers::sysfs::DeviceFilter;
 
     #[test]
     fn cpu_max_forms() {
@@ -191,7 +192,7 @@ mod tests {
     #[test]
     fn io_stat_skips_excluded_devices() {
         let dir = tempfile::tempdir().unwrap();
-        let filter = crate::sysfs::tests::device_fixture(
+        let filter = crate::readers::sysfs::tests::device_fixture(
             dir.path(),
             &[("254:0", "vda"), ("7:0", "loop0"), ("253:1", "dm-1")],
             &["loop", "dm-"],

@@ -6,7 +6,7 @@
 //!
 //! Monitor cgroups (`lxc.monitor.<name>`, `lxc.monitor/<vmid>`) hold no container.
 
-use crate::kfile;
+use crate::readers::kfile;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! never waits for one. Counters are cumulative (CPU seconds, bytes); rates are the
 //! scraper's business, so no percentage is exported here.
 
-use crate::export::Cycle;
+use crate::derive::Cycle;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};

@@ -8,8 +8,8 @@ pub mod subtree;
 pub mod v1;
 pub mod v2;
 
-use crate::kfile::{self, ReadError};
-use crate::sysfs::DeviceFilter;
+use crate::readers::kfile::{self, ReadError};
+use crate::readers::sysfs::DeviceFilter;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -243,34 +243,6 @@ impl CgroupReader {
     }
 }
 
-/// Number of CPUs in a cpu list such as `0-3,8,10-11`.
-pub fn cpu_list_len(list: &str) -> Option<u32> {
-    let list = list.trim();
-    if list.is_empty() {
-        return None;
-    }
-    let mut n = 0u32;
-    for part in list.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
-                n += b.checked_sub(a)? + 1;
-            }
-            None => {
-                part.parse::<u32>().ok()?;
-                n += 1;
-            }
-        }
-    }
-    Some(n)
-}
-
-/// Splits `maj:min` into numbers.
-pub fn parse_dev(s: &str) -> Option<(u32, u32)> {
-    let (a, b) = s.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,13 +291,5 @@ mod tests {
         assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/tail\04"), r"/tail\04");
-    }
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(cpu_list_len("0-3,8,10-11\n"), Some(7));
-        assert_eq!(cpu_list_len("0"), Some(1));
-        assert_eq!(cpu_list_len(""), None);
-        assert_eq!(cpu_list_len("3-1"), None);
     }
 }

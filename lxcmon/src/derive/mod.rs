@@ -1,7 +1,8 @@
 //! Deriving the exported figures from raw samples: CPU percent from deltas, limits resolved
 //! against the host, units as the export contract wants them.
 
-use crate::sample::{ContainerSample, FsUsage};
+use crate::collect::sample::{ContainerSample, FsUsage};
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -28,6 +29,24 @@ pub struct ContainerMetrics {
     pub fs: FsUsage,
     pub processes: u64,
     pub threads: u64,
+}
+
+/// Everything one cycle exports.
+#[derive(Debug, Clone)]
+pub struct Cycle {
+    pub started: DateTime<Utc>,
+    pub ended: DateTime<Utc>,
+    pub metrics: Vec<ContainerMetrics>,
+    /// Containers found running, exported or not.
+    pub total_containers: usize,
+    /// Containers left out after their retries failed.
+    pub failed_containers: usize,
+    pub collector: &'static str,
+    /// Host-wide CPU busy percent over the last interval.
+    pub host_cpu_percent: f64,
+    pub agent_rss_bytes: u64,
+    /// Timestamps carry sub-second digits (intervals under a second).
+    pub subsecond: bool,
 }
 
 /// Host facts the derivation needs each cycle.
@@ -123,7 +142,7 @@ fn metrics(s: &ContainerSample, prev: &Previous, host: HostFacts) -> Option<Cont
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::{CgroupSample, Limits};
+    use crate::readers::cgroup::{CgroupSample, Limits};
     use std::time::Duration;
 
     const HOST: HostFacts = HostFacts {

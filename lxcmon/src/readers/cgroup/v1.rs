@@ -1,9 +1,10 @@
 //! cgroup v1 figures, one controller hierarchy each: cpuacct, cpu, cpuset, memory, blkio, pids.
 
 use super::subtree::{Subtree, Watcher};
-use super::{cpu_list_len, parse_dev, CgroupSample, IoBytes, Layout, Limits, LIMITS_TTL};
-use crate::kfile::{keyed_values, KFile, ReadError};
-use crate::sysfs::DeviceFilter;
+use super::{CgroupSample, IoBytes, Layout, Limits, LIMITS_TTL};
+use crate::readers::kfile::{keyed_values, KFile, ReadError};
+use crate::readers::parse::{cpu_list_len, parse_dev};
+use crate::readers::sysfs::DeviceFilter;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -202,7 +203,7 @@ mod tests {
     #[test]
     fn throttle_bytes_read_write_only() {
         let dir = tempfile::tempdir().unwrap();
-        let filter = crate::sysfs::tests::device_fixture(
+        let filter = crate::readers::sysfs::tests::device_fixture(
             dir.path(),
             &[("254:0", "vda"), ("7:3", "loop3")],
             &["loop"],

@@ -1,0 +1,195 @@
+//! Collection: every cycle, [`discovery`] finds the running containers, [`sample`] reads their
+//! raw counters through the readers, the BPF collector ([`bpf`], feature `ebpf`) supplies
+//! network and block I/O bytes counted in the kernel, and [`crate::derive`] turns the samples
+//! into the cycle's figures.
+
+#[cfg(feature = "ebpf")]
+pub mod bpf;
+pub mod discovery;
+mod host;
+pub mod sample;
+mod v1_io;
+
+#[cfg(not(feature = "ebpf"))]
+use crate::config::CollectorChoice;
+use crate::config::Config;
+use crate::derive::{Cycle, Deriver};
+use crate::readers::cgroup::{Layout, LayoutError, Mode};
+use crate::readers::kfile::ReadError;
+use crate::readers::sysfs::DeviceFilter;
+use chrono::Utc;
+use discovery::{Discovery, DiscoveryError};
+use host::HostFiles;
+use sample::{Options, Sampler};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("cgroup layout: {0}")]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("host figures: {0}")]
+    Host(#[from] ReadError),
+    #[error("the BPF collector is not built into this binary (collector: ebpf); build it with `cargo xtask run` or use collector: auto")]
+    NoBpf,
+    #[error("the BPF collector cannot run (collector: ebpf): {0}")]
+    Bpf(String),
+}
+
+pub struct Collector {
+    discovery: Discovery,
+    sampler: Sampler,
+    deriver: Deriver,
+    host: HostFiles,
+    #[cfg(feature = "ebpf")]
+    kernel: Option<bpf::counters::KernelCounters>,
+    subsecond: bool,
+    root: std::path::PathBuf,
+}
+
+/// (network, block I/O): whether the file readers supply each every cycle.
+#[cfg(feature = "ebpf")]
+fn from_files(kernel: Option<&bpf::counters::KernelCounters>) -> (bool, bool) {
+    kernel.map_or((true, true), |k| (false, !k.counts_io()))
+}
+
+/// Which counters the file readers supply every cycle: (network, block I/O).
+fn sample_options(cfg: &Config, (net_files, io_files): (bool, bool)) -> Options {
+    let m = &cfg.monitoring;
+    Options {
+        swap: m.enable_swap,
+        network: m.enable_network,
+        filesystem: m.enable_filesystem,
+        workers: cfg.workers(),
+        retry_limit: m.retry_limit,
+        retry_delay: m.retry_delay,
+        net_files,
+        io_files,
+    }
+}
+
+impl Collector {
+    pub fn new(cfg: &Config, root: &Path) -> Result<Self, CollectError> {
+        let m = &cfg.monitoring;
+        let layout = Layout::detect(root)?;
+        let hierarchy = layout
+            .primary()
+            .ok_or_else(|| LayoutError::NoControllers(root.to_path_buf()))?
+            .to_path_buf();
+        tracing::info!(mode = ?layout.mode(), hierarchy = %hierarchy.display(), "cgroup layout");
+        if layout.mode() == Some(Mode::V1) {
+            v1_io::v1_io_accounting(root, &layout, cfg);
+        }
+        let devices = DeviceFilter::new(root, &m.excluded_devices);
+        #[cfg(feature = "ebpf")]
+        let kernel = bpf::counters::KernelCounters::choose(
+            m.collector,
+            root,
+            &layout,
+            &m.excluded_devices,
+            m.enable_network,
+        )?;
+        #[cfg(not(feature = "ebpf"))]
+        match m.collector {
+            CollectorChoice::Ebpf => return Err(CollectError::NoBpf),
+            CollectorChoice::Auto => {
+                tracing::info!("collector: files (this binary has no BPF programs built in)")
+            }
+            CollectorChoice::Files => tracing::info!("collector: files (as configured)"),
+        }
+        #[cfg(feature = "ebpf")]
+        let files = from_files(kernel.as_ref());
+        #[cfg(not(feature = "ebpf"))]
+        let files = (true, true);
+        Ok(Self {
+            discovery: Discovery::new(root, &hierarchy),
+            sampler: Sampler::new(root, layout, devices, sample_options(cfg, files)),
+            deriver: Deriver::default(),
+            host: HostFiles::open(root)?,
+            #[cfg(feature = "ebpf")]
+            kernel,
+            subsecond: m.check_interval < std::time::Duration::from_secs(1),
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Applies a reloaded configuration for the next cycle, keeping what must survive: CPU
+    /// baselines, discovery, the BPF programs and their counts. The collector choice itself
+    /// takes effect on restart.
+    pub fn reconfigure(&mut self, old: &Config, new: &Config) {
+        let m = &new.monitoring;
+        self.sampler = Sampler::new(
+            &self.root,
+            self.sampler.layout().clone(),
+            DeviceFilter::new(&self.root, &m.excluded_devices),
+            sample_options(new, self.files_supply()),
+        );
+        self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            kernel.reconfigure(m);
+        }
+        if old.monitoring.collector != m.collector {
+            tracing::warn!("monitoring.collector changes take effect when the agent restarts");
+        }
+    }
+
+    /// (network, block I/O): whether the file readers supply each every cycle.
+    fn files_supply(&self) -> (bool, bool) {
+        #[cfg(feature = "ebpf")]
+        let files = from_files(self.kernel.as_ref());
+        #[cfg(not(feature = "ebpf"))]
+        let files = (true, true);
+        files
+    }
+
+    /// `ebpf` when network and I/O bytes come from the BPF programs, `files` otherwise.
+    pub fn collector_name(&self) -> &'static str {
+        #[cfg(feature = "ebpf")]
+        if self.kernel.is_some() {
+            return "ebpf";
+        }
+        "files"
+    }
+
+    /// Runs one cycle. Containers seen for the first time set their baseline and are exported
+    /// from the next cycle on.
+    pub fn cycle(&mut self) -> Result<Cycle, CollectError> {
+        let started = Utc::now();
+        let discovered = self.discovery.scan()?;
+        let host = self.host.facts()?;
+        #[allow(unused_mut)]
+        let mut sampled = self.sampler.sample(&discovered);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            if let Err(e) = kernel.apply(&discovered, &mut sampled.containers) {
+                tracing::warn!(error = %e, "the BPF collector failed; network and I/O figures come from the file readers from now on");
+                self.kernel = None;
+                self.sampler.set_net_io_files();
+                sampled = self.sampler.sample(&discovered);
+            }
+        }
+        let metrics = self.deriver.derive(&sampled.containers, host);
+        let ended = Utc::now();
+        tracing::debug!(
+            duration_us = (ended - started).num_microseconds().unwrap_or(0),
+            found = discovered.len(),
+            exported = metrics.len(),
+            skipped = sampled.skipped,
+            failed = sampled.failed,
+            "cycle"
+        );
+        Ok(Cycle {
+            started,
+            ended,
+            metrics,
+            total_containers: discovered.len(),
+            failed_containers: sampled.failed,
+            collector: self.collector_name(),
+            host_cpu_percent: self.host.cpu_percent(),
+            agent_rss_bytes: self.host.rss(),
+            subsecond: self.subsecond,
+        })
+    }
+}
