@@ -8,6 +8,23 @@ use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{fmt, reload, Registry};
 
+/// An error and all its sources, `: `-joined, for log fields (`error = %Chain(&e)`). Error types
+/// keep their source out of their own message (thiserror `#[source]`/`source` field), so neither
+/// this nor anyhow's `{:#}` prints a cause twice.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Changes the level of the running subscriber (on a configuration reload).
 pub struct LogControl {
     filter: reload::Handle<EnvFilter, Registry>,
@@ -69,4 +86,27 @@ fn open_rotating(cfg: &LoggingConfig) -> std::io::Result<FileRotate<AppendCount>
         Compression::None,
         None,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write {path}")]
+    struct Outer {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn chain_prints_each_cause_once() {
+        let e = Outer {
+            path: "/x",
+            source: std::io::Error::from_raw_os_error(21),
+        };
+        let shown = Chain(&e).to_string();
+        assert!(shown.starts_with("cannot write /x: "), "{shown}");
+        assert_eq!(shown.matches("os error 21").count(), 1, "{shown}");
+    }
 }

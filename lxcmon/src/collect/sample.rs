@@ -34,6 +34,21 @@ pub struct ContainerSample {
     pub fs: FsUsage,
     /// The container's files were (re)opened for this sample: it is new, or it restarted.
     pub fresh: bool,
+    /// Who counted `net_rx`/`net_tx` in this sample. A change of source must not make a
+    /// cumulative figure jump (derive keeps them continuous per container instance).
+    pub net_source: CounterSource,
+    /// Who counted `cgroup.io` in this sample.
+    pub io_source: CounterSource,
+}
+
+/// Where a cumulative counter of a sample came from: the file readers and the BPF programs
+/// count by different rules (buffered writeback, Ethernet framing), so their values are not
+/// interchangeable mid-stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CounterSource {
+    #[default]
+    Files,
+    Bpf,
 }
 
 /// What a cycle's sampling found.
@@ -332,6 +347,8 @@ impl Ctx<'_> {
             net_tx: st.net.tx(),
             fs,
             fresh,
+            net_source: CounterSource::Files,
+            io_source: CounterSource::Files,
         })
     }
 

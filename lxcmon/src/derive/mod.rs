@@ -165,6 +165,8 @@ mod tests {
             net_tx: 0,
             fs: FsUsage::default(),
             fresh: false,
+            net_source: Default::default(),
+            io_source: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 
 use super::{self as bpf, BpfCollector, BpfError, BpfOptions, Counters};
 use crate::collect::discovery::Discovered;
-use crate::collect::sample::ContainerSample;
+use crate::collect::sample::{ContainerSample, CounterSource};
 use crate::collect::CollectError;
 use crate::config::CollectorChoice;
 use crate::readers::cgroup::Layout;
@@ -176,10 +176,12 @@ impl KernelCounters {
             if self.network {
                 s.net_rx = c.net_rx;
                 s.net_tx = c.net_tx;
+                s.net_source = CounterSource::Bpf;
             }
             if self.counts_io() {
                 s.cgroup.io.read = c.io_read;
                 s.cgroup.io.write = c.io_write;
+                s.io_source = CounterSource::Bpf;
             }
         }
         Ok(())
