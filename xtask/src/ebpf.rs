@@ -200,25 +200,10 @@ pub fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    deps::cargo(&[
-        "test",
-        "-p",
+    deps::exec(&mut deps::cargo_test("lxcmon", true, &["--lib", "bpf::"]))?;
+    deps::exec(&mut deps::cargo_test(
         "lxcmon",
-        "--features",
-        "ebpf",
-        "--lib",
-        "bpf::",
-    ])?;
-    deps::cargo(&[
-        "test",
-        "-p",
-        "lxcmon",
-        "--features",
-        "ebpf",
-        "--test",
-        "bpf_collector",
-        "--",
-        "--ignored",
-        "--test-threads=1",
-    ])
+        true,
+        &[&["--test", "bpf_collector"], deps::ROOT_TESTS].concat(),
+    ))
 }
