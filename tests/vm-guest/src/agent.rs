@@ -1,8 +1,9 @@
 //! The driver proper: system set-up, the Proxmox layout, workload phases, agent runs, checks.
 
-use crate::ct::{self, Container, CGROOT};
+use crate::ct::{self, cgroups, Container, CGROOT};
 use crate::{cmdline, info, mount, sh, Report};
 use anyhow::{bail, Context, Result};
+use lxcmon_testkit::ct::veth_peer;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -149,23 +150,11 @@ fn online_cpus() -> usize {
 
 /// Enables every wanted controller in `<rel>/cgroup.subtree_control` (cpuset when available).
 fn enable_controllers(rel: &str) -> Result<()> {
-    let dir = if rel.is_empty() {
-        CGROOT.to_string()
-    } else {
-        format!("{CGROOT}/{rel}")
-    };
-    let available = std::fs::read_to_string(format!("{dir}/cgroup.controllers"))?;
-    for c in ["cpu", "memory", "io", "pids", "cpuset"] {
-        if available.split_whitespace().any(|a| a == c) {
-            std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{c}"))
-                .with_context(|| format!("enabling {c} in {dir}"))?;
-        }
-    }
-    Ok(())
+    cgroups().enable_controllers(rel, &["cpu", "memory", "io", "pids", "cpuset"])
 }
 
 fn mkcg(rel: &str) -> Result<()> {
-    std::fs::create_dir_all(format!("{CGROOT}/{rel}")).with_context(|| format!("creating {rel}"))
+    cgroups().create(rel).map(drop)
 }
 
 fn build_layout() -> Result<Vec<Container>> {
@@ -293,21 +282,6 @@ fn net_info(cts: &[Container], when: &str) {
     }
 }
 
-/// The other end of a fresh veth pair (busybox `ip` ignores `peer name`).
-fn veth_peer(dev: &str) -> Result<String> {
-    let read = |p: String| std::fs::read_to_string(p).map(|s| s.trim().to_string());
-    let ifindex = read(format!("/sys/class/net/{dev}/ifindex"))?;
-    for e in std::fs::read_dir("/sys/class/net")? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name != dev
-            && read(format!("/sys/class/net/{name}/iflink")).ok() == Some(ifindex.clone())
-        {
-            return Ok(name);
-        }
-    }
-    bail!("no peer found for {dev}")
-}
-
 /// Expected process count per container (index), fixed for the whole run.
 struct StaticProcs {
     count: [u64; 3],
@@ -325,21 +299,7 @@ fn start_static_processes(cts: &[Container]) -> Result<StaticProcs> {
 
 /// Processes in a cgroup subtree, read from the cgroup files (the guest's own view).
 fn cgroup_procs(rel: &str) -> Result<Vec<u32>> {
-    let mut out = Vec::new();
-    let dir = format!("{CGROOT}/{rel}");
-    for l in std::fs::read_to_string(format!("{dir}/cgroup.procs"))?.lines() {
-        if let Ok(p) = l.trim().parse() {
-            out.push(p);
-        }
-    }
-    for e in std::fs::read_dir(&dir)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            out.extend(cgroup_procs(&format!("{rel}/{name}"))?);
-        }
-    }
-    Ok(out)
+    cgroups().subtree_procs(rel)
 }
 
 fn nspid(pid: u32) -> String {
