@@ -238,13 +238,10 @@ impl Report<'_> {
         md
     }
 
+    /// All of `bench/results.md`: every run, the rate search, syscalls, floor, export, BPF.
     pub fn results_md(&self) -> String {
         let Report {
-            args,
-            flavor,
-            rows,
-            rates,
-            export,
+            args, flavor, rows, ..
         } = *self;
         let mut md = String::new();
         let host = Host::now();
@@ -365,7 +362,7 @@ impl Report<'_> {
                 }
             }
         }
-        for r in rates {
+        for r in self.rates {
             let _ = writeln!(
                 md,
                 "| files | {} | {} | {:.2}% | {:.2} | {:.2} | {} | {:.3} | {} |",
@@ -429,7 +426,7 @@ impl Report<'_> {
     );
         let _ = writeln!(md, "| format | retained cycles | push (us) | write (us, wall) | CPU push+write (us) | file size (MiB) |");
         let _ = writeln!(md, "|---|---|---|---|---|---|");
-        for e in export {
+        for e in self.export {
             let get = |k: &str| e.field(k);
             let mib = get("bytes=")
                 .parse::<f64>()
