@@ -22,9 +22,30 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo` (the one running xtask) in the workspace root.
+pub fn cargo_cmd() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
 pub fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    exec(Command::new(cargo).args(args).current_dir(workspace_root()))
+    exec(cargo_cmd().args(args))
+}
+
+/// After `--`: the `#[ignore]`d root tests, one at a time (they share machine state).
+pub const ROOT_TESTS: &[&str] = &["--", "--ignored", "--test-threads=1"];
+
+/// `cargo test -p PKG [--features ebpf] ARGS...` (ARGS: test selection, then anything after
+/// `--`), ready to run with [`exec`] or to get more environment first.
+pub fn cargo_test(pkg: &str, ebpf: bool, args: &[&str]) -> Command {
+    let mut cmd = cargo_cmd();
+    cmd.args(["test", "-p", pkg]);
+    if ebpf {
+        cmd.args(["--features", "ebpf"]);
+    }
+    cmd.args(args);
+    cmd
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

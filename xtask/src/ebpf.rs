@@ -305,26 +305,15 @@ pub fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    deps::cargo(&[
-        "test",
-        "-p",
+    deps::exec(&mut deps::cargo_test(
         "lxcmon",
-        "--features",
-        "ebpf",
-        "--lib",
-        "collect::bpf::",
-    ])?;
+        true,
+        &["--lib", "collect::bpf::"],
+    ))?;
     stale_object_is_refused()?;
-    deps::cargo(&[
-        "test",
-        "-p",
+    deps::exec(&mut deps::cargo_test(
         "lxcmon",
-        "--features",
-        "ebpf",
-        "--test",
-        "bpf_collector",
-        "--",
-        "--ignored",
-        "--test-threads=1",
-    ])
+        true,
+        &[&["--test", "bpf_collector"], deps::ROOT_TESTS].concat(),
+    ))
 }

@@ -33,59 +33,36 @@ pub fn run_lxc_tests() -> Result<()> {
         .unwrap_or_default();
     ensure!(euid == "0", "the LXC tests need root (uid 0, got {euid:?})");
     ensure_lxc_test_deps()?;
-    deps::cargo(&[
-        "test",
-        "-p",
+    deps::exec(&mut deps::cargo_test(
         "lxcmon-testkit",
-        "--test",
-        "harness",
-        "--",
-        "--ignored",
-        "--test-threads=1",
-    ])?;
+        false,
+        &[&["--test", "harness"], deps::ROOT_TESTS].concat(),
+    ))?;
     for collector in ["files", "ebpf"] {
         eprintln!("xtask: real-container tests with collector: {collector}");
         deps::exec(
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "test",
-                    "-p",
-                    "lxcmon",
-                    "--features",
-                    "ebpf",
-                    "--test",
-                    "lxc_host",
-                ])
-                .args(["--", "--ignored", "--test-threads=1"])
-                .env("LXCMON_TEST_COLLECTOR", collector)
-                .current_dir(deps::workspace_root()),
+            deps::cargo_test(
+                "lxcmon",
+                true,
+                &[&["--test", "lxc_host"], deps::ROOT_TESTS].concat(),
+            )
+            .env("LXCMON_TEST_COLLECTOR", collector),
         )?;
     }
+    deps::exec(&mut deps::cargo_test(
+        "lxcmon",
+        true,
+        &[&["--test", "collectors"], deps::ROOT_TESTS].concat(),
+    ))?;
+    // Pinned BPF state of the containers the tests made and removed.
     deps::cargo(&[
-        "test",
+        "run",
+        "-q",
         "-p",
         "lxcmon",
         "--features",
         "ebpf",
-        "--test",
-        "collectors",
         "--",
-        "--ignored",
-        "--test-threads=1",
-    ])?;
-    // Pinned BPF state of the containers the tests made and removed.
-    deps::exec(
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "run",
-                "-q",
-                "-p",
-                "lxcmon",
-                "--features",
-                "ebpf",
-                "--",
-                "--cleanup-bpf",
-            ])
-            .current_dir(deps::workspace_root()),
-    )
+        "--cleanup-bpf",
+    ])
 }

@@ -58,15 +58,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     parts.run("/metrics through the Prometheus parser", || {
         deps::ensure_apt(&["python3-prometheus-client"])?;
-        deps::cargo(&[
-            "test",
-            "-p",
+        deps::exec(&mut deps::cargo_test(
             "lxcmon",
-            "--test",
-            "service",
-            "--",
-            "--ignored",
-        ])
+            false,
+            &["--test", "service", "--", "--ignored"],
+        ))
     })?;
     // The BPF path: toolchain, object, its own lint and unit tests, root tests of the loader.
     parts.run("BPF: toolchain, build, loader tests", crate::ebpf::test)?;

@@ -233,14 +233,18 @@ pub fn check_autoscale_ml(v: &Value) -> Result<Vec<AmlCycle>> {
             }
             let cpu = get_f64(e, "cpu_usage_percent", &cat)?;
             ensure!(cpu <= 100.0, "{cat}.cpu_usage_percent = {cpu} is over 100");
-            for k in [
-                "memory_usage_mb",
-                "swap_usage_mb",
-                "swap_total_mb",
-                "filesystem_usage_gb",
-                "filesystem_total_gb",
-                "filesystem_free_gb",
-            ] {
+            // The other plain numbers (timestamp, CPU, processes and the two objects have their
+            // own checks).
+            for k in AML_KEYS.iter().filter(|k| {
+                !matches!(
+                    **k,
+                    "timestamp"
+                        | "cpu_usage_percent"
+                        | "process_count"
+                        | "io_stats"
+                        | "network_usage"
+                )
+            }) {
                 get_f64(e, k, &cat)?;
             }
             get_u64(e, "process_count", &cat)?;

@@ -391,7 +391,7 @@ impl Drop for Lab {
 impl Container {
     /// The container's cgroup directory for a v1 controller (ignored on v2).
     pub fn cgroup_dir(&self, controller: &str) -> PathBuf {
-        let leaf = format!("lxc.payload.{}", self.name);
+        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.name);
         match self.layout {
             CgroupLayout::V1 => Path::new("/sys/fs/cgroup").join(controller).join(leaf),
             CgroupLayout::V2 => Path::new("/sys/fs/cgroup").join(leaf),

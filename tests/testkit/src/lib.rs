@@ -1,5 +1,7 @@
 //! Test support for lxcmon: real LXC containers with ground-truth workloads.
 //!
+//! - [`ct`]: test containers built by hand (cgroups of the LXC or Proxmox layout in every
+//!   hierarchy, namespaces, veths, teardown), shared by the bench fleet and the VM guest.
 //! - [`lab`]: creates busybox LXC containers on a private bridge, runs workloads inside them
 //!   whose size the test knows exactly, and tears everything down (also leftovers of a crashed
 //!   earlier run).
@@ -10,6 +12,7 @@
 
 pub mod agent;
 pub mod contract;
+pub mod ct;
 pub mod lab;
 pub mod proc;
 

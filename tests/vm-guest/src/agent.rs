@@ -1,8 +1,9 @@
 //! The driver proper: system set-up, the Proxmox layout, workload phases, agent runs, checks.
 
-use crate::ct::{self, Container, CGROOT};
+use crate::ct::{self, cgroups, Container, CGROOT};
 use crate::{cmdline, info, mount, sh, Report};
 use anyhow::{bail, Context, Result};
+use lxcmon_testkit::ct::veth_peer;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -50,34 +51,23 @@ fn drive_layout(report: &mut Report, cts: &[Container]) -> Result<()> {
     learn_bridge(cts, &mut truth)?;
     net_info(cts, "after bridge learning");
     let expect_auto = cmdline("expect_auto").unwrap_or_else(|| "any".into());
-    phase(
-        report,
-        cts,
-        &static_procs,
-        &mut truth,
-        "files",
-        "files",
-        false,
-    )?;
-    phase(
-        report,
-        cts,
-        &static_procs,
-        &mut truth,
-        "auto",
-        &expect_auto,
-        false,
-    )?;
-    // The kernel refuses bpf() to a process without CAP_BPF/CAP_SYS_ADMIN: auto falls back.
-    phase(
-        report,
-        cts,
-        &static_procs,
-        &mut truth,
-        "auto",
-        "files",
-        true,
-    )?;
+    // (collector configured, collector expected, without BPF capabilities); in the last the
+    // kernel refuses bpf() to a process without CAP_BPF/CAP_SYS_ADMIN: auto falls back.
+    for (collector, expect, no_caps) in [
+        ("files", "files", false),
+        ("auto", expect_auto.as_str(), false),
+        ("auto", "files", true),
+    ] {
+        phase(
+            report,
+            cts,
+            &static_procs,
+            &mut truth,
+            collector,
+            expect,
+            no_caps,
+        )?;
+    }
     once_checks(report, cts, &static_procs, &truth, &expect_auto)?;
     Ok(())
 }
@@ -149,23 +139,11 @@ fn online_cpus() -> usize {
 
 /// Enables every wanted controller in `<rel>/cgroup.subtree_control` (cpuset when available).
 fn enable_controllers(rel: &str) -> Result<()> {
-    let dir = if rel.is_empty() {
-        CGROOT.to_string()
-    } else {
-        format!("{CGROOT}/{rel}")
-    };
-    let available = std::fs::read_to_string(format!("{dir}/cgroup.controllers"))?;
-    for c in ["cpu", "memory", "io", "pids", "cpuset"] {
-        if available.split_whitespace().any(|a| a == c) {
-            std::fs::write(format!("{dir}/cgroup.subtree_control"), format!("+{c}"))
-                .with_context(|| format!("enabling {c} in {dir}"))?;
-        }
-    }
-    Ok(())
+    cgroups().enable_controllers(rel, &["cpu", "memory", "io", "pids", "cpuset"])
 }
 
 fn mkcg(rel: &str) -> Result<()> {
-    std::fs::create_dir_all(format!("{CGROOT}/{rel}")).with_context(|| format!("creating {rel}"))
+    cgroups().create(rel).map(drop)
 }
 
 fn build_layout() -> Result<Vec<Container>> {
@@ -293,21 +271,6 @@ fn net_info(cts: &[Container], when: &str) {
     }
 }
 
-/// The other end of a fresh veth pair (busybox `ip` ignores `peer name`).
-fn veth_peer(dev: &str) -> Result<String> {
-    let read = |p: String| std::fs::read_to_string(p).map(|s| s.trim().to_string());
-    let ifindex = read(format!("/sys/class/net/{dev}/ifindex"))?;
-    for e in std::fs::read_dir("/sys/class/net")? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name != dev
-            && read(format!("/sys/class/net/{name}/iflink")).ok() == Some(ifindex.clone())
-        {
-            return Ok(name);
-        }
-    }
-    bail!("no peer found for {dev}")
-}
-
 /// Expected process count per container (index), fixed for the whole run.
 struct StaticProcs {
     count: [u64; 3],
@@ -325,21 +288,7 @@ fn start_static_processes(cts: &[Container]) -> Result<StaticProcs> {
 
 /// Processes in a cgroup subtree, read from the cgroup files (the guest's own view).
 fn cgroup_procs(rel: &str) -> Result<Vec<u32>> {
-    let mut out = Vec::new();
-    let dir = format!("{CGROOT}/{rel}");
-    for l in std::fs::read_to_string(format!("{dir}/cgroup.procs"))?.lines() {
-        if let Ok(p) = l.trim().parse() {
-            out.push(p);
-        }
-    }
-    for e in std::fs::read_dir(&dir)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            out.extend(cgroup_procs(&format!("{rel}/{name}"))?);
-        }
-    }
-    Ok(out)
+    cgroups().subtree_procs(rel)
 }
 
 fn nspid(pid: u32) -> String {
@@ -495,42 +444,42 @@ fn phase(
     for (i, c) in cts.iter().enumerate() {
         let p = format!("kernel/{tag}/{}", c.vmid);
         let (b, a) = (&kv_before[i], &kv_after[i]);
-        report.near(
-            &format!("{p}/io.stat-wbytes-delta"),
-            (a.wbytes - b.wbytes) as f64,
-            delta.io_write[i] as f64,
-            0.05,
-            256.0 * 1024.0,
-        );
-        report.near(
-            &format!("{p}/io.stat-rbytes-delta"),
-            (a.rbytes - b.rbytes) as f64,
-            delta.io_read[i] as f64,
-            0.05,
-            256.0 * 1024.0,
-        );
-        report.near(
-            &format!("{p}/net_dev-tx-delta"),
-            (a.tx - b.tx) as f64,
-            delta.tx[i] as f64,
-            0.0,
-            0.0,
-        );
-        report.near(
-            &format!("{p}/net_dev-rx-delta"),
-            (a.rx - b.rx) as f64,
-            delta.rx[i] as f64,
-            0.0,
-            0.0,
-        );
         let mem_mib = (a.mem as f64 - b.mem as f64) / MIB as f64;
-        report.near(
-            &format!("{p}/memory-delta-MiB"),
-            mem_mib,
-            if i == 1 { hog_mib as f64 } else { 0.0 },
-            0.10,
-            2.0,
-        );
+        let hog = if i == 1 { hog_mib as f64 } else { 0.0 };
+        // (check, measured, expected, relative tolerance, tolerance when 0 is expected)
+        for (name, measured, expected, rel, abs_zero) in [
+            (
+                "io.stat-wbytes-delta",
+                (a.wbytes - b.wbytes) as f64,
+                delta.io_write[i] as f64,
+                0.05,
+                256.0 * 1024.0,
+            ),
+            (
+                "io.stat-rbytes-delta",
+                (a.rbytes - b.rbytes) as f64,
+                delta.io_read[i] as f64,
+                0.05,
+                256.0 * 1024.0,
+            ),
+            (
+                "net_dev-tx-delta",
+                (a.tx - b.tx) as f64,
+                delta.tx[i] as f64,
+                0.0,
+                0.0,
+            ),
+            (
+                "net_dev-rx-delta",
+                (a.rx - b.rx) as f64,
+                delta.rx[i] as f64,
+                0.0,
+                0.0,
+            ),
+            ("memory-delta-MiB", mem_mib, hog, 0.10, 2.0),
+        ] {
+            report.near(&format!("{p}/{name}"), measured, expected, rel, abs_zero);
+        }
     }
 
     let failed_before = report.failed.len();
@@ -875,54 +824,29 @@ fn workloads(cts: &[Container], tag: &str) -> Result<Truth> {
             })
             .with_context(|| format!("no {word} in {out:?}"))
     };
-    // Block I/O on the virtio disk, from inside the containers.
-    let w = cts[0].run(
-        "system.slice/io.service",
-        &[
-            "/bin/vm-guest",
-            "wl",
-            "write",
-            &format!("/data/{tag}-direct.bin"),
-            &(8 * MIB).to_string(),
-            "direct",
-        ],
-    )?;
-    d.io_write[0] += parse(&w, "WROTE")?;
-    let w = cts[0].run(
-        "system.slice/io.service",
-        &[
-            "/bin/vm-guest",
-            "wl",
-            "write",
-            &format!("/data/{tag}-buffered.bin"),
-            &(8 * MIB).to_string(),
-            "buffered",
-        ],
-    )?;
-    d.io_write[0] += parse(&w, "WROTE")?;
-    let r = cts[0].run(
-        "system.slice/io.service",
-        &[
-            "/bin/vm-guest",
-            "wl",
-            "read",
-            &format!("/data/{tag}-direct.bin"),
-            &(8 * MIB).to_string(),
-        ],
-    )?;
-    d.io_read[0] += parse(&r, "READ")?;
-    let w = cts[1].run(
-        "",
-        &[
-            "/bin/vm-guest",
-            "wl",
-            "write",
-            &format!("/data/{tag}-direct.bin"),
-            &(4 * MIB).to_string(),
-            "direct",
-        ],
-    )?;
-    d.io_write[1] += parse(&w, "WROTE")?;
+    // Block I/O on the virtio disk, from inside the containers: (container, cgroup, op,
+    // file, MiB, mode; "" for a read), each adding the bytes it moved.
+    const IO: &str = "system.slice/io.service";
+    let io_steps = [
+        (0usize, IO, "write", "direct", 8u64, "direct"),
+        (0, IO, "write", "buffered", 8, "buffered"),
+        (0, IO, "read", "direct", 8, ""),
+        (1, "", "write", "direct", 4, "direct"),
+    ];
+    for (i, cgroup, op, file, mib, mode) in io_steps {
+        let path = format!("/data/{tag}-{file}.bin");
+        let bytes = (mib * MIB).to_string();
+        let mut argv = vec!["/bin/vm-guest", "wl", op, &path, &bytes];
+        if !mode.is_empty() {
+            argv.push(mode);
+        }
+        let out = cts[i].run(cgroup, &argv)?;
+        if op == "write" {
+            d.io_write[i] += parse(&out, "WROTE")?;
+        } else {
+            d.io_read[i] += parse(&out, "READ")?;
+        }
+    }
 
     // UDP between the containers' namespaces over the bridge, both ways; 103 sends small
     // datagrams only, where per-packet header bytes weigh most (64 + 42 bytes per frame).
@@ -1140,34 +1064,34 @@ fn once_checks(
     let kv = kernel_view(cts)?;
     for (i, c) in cts.iter().enumerate() {
         let p = format!("kernel/cumulative/{}", c.vmid);
-        report.near(
-            &format!("{p}/io.stat-wbytes"),
-            kv[i].wbytes as f64,
-            truth.io_write[i] as f64,
-            0.05,
-            256.0 * 1024.0,
-        );
-        report.near(
-            &format!("{p}/io.stat-rbytes"),
-            kv[i].rbytes as f64,
-            truth.io_read[i] as f64,
-            0.05,
-            256.0 * 1024.0,
-        );
-        report.near(
-            &format!("{p}/net_dev-tx"),
-            kv[i].tx as f64,
-            truth.tx[i] as f64,
-            0.0,
-            0.0,
-        );
-        report.near(
-            &format!("{p}/net_dev-rx"),
-            kv[i].rx as f64,
-            truth.rx[i] as f64,
-            0.0,
-            0.0,
-        );
+        let k = &kv[i];
+        // (check, measured, expected, relative tolerance, tolerance when 0 is expected)
+        for (name, measured, expected, rel, abs_zero) in [
+            (
+                "io.stat-wbytes",
+                k.wbytes,
+                truth.io_write[i],
+                0.05,
+                256.0 * 1024.0,
+            ),
+            (
+                "io.stat-rbytes",
+                k.rbytes,
+                truth.io_read[i],
+                0.05,
+                256.0 * 1024.0,
+            ),
+            ("net_dev-tx", k.tx, truth.tx[i], 0.0, 0.0),
+            ("net_dev-rx", k.rx, truth.rx[i], 0.0, 0.0),
+        ] {
+            report.near(
+                &format!("{p}/{name}"),
+                measured as f64,
+                expected as f64,
+                rel,
+                abs_zero,
+            );
+        }
     }
     // records, files collector: counters are cumulative since the container started.
     let cfg = write_config("files", "records", "/tmp/unused-once.json")?;
@@ -1187,46 +1111,47 @@ fn once_checks(
                     continue;
                 };
                 let p = format!("once-records-files/{}", c.vmid);
-                near_opt(
-                    report,
-                    &format!("{p}/io_write_bytes-cumulative"),
-                    num(r, "io_write_bytes"),
-                    truth.io_write[i] as f64,
-                    0.05,
-                    256.0 * 1024.0,
-                );
-                near_opt(
-                    report,
-                    &format!("{p}/io_read_bytes-cumulative"),
-                    num(r, "io_read_bytes"),
-                    truth.io_read[i] as f64,
-                    0.05,
-                    256.0 * 1024.0,
-                );
-                near_opt(
-                    report,
-                    &format!("{p}/network_transmitted_bytes-cumulative"),
-                    num(r, "network_transmitted_bytes"),
-                    truth.tx[i] as f64,
-                    0.05,
-                    0.0,
-                );
-                near_opt(
-                    report,
-                    &format!("{p}/network_received_bytes-cumulative"),
-                    num(r, "network_received_bytes"),
-                    truth.rx[i] as f64,
-                    0.05,
-                    0.0,
-                );
-                near_opt(
-                    report,
-                    &format!("{p}/process_count"),
-                    num(r, "process_count"),
-                    sp.count[i] as f64,
-                    0.0,
-                    0.0,
-                );
+                // (export key and check, expected, relative tolerance, tolerance at 0)
+                for (key, check, expected, rel, abs_zero) in [
+                    (
+                        "io_write_bytes",
+                        "-cumulative",
+                        truth.io_write[i],
+                        0.05,
+                        256.0 * 1024.0,
+                    ),
+                    (
+                        "io_read_bytes",
+                        "-cumulative",
+                        truth.io_read[i],
+                        0.05,
+                        256.0 * 1024.0,
+                    ),
+                    (
+                        "network_transmitted_bytes",
+                        "-cumulative",
+                        truth.tx[i],
+                        0.05,
+                        0.0,
+                    ),
+                    (
+                        "network_received_bytes",
+                        "-cumulative",
+                        truth.rx[i],
+                        0.05,
+                        0.0,
+                    ),
+                    ("process_count", "", sp.count[i], 0.0, 0.0),
+                ] {
+                    near_opt(
+                        report,
+                        &format!("{p}/{key}{check}"),
+                        num(r, key),
+                        expected as f64,
+                        rel,
+                        abs_zero,
+                    );
+                }
                 let coll = r
                     .get("collector")
                     .and_then(Value::as_str)
@@ -1264,22 +1189,10 @@ fn once_checks(
                     .map(|o| o.keys().cloned().collect())
                     .unwrap_or_default();
                 ks.sort();
-                let mut want_keys: Vec<String> = [
-                    "timestamp",
-                    "cpu_usage_percent",
-                    "memory_usage_mb",
-                    "swap_usage_mb",
-                    "swap_total_mb",
-                    "process_count",
-                    "io_stats",
-                    "network_usage",
-                    "filesystem_usage_gb",
-                    "filesystem_total_gb",
-                    "filesystem_free_gb",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+                let mut want_keys: Vec<String> = lxcmon_testkit::contract::AML_KEYS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
                 want_keys.sort();
                 report.eq(&format!("{p}/keys"), ks, want_keys);
                 let ts = r
@@ -1308,22 +1221,16 @@ fn once_checks(
                     0.0,
                 );
                 let net = r.get("network_usage");
-                near_opt(
-                    report,
-                    &format!("{p}/network_usage.tx_bytes-cumulative"),
-                    net.and_then(|n| num(n, "tx_bytes")),
-                    truth.tx[i] as f64,
-                    0.05,
-                    0.0,
-                );
-                near_opt(
-                    report,
-                    &format!("{p}/network_usage.rx_bytes-cumulative"),
-                    net.and_then(|n| num(n, "rx_bytes")),
-                    truth.rx[i] as f64,
-                    0.05,
-                    0.0,
-                );
+                for (key, expected) in [("tx_bytes", truth.tx[i]), ("rx_bytes", truth.rx[i])] {
+                    near_opt(
+                        report,
+                        &format!("{p}/network_usage.{key}-cumulative"),
+                        net.and_then(|n| num(n, key)),
+                        expected as f64,
+                        0.05,
+                        0.0,
+                    );
+                }
                 let gib = (1u64 << 30) as f64;
                 // GiB figures: rounding to 2 decimals (as the original does) is allowed.
                 let fs = statvfs(&c.path("/"))?;

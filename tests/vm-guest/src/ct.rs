@@ -1,4 +1,6 @@
-//! Hand-made "containers": what LXC on Proxmox VE leaves behind, without LXC.
+//! Hand-made "containers": what LXC on Proxmox VE leaves behind, without LXC. Their cgroups
+//! and namespaces are built with the testkit's `ct` (shared with the bench fleet); what is the
+//! guest's own is the process model below, in one static binary.
 //!
 //! - `ct-monitor` (in `lxc.monitor/<vmid>`) unshares a PID namespace and starts `ct-init`, then
 //!   sleeps in `wait()` like LXC's monitor process does.
@@ -9,18 +11,22 @@
 //!   chroots into its root and starts a command (which lands in the PID namespace).
 
 use anyhow::{bail, Context, Result};
-use rustix::fd::AsFd;
-use rustix::thread::{LinkNameSpaceType, UnshareFlags};
+use lxcmon_testkit::ct::{self as tk, Flavor, Hierarchy};
+use rustix::thread::UnshareFlags;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 pub const CGROOT: &str = "/sys/fs/cgroup";
 
+/// The only hierarchy in the guest: cgroup2 at [`CGROOT`].
+pub fn cgroups() -> Hierarchy {
+    Hierarchy::v2(CGROOT)
+}
+
 /// Moves the calling process into `<CGROOT>/<rel>`.
-pub fn join_cgroup(rel: &str) -> Result<()> {
-    let path = format!("{CGROOT}/{rel}/cgroup.procs");
-    std::fs::write(&path, b"0").with_context(|| format!("joining cgroup {path}"))
+pub fn join_cgroup(rel: impl AsRef<Path>) -> Result<()> {
+    tk::join(&cgroups().dir(rel))
 }
 
 /// `ct-monitor <vmid> <hostname> <rootfs MiB> <init cgroup>`
@@ -28,7 +34,7 @@ pub fn monitor(args: &[String]) -> Result<()> {
     let [vmid, hostname, size, init_cg] = args else {
         bail!("usage: ct-monitor VMID HOSTNAME ROOTFS_MIB INIT_CGROUP");
     };
-    join_cgroup(&format!("lxc.monitor/{vmid}"))?;
+    join_cgroup(Flavor::Proxmox.monitor(vmid))?;
     // SAFETY: this process is single-threaded (no threads spawned before this point), and
     // NEWPID touches no file descriptor table.
     unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWPID) }
@@ -117,26 +123,7 @@ pub fn exec(args: &[String]) -> Result<()> {
         bail!("usage: ct-exec PID CGROUP wait|detach PROGRAM [ARGS...]");
     };
     join_cgroup(cgroup)?;
-    let open = |p: String| std::fs::File::open(&p).with_context(|| format!("opening {p}"));
-    let root = open(format!("/proc/{pid}/root"))?;
-    let spaces = [
-        ("ipc", LinkNameSpaceType::InterProcessCommunication),
-        ("uts", LinkNameSpaceType::HostNameAndNISDomainName),
-        ("net", LinkNameSpaceType::Network),
-        ("pid", LinkNameSpaceType::ProcessID),
-        ("mnt", LinkNameSpaceType::Mount),
-    ];
-    let mut fds = Vec::new();
-    for (name, ty) in spaces {
-        fds.push((open(format!("/proc/{pid}/ns/{name}"))?, ty, name));
-    }
-    for (fd, ty, name) in &fds {
-        rustix::thread::move_into_link_name_space(fd.as_fd(), Some(*ty))
-            .with_context(|| format!("setns {name}"))?;
-    }
-    rustix::process::fchdir(&root).context("fchdir")?;
-    rustix::process::chroot(".").context("chroot")?;
-    std::env::set_current_dir("/")?;
+    tk::attach(pid.parse().with_context(|| format!("init pid {pid:?}"))?)?;
     let mut cmd = Command::new(prog);
     cmd.args(rest);
     if mode == "detach" {
@@ -162,8 +149,12 @@ pub struct Container {
 }
 
 impl Container {
+    /// `lxc/<vmid>`, relative to [`CGROOT`].
     pub fn base(&self) -> String {
-        format!("lxc/{}", self.vmid)
+        Flavor::Proxmox
+            .cgroup(&self.vmid.to_string())
+            .display()
+            .to_string()
     }
 
     /// A path inside the container's root, from the driver's side.

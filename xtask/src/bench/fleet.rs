@@ -3,10 +3,15 @@
 //! network and mount namespaces), a tmpfs root it chroots into, a veth pair to a bench
 //! bridge, sleeping processes at the top of its cgroup and in a nested sub-cgroup.
 //!
+//! The cgroups (layout, hierarchies, v1 cpuset inheritance, teardown) come from the testkit's
+//! [`ct`], which the VM guest builds its containers with too; what is the fleet's own is the
+//! batch start through `unshare` and the busybox init script.
+//!
 //! Everything carries the `lxcmon-bench` prefix (Proxmox: VMIDs from [`VMID_BASE`]) so
 //! [`cleanup`] can remove leftovers of a crashed run by name. [`Fleet`] tears down on drop.
 
 use anyhow::{bail, Context, Result};
+use lxcmon_testkit::ct::{self, Hierarchy};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,66 +31,7 @@ pub const HOST_ADDR: &str = "10.213.0.1";
 /// Every this-many-th container runs light background I/O and pings the bridge.
 const ACTIVE_EVERY: usize = 10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    Lxc,
-    Proxmox,
-}
-
-/// A mounted cgroup hierarchy: its mount point and whether it is the v1 cpuset one.
-#[derive(Debug, Clone)]
-pub struct Hierarchy {
-    pub mount: PathBuf,
-    pub cpuset: bool,
-    /// v1 controllers (empty for cgroup2 and named hierarchies).
-    pub controllers: Vec<String>,
-}
-
-/// Every cgroup hierarchy mounted on this host, from /proc/self/mountinfo.
-pub fn hierarchies() -> Result<Vec<Hierarchy>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount) = pre.split(' ').nth(4) else {
-            continue;
-        };
-        let mut post = post.split(' ');
-        let (Some(fstype), Some(_), Some(opts)) = (post.next(), post.next(), post.next()) else {
-            continue;
-        };
-        let controllers: Vec<String> = match fstype {
-            "cgroup2" => Vec::new(),
-            "cgroup" => opts
-                .split(',')
-                .filter(|o| {
-                    !matches!(*o, "rw" | "ro" | "relatime" | "nosuid" | "nodev" | "noexec")
-                        && !o.starts_with("name=")
-                        && !o.starts_with("release_agent")
-                        && *o != "clone_children"
-                        && *o != "xattr"
-                })
-                .map(str::to_string)
-                .collect(),
-            _ => continue,
-        };
-        let mount = PathBuf::from(mount);
-        if out.iter().any(|h: &Hierarchy| h.mount == mount) {
-            continue;
-        }
-        out.push(Hierarchy {
-            cpuset: controllers.iter().any(|c| c == "cpuset"),
-            controllers,
-            mount,
-        });
-    }
-    if out.is_empty() {
-        bail!("no cgroup hierarchy is mounted");
-    }
-    Ok(out)
-}
+pub use ct::Flavor;
 
 /// One synthetic container.
 #[derive(Debug)]
@@ -109,44 +55,16 @@ pub struct Fleet {
 }
 
 fn container_rel(flavor: Flavor, i: usize) -> (PathBuf, PathBuf) {
-    match flavor {
-        Flavor::Lxc => {
-            let rel = PathBuf::from(format!("lxc.payload.{PREFIX}{i}"));
-            (rel.clone(), rel)
-        }
-        Flavor::Proxmox => {
-            let rel = PathBuf::from(format!("lxc/{}", VMID_BASE + i as u32));
-            (rel.clone(), rel.join("ns"))
-        }
-    }
+    let id = match flavor {
+        Flavor::Lxc => format!("{PREFIX}{i}"),
+        Flavor::Proxmox => (VMID_BASE + i as u32).to_string(),
+    };
+    (flavor.cgroup(&id), flavor.procs(&id))
 }
 
 fn container_addr(i: usize) -> String {
     // 10.213.1.1 .. 10.213.40.250 for up to 10000 containers; the bridge is 10.213.0.1.
     format!("10.213.{}.{}/16", 1 + i / 250, 1 + i % 250)
-}
-
-/// Creates `dir` (and missing parents below the hierarchy root); on a v1 cpuset hierarchy
-/// each new level gets its parent's cpus and mems, or no process could join it.
-fn make_cgroup(h: &Hierarchy, rel: &Path) -> Result<()> {
-    let mut cur = h.mount.clone();
-    for part in rel.components() {
-        let parent = cur.clone();
-        cur.push(part);
-        if cur.is_dir() {
-            continue;
-        }
-        fs::create_dir(&cur).with_context(|| format!("creating cgroup {}", cur.display()))?;
-        if h.cpuset {
-            for f in ["cpuset.cpus", "cpuset.mems"] {
-                let v = fs::read_to_string(parent.join(f))
-                    .with_context(|| format!("reading {}", parent.join(f).display()))?;
-                fs::write(cur.join(f), v.trim())
-                    .with_context(|| format!("writing {}", cur.join(f).display()))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 const INIT_SCRIPT: &str = r#"
@@ -218,7 +136,7 @@ impl Fleet {
     /// Builds `n` containers, `batch` at a time.
     pub fn build(flavor: Flavor, n: usize) -> Result<Self> {
         let busybox = which("busybox")?;
-        let hierarchies = hierarchies()?;
+        let hierarchies = ct::hierarchies()?;
         let mut fleet = Fleet {
             flavor,
             hierarchies,
@@ -254,7 +172,7 @@ impl Fleet {
             let mut top = Vec::new();
             let mut sub = Vec::new();
             for h in &self.hierarchies {
-                make_cgroup(h, &sub_rel)?;
+                h.create(&sub_rel)?;
                 top.push(h.mount.join(&procs_rel).join("cgroup.procs"));
                 sub.push(h.mount.join(&sub_rel).join("cgroup.procs"));
             }
@@ -365,7 +283,7 @@ impl Fleet {
         for c in &mut self.containers {
             // SIGKILL to a PID namespace's init kills the whole namespace; --kill-child then
             // lets unshare exit.
-            kill(c.init);
+            ct::kill(c.init);
             c.stdin.take();
         }
         for c in &mut self.containers {
@@ -385,15 +303,6 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
             eprintln!("bench: teardown: {e:#}");
-        }
-    }
-}
-
-fn kill(pid: u32) {
-    if pid > 1 {
-        // SAFETY: kill(2) with a PID we started; no memory is involved.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGKILL);
         }
     }
 }
@@ -429,53 +338,14 @@ fn bench_cgroups(h: &Hierarchy) -> Vec<PathBuf> {
     out
 }
 
-/// Cgroup directories below `dir`, deepest first, `dir` last.
-fn subtree_deepest_first(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            subtree_deepest_first(&e.path(), out);
-        }
-    }
-    out.push(dir.to_path_buf());
-}
-
 /// Removes every bench leftover by name: processes in bench cgroups, the cgroups, the
 /// veths and the bridge, the run directories.
 pub fn cleanup() -> Result<()> {
-    let hierarchies = hierarchies()?;
-    let mut dirs = Vec::new();
-    for h in &hierarchies {
-        for top in bench_cgroups(h) {
-            subtree_deepest_first(&top, &mut dirs);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let hierarchies = ct::hierarchies()?;
+    let tops: Vec<PathBuf> = hierarchies.iter().flat_map(bench_cgroups).collect();
     let mut problems = Vec::new();
-    loop {
-        let mut busy = false;
-        for d in &dirs {
-            if !d.exists() {
-                continue;
-            }
-            for pid in fs::read_to_string(d.join("cgroup.procs"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok())
-            {
-                kill(pid);
-            }
-            if fs::remove_dir(d).is_err() && d.exists() {
-                busy = true;
-            }
-        }
-        if !busy {
-            break;
-        }
-        if Instant::now() > deadline {
-            problems.push("some bench cgroups could not be removed".to_string());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(e) = ct::remove_subtrees(&tops, Duration::from_secs(60)) {
+        problems.push(format!("bench cgroups: {e}"));
     }
     // An `lxc` parent the bench created for the Proxmox layout goes when it is empty.
     for h in &hierarchies {
