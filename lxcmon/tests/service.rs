@@ -760,3 +760,30 @@ fn each_cause_is_printed_once() {
     let line = log.lines().find(|l| l.contains("export failed")).unwrap();
     assert_eq!(line.matches("os error 2)").count(), 1, "{line}");
 }
+
+#[test]
+fn a_slow_reload_does_not_stop_the_cycles() {
+    let a = Agent::new("");
+    let mut child = a.spawn();
+    wait_until("cycles", || a.cycles() >= 2);
+    let good = std::fs::read_to_string(&a.cfg).unwrap();
+    // The configuration becomes a FIFO: reading it lasts until the test writes it, as a
+    // huge or pathological file would.
+    fifo(&a.cfg);
+    signal(&child, Signal::HUP);
+    let w = blocked_reader(&a.cfg, &mut child);
+    let before = a.cycles();
+    wait_until("cycles while the reload is read", || {
+        a.cycles() >= before + 3
+    });
+    release(
+        w,
+        &good.replace("check_interval: 0.1", "check_interval: 0.2"),
+    );
+    wait_until("the reload applied", || {
+        a.log().contains("configuration reloaded")
+    });
+    signal(&child, Signal::TERM);
+    let status = exit_within(&mut child, Duration::from_secs(5)).expect("still running");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
