@@ -228,12 +228,14 @@ impl Daemon {
                     }
                 }
                 Some(new) = reloaded.recv() => {
-                    if self.reload(new, &mut collector) {
+                    // Before the first cycle (a SIGHUP during start-up) that cycle stays due
+                    // now, and readiness waits for it.
+                    if self.reload(new, &mut collector) && ready {
                         ticker = self.ticker(self.cfg.monitoring.check_interval);
                     }
                     reloading = reload_again && self.start_reload();
                     reload_again = false;
-                    if !reloading {
+                    if !reloading && ready {
                         notify(&[NotifyState::Ready, NotifyState::Status("collecting")]);
                     }
                 }
