@@ -8,18 +8,38 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod checks;
+use checks::{limits, paths};
+
 /// Where the seed monitor kept its configuration; kept so a migration needs no flag.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lxc_autoscale_ml/lxc_monitor.yaml";
 
+/// Largest configuration file accepted: real ones are a few KiB, and the YAML parser's cost
+/// grows faster than the size, so a bound keeps a reload from stalling the agent.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Deepest nesting accepted (real files use 2 levels); the parser is quadratic in depth.
+pub const MAX_CONFIG_DEPTH: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path}: larger than the limit of {limit} bytes for a configuration file", limit = MAX_CONFIG_BYTES)]
+    TooLarge { path: PathBuf },
+    #[error("{path}: nested deeper than the limit of {limit} levels at line {line}", limit = MAX_CONFIG_DEPTH)]
+    TooDeep { path: PathBuf, line: usize },
+    /// What start-up would refuse although the file itself is valid (a missing directory).
+    #[error("{path}: {key}: {problem}")]
+    Unusable {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -254,6 +274,17 @@ fn with_line(e: &serde_yaml_ng::Error, text: &str) -> String {
 impl Config {
     /// Parses a YAML document; an empty one (or one of comments only) gives the defaults.
     pub fn from_yaml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: origin.to_path_buf(),
+            });
+        }
+        if let Some(line) = limits::too_deep(text, MAX_CONFIG_DEPTH) {
+            return Err(ConfigError::TooDeep {
+                path: origin.to_path_buf(),
+                line,
+            });
+        }
         let parsed: Option<Config> =
             serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
                 path: origin.to_path_buf(),
@@ -262,12 +293,61 @@ impl Config {
         Ok(parsed.unwrap_or_default())
     }
 
+    /// Reads and parses a file; one over [`MAX_CONFIG_BYTES`] is refused before it is read.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read_err)?
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
         Self::from_yaml(&text, path)
+    }
+
+    /// What start-up needs beyond a valid file, checked without changing anything (for
+    /// `--check-config`, start-up and reloads alike): the export file's directory exists and
+    /// is writable, the export file is no directory, the collector can be had in this binary.
+    /// `origin` names the file in the message.
+    pub fn check_usable(&self, origin: &Path) -> Result<(), ConfigError> {
+        let unusable = |key, problem: String| ConfigError::Unusable {
+            path: origin.to_path_buf(),
+            key,
+            problem,
+        };
+        let export = &self.monitoring.export_file;
+        if let Some(problem) = paths::unwritable_file(export) {
+            return Err(unusable(
+                "monitoring.export_file",
+                format!("{}: {problem}", export.display()),
+            ));
+        }
+        if !cfg!(feature = "ebpf") && self.monitoring.collector == CollectorChoice::Ebpf {
+            return Err(unusable(
+                "monitoring.collector",
+                "ebpf: this binary is built without the BPF collector".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Problems start-up only warns about: a log file that cannot be written (the agent then
+    /// logs to stderr alone).
+    pub fn warnings(&self) -> Vec<String> {
+        let log = &self.logging.log_file;
+        paths::unwritable_file(log)
+            .map(|p| {
+                format!(
+                    "logging.log_file: {}: {p}; the agent would log to stderr only",
+                    log.display()
+                )
+            })
+            .into_iter()
+            .collect()
     }
 
     /// Settings that are accepted for compatibility but change nothing, for one log line each.
@@ -407,6 +487,105 @@ mod tests {
             Some("[::1]:9273".parse().unwrap())
         );
         assert_eq!(Config::default().monitoring.prometheus_listen, None);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_fast_with_the_limit_and_the_line() {
+        let flow = format!(
+            "monitoring:\n  excluded_devices: {}{}\n",
+            "[".repeat(50_000),
+            "]".repeat(50_000)
+        );
+        let mut block = String::from("# generated\nmonitoring:\n  excluded_devices:\n");
+        for _ in 0..2_000 {
+            block.push_str(&"- ".repeat(50));
+            block.push_str("x\n");
+        }
+        block.push_str(&format!("    {}x\n", "- ".repeat(70)));
+        let mut indented = String::from("monitoring:\n");
+        for i in 0..100 {
+            indented.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 1)));
+        }
+        for (doc, line) in [(flow, 2), (block, 2004), (indented, 65)] {
+            let t = std::time::Instant::now();
+            let e = error(&doc);
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t.elapsed()
+            );
+            assert!(e.contains("limit of 64 levels"), "{e}");
+            assert!(e.contains(&format!("at line {line}")), "{e}");
+            assert!(e.starts_with("test.yaml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn nesting_within_the_limit_and_look_alikes_pass_the_scan() {
+        let ok = format!("a: {}x{}\n", "[".repeat(63), "]".repeat(63));
+        assert_eq!(limits::too_deep(&ok, MAX_CONFIG_DEPTH), None);
+        let quoted = format!(
+            "a: \"{}\"\nb: it's [[\n# {}\nc: |\n  {}\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "- ".repeat(100)
+        );
+        assert_eq!(
+            limits::too_deep(&quoted, 4),
+            None,
+            "brackets in quotes, comments, block scalars"
+        );
+        for name in ["seed-example.yaml", "upstream-newest-keys.yaml"] {
+            let text = std::fs::read_to_string(fixture(name)).unwrap();
+            assert_eq!(limits::too_deep(&text, 4), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn oversized_file_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let mut text = String::from("monitoring:\n  check_interval: 5\n");
+        while text.len() as u64 <= MAX_CONFIG_BYTES {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("limit of 1048576 bytes") && e.contains("big.yaml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn read_errors_name_the_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Config::load(dir.path()).unwrap_err();
+        let shown = crate::logging::Chain(&e).to_string();
+        assert_eq!(shown.matches("os error 21").count(), 1, "{shown}");
+        assert!(shown.starts_with("cannot read "), "{shown}");
+    }
+
+    #[test]
+    fn usable_checks_the_export_directory_without_creating_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.logging.log_file = dir.path().join("agent.log");
+        c.monitoring.export_file = dir.path().join("m.json");
+        c.check_usable(Path::new("c.yaml")).unwrap();
+        assert!(c.warnings().is_empty());
+        c.monitoring.export_file = dir.path().join("gone/m.json");
+        let e = c.check_usable(Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(
+            e.contains("monitoring.export_file") && e.contains("does not exist"),
+            "{e}"
+        );
+        assert!(!dir.path().join("gone").exists());
+        c.monitoring.export_file = dir.path().to_path_buf();
+        let e = c.check_usable(Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        c.logging.log_file = dir.path().join("gone/agent.log");
+        assert_eq!(c.warnings().len(), 1);
     }
 
     #[test]

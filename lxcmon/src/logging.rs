@@ -33,7 +33,7 @@ pub struct LogControl {
 impl LogControl {
     pub fn set_level(&self, level: LogLevel) {
         if let Err(e) = self.filter.modify(|f| *f = filter(level)) {
-            tracing::warn!(error = %e, "cannot change the log level");
+            tracing::warn!(error = %Chain(&e), "cannot change the log level");
         }
     }
 }
@@ -68,7 +68,7 @@ pub fn init(cfg: &LoggingConfig) -> LogControl {
         .with(file_layer)
         .try_init();
     if let Some(e) = file_problem {
-        tracing::warn!(log_file = %cfg.log_file.display(), error = %e, "cannot write the log file; logging to stderr only");
+        tracing::warn!(log_file = %cfg.log_file.display(), error = %Chain(&e), "cannot write the log file; logging to stderr only");
     }
     LogControl { filter: handle }
 }

@@ -54,6 +54,12 @@ fn load_config(cli: &Cli) -> Result<(Config, ConfigSource, String)> {
     }
 }
 
+fn origin_path(source: &ConfigSource) -> &std::path::Path {
+    match source {
+        ConfigSource::File(p) | ConfigSource::Default(p) => p,
+    }
+}
+
 /// Where every layout version of the BPF pins lives.
 const PIN_ROOT: &str = "/sys/fs/bpf/lxcmon";
 
@@ -75,6 +81,19 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The daemon catches SIGTERM/SIGINT/SIGHUP before anything that takes time: one sent
+    // right after the start is acted on, not fatal.
+    let startup = if cli.once || cli.check_config {
+        None
+    } else {
+        match lxcmon::daemon::Startup::begin() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("lxcmon: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let (cfg, source, origin) = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -82,7 +101,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // What start-up needs beyond a valid file (the export directory...), checked alike by
+    // --check-config and the daemon; --once writes no export.
+    if !cli.once {
+        if let Err(e) = cfg.check_usable(origin_path(&source)) {
+            eprintln!("lxcmon: invalid configuration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     if cli.check_config {
+        for w in cfg.warnings() {
+            eprintln!("lxcmon: warning: {w}");
+        }
         println!("{origin}: configuration OK");
         return ExitCode::SUCCESS;
     }
@@ -95,10 +125,9 @@ fn main() -> ExitCode {
             "setting accepted for compatibility; lxcmon has no use for it"
         );
     }
-    let result = if cli.once {
-        run_once(&cfg, &cli)
-    } else {
-        lxcmon::daemon::run(cfg, source, &cli.root, log)
+    let result = match startup {
+        Some(startup) => startup.run(cfg, source, &cli.root, log),
+        None => run_once(&cfg, &cli),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,19 +1,23 @@
 //! The daemon loop: a cycle every `check_interval` on a fixed grid (no drift), exports
 //! written by a thread of their own so a slow disk never delays collection, `/metrics` served
-//! from the latest cycle, SIGHUP re-reading the configuration, and a clean stop on
-//! SIGTERM/SIGINT.
+//! from the latest cycle, SIGHUP re-reading the configuration (parsed off the loop), and a
+//! clean stop on SIGTERM/SIGINT. Signals are caught from the first instant of start-up and
+//! take priority over the ticker; systemd hears readiness after the first cycle and watchdog
+//! pings from the loop between cycles.
 
 use crate::collect::Collector;
 use crate::config::Config;
 use crate::export::prometheus::Exposition;
 use crate::export::{self, Exporter};
-use crate::logging::LogControl;
+use crate::logging::{Chain, LogControl};
 use anyhow::{Context, Result};
+use sd_notify::NotifyState;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
 use writer::{ExportWriter, WriterMsg};
 
 mod writer;
@@ -41,41 +45,129 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
+    /// Loads and checks the configuration as start-up does (a reload that start-up would
+    /// refuse is refused too).
     fn load(&self) -> Result<Config> {
-        match self {
-            Self::File(p) => Ok(Config::load(p)?),
-            Self::Default(p) if p.exists() => Ok(Config::load(p)?),
-            Self::Default(_) => Ok(Config::default()),
-        }
+        let (cfg, origin) = match self {
+            Self::File(p) => (Config::load(p)?, p),
+            Self::Default(p) if p.exists() => (Config::load(p)?, p),
+            Self::Default(p) => (Config::default(), p),
+        };
+        cfg.check_usable(origin)?;
+        Ok(cfg)
     }
 }
 
-pub fn run(cfg: Config, source: ConfigSource, root: &Path, log: LogControl) -> Result<()> {
-    let exporter = Exporter::open(
-        &cfg.monitoring.export_file,
-        cfg.monitoring.export_format,
-        cfg.monitoring.max_metrics_entries,
-    )?;
-    let collector = Collector::new(&cfg, root).context("starting the collector")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let exposition = Arc::new(Exposition::new(
-        collector.collector_name(),
-        cfg.monitoring.check_interval,
-    ));
-    let writer = ExportWriter::spawn(exporter, exposition.clone())?;
-    let mut daemon = Daemon {
-        cfg,
-        source,
-        log,
-        exposition,
-        writer,
-    };
-    let result = runtime.block_on(daemon.run_loop(collector));
-    daemon.writer.finish();
-    result
+/// The stop and reload signals, caught from the first instant of start-up: what arrives
+/// during slow work (the BPF load parses kernel BTF, a large export is read back) waits here
+/// instead of killing the process with the default action.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// The daemon before its configuration is read: a runtime and the signal handlers, so that
+/// `main` can install them before anything slow.
+pub struct Startup {
+    runtime: tokio::runtime::Runtime,
+    signals: Signals,
+}
+
+impl Startup {
+    pub fn begin() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        let signals = {
+            let _in_runtime = runtime.enter();
+            Signals {
+                term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+                hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            }
+        };
+        Ok(Self { runtime, signals })
+    }
+
+    /// A stop asked for so far, if any. A reload asked for stays pending for the loop.
+    fn stop_requested(&mut self) -> Option<&'static str> {
+        let signals = &mut self.signals;
+        self.runtime.block_on(async {
+            // One turn of the driver, which hands signals that arrived meanwhile to the streams.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::select! {
+                biased;
+                _ = signals.term.recv() => Some("SIGTERM"),
+                _ = signals.int.recv() => Some("SIGINT"),
+                _ = std::future::ready(()) => None,
+            }
+        })
+    }
+
+    /// Opens the export, starts the collector and runs the loop until SIGTERM/SIGINT. A stop
+    /// asked for during start-up ends it after the step under way, before any cycle.
+    pub fn run(
+        mut self,
+        cfg: Config,
+        source: ConfigSource,
+        root: &Path,
+        log: LogControl,
+    ) -> Result<()> {
+        let exporter = Exporter::open(
+            &cfg.monitoring.export_file,
+            cfg.monitoring.export_format,
+            cfg.monitoring.max_metrics_entries,
+        )?;
+        if let Some(sig) = self.stop_requested() {
+            tracing::info!("{sig} during start-up: stopping");
+            return Ok(());
+        }
+        let collector = Collector::new(&cfg, root).context("starting the collector")?;
+        if let Some(sig) = self.stop_requested() {
+            tracing::info!("{sig} during start-up: stopping");
+            return Ok(());
+        }
+        let exposition = Arc::new(Exposition::new(
+            collector.collector_name(),
+            cfg.monitoring.check_interval,
+        ));
+        let writer = ExportWriter::spawn(exporter, exposition.clone())?;
+        let (reloaded_tx, reloaded) = mpsc::unbounded_channel();
+        let mut daemon = Daemon {
+            cfg,
+            source,
+            log,
+            exposition,
+            writer,
+            reloaded_tx,
+        };
+        let Startup {
+            runtime,
+            mut signals,
+        } = self;
+        let result = runtime.block_on(daemon.run_loop(collector, &mut signals, reloaded));
+        daemon.writer.finish();
+        result
+    }
+}
+
+/// Tells systemd (when it started us with NOTIFY_SOCKET) how the agent is doing.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %Chain(&e), "cannot notify systemd");
+    }
+}
+
+/// The next tick of an optional ticker; never, without one.
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 struct Daemon {
@@ -84,13 +176,16 @@ struct Daemon {
     log: LogControl,
     exposition: Arc<Exposition>,
     writer: ExportWriter,
+    reloaded_tx: mpsc::UnboundedSender<Result<Config>>,
 }
 
 impl Daemon {
-    async fn run_loop(&mut self, mut collector: Collector) -> Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    async fn run_loop(
+        &mut self,
+        mut collector: Collector,
+        signals: &mut Signals,
+        mut reloaded: mpsc::UnboundedReceiver<Result<Config>>,
+    ) -> Result<()> {
         if let Some(addr) = self.cfg.monitoring.prometheus_listen {
             let bound = crate::export::prometheus::serve(addr, self.exposition.clone())
                 .await
@@ -104,21 +199,58 @@ impl Daemon {
             workers = self.cfg.workers(),
             "lxcmon started"
         );
-        // The first sample only sets each container's baseline.
-        collector = self.cycle(collector).await?;
-        let mut ticker = self.ticker(first_gap(&self.cfg));
+        // systemd's watchdog (WatchdogSec=): pinged at half its time by this loop between
+        // cycles, so a cycle or loop that hangs gets the agent restarted, whatever the interval.
+        let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
+        let mut pings = watchdog.map(|d| {
+            let half = d / 2;
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            t
+        });
+        // The first sample only sets each container's baseline; the first export follows
+        // `first_gap` later.
+        let mut ticker = self.ticker(Duration::ZERO);
+        let mut ready = false;
+        // A reload being parsed, and whether another SIGHUP came meanwhile.
+        let (mut reloading, mut reload_again) = (false, false);
         loop {
+            // Signals first: a stop or reload never waits behind a due tick.
             tokio::select! {
-                _ = ticker.tick() => collector = self.cycle(collector).await?,
-                _ = sighup.recv() => {
-                    if self.reload(&mut collector) {
-                        ticker = self.ticker(self.cfg.monitoring.check_interval);
+                biased;
+                _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = signals.hup.recv() => {
+                    if reloading {
+                        reload_again = true;
+                    } else {
+                        reloading = self.start_reload();
                     }
                 }
-                _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-                _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                Some(new) = reloaded.recv() => {
+                    // Before the first cycle (a SIGHUP during start-up) that cycle stays due
+                    // now, and readiness waits for it.
+                    if self.reload(new, &mut collector) && ready {
+                        ticker = self.ticker(self.cfg.monitoring.check_interval);
+                    }
+                    reloading = reload_again && self.start_reload();
+                    reload_again = false;
+                    if !reloading && ready {
+                        notify(&[NotifyState::Ready, NotifyState::Status("collecting")]);
+                    }
+                }
+                _ = tick(&mut pings), if ready => notify(&[NotifyState::Watchdog]),
+                _ = ticker.tick() => {
+                    collector = self.cycle(collector).await?;
+                    if !ready {
+                        ready = true;
+                        ticker = self.ticker(first_gap(&self.cfg));
+                        notify(&[NotifyState::Ready, NotifyState::Status("collecting")]);
+                    }
+                }
             }
         }
+        notify(&[NotifyState::Stopping]);
         Ok(())
     }
 
@@ -147,16 +279,37 @@ impl Daemon {
             }
             Err(e) => {
                 self.exposition.cycle_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "collection cycle failed");
+                tracing::error!(error = %Chain(&e), "collection cycle failed");
             }
         }
         Ok(collector)
     }
 
-    /// Re-reads the configuration. An invalid one is rejected with its reason and the old one
-    /// stays in force. Returns whether the interval changed.
-    fn reload(&mut self, collector: &mut Collector) -> bool {
-        let new = match self.source.load() {
+    /// Reads and parses the configuration on a thread of its own, so cycles go on meanwhile;
+    /// the result arrives on `reloaded`. Returns whether a reload is under way.
+    fn start_reload(&self) -> bool {
+        notify(&[
+            NotifyState::Reloading,
+            NotifyState::Status("reloading the configuration"),
+        ]);
+        let (source, tx) = (self.source.clone(), self.reloaded_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lxcmon-reload".into())
+            .spawn(move || {
+                let _ = tx.send(source.load());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %Chain(&e), "cannot start the configuration reload");
+            notify(&[NotifyState::Ready]);
+            return false;
+        }
+        true
+    }
+
+    /// Applies a reloaded configuration. An invalid one is rejected with its reason and the
+    /// old one stays in force. Returns whether the interval changed.
+    fn reload(&mut self, new: Result<Config>, collector: &mut Collector) -> bool {
+        let new = match new {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(

@@ -38,7 +38,7 @@ impl ExportWriter {
                         exposition
                             .export_write_failures
                             .fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, "export failed; the previous file is intact, retrying next cycle");
+                        tracing::error!(error = %crate::logging::Chain(&e), "export failed; the previous file is intact, retrying next cycle");
                         true
                     }
                 };
@@ -57,7 +57,7 @@ impl ExportWriter {
                                 }
                                 match Exporter::open(&path, format, max_entries) {
                                     Ok(e) => exporter = e,
-                                    Err(e) => tracing::error!(error = %e, "cannot switch the export file; keeping the old one"),
+                                    Err(e) => tracing::error!(error = %crate::logging::Chain(&e), "cannot switch the export file; keeping the old one"),
                                 }
                                 pending = true;
                             }

@@ -15,17 +15,17 @@ pub use file::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("cannot read the existing export file {path}: {source}")]
+    #[error("cannot read the existing export file {path}")]
     ReadBack {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot move the unreadable export file {path} aside: {source}")]
+    #[error("cannot move the unreadable export file {path} aside")]
     MoveAside {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write the export file {path}: {source}")]
+    #[error("cannot write the export file {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
