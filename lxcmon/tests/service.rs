@@ -277,3 +277,107 @@ fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
     assert!(child.wait().unwrap().success());
     assert_eq!(records().len(), 8);
 }
+
+/// Sockets the process holds open (its descriptors that are sockets).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|f| {
+                    std::fs::read_link(f.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether the server closed this connection (EOF or reset) within `wait`.
+fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn idle_connections_are_bounded_and_timed_out() {
+    const BOUND: usize = 64;
+    const IDLE: usize = 150;
+    let t = proxmox_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    let port = free_port();
+    write_config(
+        &cfg,
+        dir.path(),
+        &format!("  prometheus_listen: 127.0.0.1:{port}\n"),
+    );
+    let export = dir.path().join("metrics.json");
+    let mut child = Running(
+        agent(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--root",
+            t.root().to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_until("/metrics answering", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && get(port, "/metrics", None).0.contains("200")
+    });
+    let baseline = open_sockets(child.id());
+
+    // A kept-alive scrape connection, then left idle.
+    let mut kept = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(kept, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    // Idle sockets that never send a byte, and one that sends half a header.
+    let mut idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(slow, "GET /metrics HTTP/1.1\r\nHost: loc").unwrap();
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = open_sockets(child.id()) - baseline;
+    assert!(held <= BOUND, "{held} connections held, the bound is {BOUND}");
+    // The excess was closed at once.
+    let refused = idle
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_millis(20)))
+        .filter(|&closed| closed)
+        .count();
+    // The kept-alive connection holds one slot; the half-header one came last.
+    assert!(refused >= IDLE + 1 - BOUND, "only {refused} refused");
+    // The collection goes on meanwhile.
+    let cycles = |_: ()| std::fs::read(&export).map(|b| b.len()).unwrap_or(0);
+    let size = cycles(());
+    wait_until("cycles exported during the flood", || cycles(()) != size);
+
+    // Every idle one is closed by the header-read timeout, the kept-alive one too.
+    for s in idle.iter_mut().chain([&mut kept, &mut slow]) {
+        assert!(closed_within(s, Duration::from_secs(12)), "still open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(12));
+    wait_until("descriptors released", || {
+        open_sockets(child.id()) <= baseline
+    });
+    let (status, _, body) = get(port, "/metrics", None);
+    assert!(status.contains("200") && body.contains("lxcmon_container_memory_bytes{"));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    signal(&child, rustix::process::Signal::TERM);
+    assert!(child.wait().unwrap().success());
+}
