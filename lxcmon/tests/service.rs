@@ -300,8 +300,9 @@ fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut =>
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
             {
                 return false
             }
@@ -353,7 +354,10 @@ fn idle_connections_are_bounded_and_timed_out() {
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let held = open_sockets(child.id()) - baseline;
-    assert!(held <= BOUND, "{held} connections held, the bound is {BOUND}");
+    assert!(
+        held <= BOUND,
+        "{held} connections held, the bound is {BOUND}"
+    );
     // The excess was closed at once.
     let refused = idle
         .iter_mut()
@@ -378,6 +382,167 @@ fn idle_connections_are_bounded_and_timed_out() {
     let (status, _, body) = get(port, "/metrics", None);
     assert!(status.contains("200") && body.contains("lxcmon_container_memory_bytes{"));
     assert!(child.try_wait().unwrap().is_none(), "still running");
+    signal(&child, rustix::process::Signal::TERM);
+    assert!(child.wait().unwrap().success());
+}
+
+/// Cycle start times (milliseconds since the epoch) of a `records` export, oldest first.
+fn cycle_times(export: &Path) -> Vec<i64> {
+    let records: Vec<Value> = std::fs::read(export)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut times: Vec<i64> = records
+        .iter()
+        .filter_map(|r| r["timestamp"].as_str())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis())
+        .collect();
+    times.dedup();
+    times
+}
+
+/// No cycle missing: consecutive cycles of a 0.1 s interval are at most 0.25 s apart.
+fn assert_no_gap(times: &[i64]) {
+    for w in times.windows(2) {
+        assert!(w[1] > w[0] && w[1] - w[0] <= 250, "gap or disorder: {w:?}");
+    }
+}
+
+#[test]
+fn export_interval_writes_the_cycles_together_and_loses_none() {
+    use std::os::unix::fs::MetadataExt;
+    let t = proxmox_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    write_config(&cfg, dir.path(), "  export_interval: 1\n");
+    let export = dir.path().join("metrics.json");
+    let mut child = Running(
+        agent(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--root",
+            t.root().to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_until("a first export", || export.exists());
+    // Watch the file for 3.5 s: every rewrite is a new inode.
+    let mut inodes = std::collections::BTreeSet::new();
+    let end = std::time::Instant::now() + Duration::from_millis(3500);
+    while std::time::Instant::now() < end {
+        if let Ok(m) = std::fs::metadata(&export) {
+            inodes.insert(m.ino());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        (3..=6).contains(&inodes.len()),
+        "{} rewrites in 3.5 s at export_interval 1 s (0.1 s cycles)",
+        inodes.len()
+    );
+    let written = cycle_times(&export);
+    signal(&child, rustix::process::Signal::TERM);
+    assert!(child.wait().unwrap().success());
+    // The stop writes what was queued: more cycles than the last rewrite had, none missing.
+    let all = cycle_times(&export);
+    assert!(
+        all.len() > written.len(),
+        "{} vs {}",
+        all.len(),
+        written.len()
+    );
+    assert!(all.len() >= 35, "{} cycles", all.len());
+    assert_no_gap(&all);
+}
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let v = rustix::fs::statvfs(path).unwrap();
+    v.f_bavail * v.f_frsize
+}
+
+#[test]
+#[ignore = "root: mounts a small tmpfs in a mount namespace of its own (cargo xtask test)"]
+fn a_full_export_filesystem_skips_writes_once_warned_and_loses_nothing() {
+    let t = proxmox_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("varlog");
+    std::fs::create_dir(&mnt).unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    let log = dir.path().join("agent.log");
+    std::fs::write(
+        &cfg,
+        format!(
+            "logging:\n  log_file: {}\nmonitoring:\n  check_interval: 0.1\n  export_file: {}\n  \
+             max_metrics_entries: 100000\n",
+            log.display(),
+            mnt.join("metrics.json").display(),
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}  prometheus_listen: 127.0.0.1:{port}\n",
+            std::fs::read_to_string(&cfg).unwrap()
+        ),
+    )
+    .unwrap();
+    // A 1 MiB tmpfs (log2ram's /var/log in small), seen only by the agent.
+    let bin = env!("CARGO_BIN_EXE_lxcmon");
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs {m} && head -c 860000 /dev/zero > {m}/filler && exec {bin} --config {c} --root {r}",
+        m = mnt.display(),
+        c = cfg.display(),
+        r = t.root().display(),
+    );
+    let mut child = Running(
+        std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The agent's view of the tmpfs.
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root{}", child.id(), mnt.display()));
+    let export = inside.join("metrics.json");
+    let scrape = |name: &str| -> f64 {
+        let body = get(port, "/metrics", None).2;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    wait_until("/metrics answering", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    wait_until("writes skipped for lack of space", || {
+        scrape("lxcmon_export_writes_skipped_total") >= 5.0
+    });
+    let reserve = 1024 * 1024 / 20;
+    assert!(free_bytes(&inside) >= reserve, "the reserve is kept free");
+    let warned = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        warned.matches("not enough free space").count(),
+        1,
+        "one warning for the condition, not one per cycle"
+    );
+    let before = cycle_times(&export);
+    assert_no_gap(&before);
+    // Space again: the next write has every cycle, those queued while skipping included.
+    std::fs::remove_file(inside.join("filler")).unwrap();
+    wait_until("a write after the space came back", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("enough free space again"))
+    });
+    let after = cycle_times(&export);
+    assert!(after.len() > before.len() + 5);
+    assert_eq!(&after[..before.len()], &before[..]);
+    assert_no_gap(&after);
+    assert!(scrape("lxcmon_export_bytes_written_total") > 0.0);
     signal(&child, rustix::process::Signal::TERM);
     assert!(child.wait().unwrap().success());
 }

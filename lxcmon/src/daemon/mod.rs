@@ -65,11 +65,7 @@ pub fn run(cfg: Config, source: ConfigSource, root: &Path, log: LogControl) -> R
         collector.collector_name(),
         cfg.monitoring.check_interval,
     ));
-    let writer = ExportWriter::spawn(
-        exporter,
-        exposition.clone(),
-        cfg.monitoring.export_interval,
-    )?;
+    let writer = ExportWriter::spawn(exporter, exposition.clone(), cfg.monitoring.export_interval)?;
     let mut daemon = Daemon {
         cfg,
         source,
@@ -193,8 +189,7 @@ impl Daemon {
             });
         }
         if old_m.export_interval != new_m.export_interval {
-            self.writer
-                .send(WriterMsg::Interval(new_m.export_interval));
+            self.writer.send(WriterMsg::Interval(new_m.export_interval));
         }
         self.exposition.set_interval(new_m.check_interval);
         for key in self.cfg.ignored_keys() {

@@ -48,8 +48,9 @@ struct State {
 impl State {
     /// Time left before the next write may happen.
     fn wait(&self) -> Duration {
-        self.last_attempt
-            .map_or(Duration::ZERO, |t| (t + self.every).saturating_duration_since(Instant::now()))
+        self.last_attempt.map_or(Duration::ZERO, |t| {
+            (t + self.every).saturating_duration_since(Instant::now())
+        })
     }
 
     fn write(&mut self) {

@@ -319,7 +319,11 @@ mod tests {
 
     #[test]
     fn document_size_matches_write_document() {
-        for fresh in [vec![], vec![b"{}".as_slice()], vec![b"{\"a\":1}", b"{}", b"[]"]] {
+        for fresh in [
+            vec![],
+            vec![b"{}".as_slice()],
+            vec![b"{\"a\":1}", b"{}", b"[]"],
+        ] {
             let mut out = Vec::new();
             write_document(&mut out, fresh.iter().copied()).unwrap();
             assert_eq!(document_size(0, &fresh), out.len() as u64);

@@ -212,12 +212,20 @@ impl Exporter {
         };
         let previous = self.current.as_ref().map(|f| (f, kept));
         let fresh: Vec<&[u8]> = self.pending.iter().map(Vec::as_slice).collect();
-        let done = file::rewrite(&self.path, previous, &fresh).map_err(|source| {
-            ExportError::Write {
+        let done = match file::rewrite(&self.path, previous, &fresh) {
+            // Someone truncated the file in place (copytruncate): what it held is gone, so
+            // the history restarts from the cycles not written yet.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::warn!(path = %self.path.display(), cycles = self.on_disk.len(), "the export file was truncated by something else; its history is lost, continuing");
+                self.on_disk.clear();
+                self.current = None;
+                return self.write();
+            }
+            done => done.map_err(|source| ExportError::Write {
                 path: self.path.clone(),
                 source,
-            }
-        })?;
+            })?,
+        };
         match done {
             Rewrite::NoSpace { needed, available } => {
                 if !self.space_warned {
@@ -490,8 +498,14 @@ pub(crate) mod tests {
             std::fs::write(f, "[").unwrap();
         }
         let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
-        assert!(!dead.exists() && !init.exists(), "temporaries of dead or other processes");
-        assert!(other.exists() && not_ours.exists(), "only our own naming pattern");
+        assert!(
+            !dead.exists() && !init.exists(),
+            "temporaries of dead or other processes"
+        );
+        assert!(
+            other.exists() && not_ours.exists(),
+            "only our own naming pattern"
+        );
         e.push(&cycle(0, &["a"]));
         e.write().unwrap();
         assert_eq!(parse(&path).as_array().unwrap().len(), 1);
@@ -510,7 +524,11 @@ pub(crate) mod tests {
         let mut kept: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()
-            .filter(|f| f.file_name().to_string_lossy().starts_with("m.json.corrupt-"))
+            .filter(|f| {
+                f.file_name()
+                    .to_string_lossy()
+                    .starts_with("m.json.corrupt-")
+            })
             .map(|f| std::fs::read_to_string(f.path()).unwrap())
             .collect();
         kept.sort();
@@ -566,6 +584,89 @@ pub(crate) mod tests {
         });
         assert_eq!(log.matches("\"summary\"").count(), 1, "{log}");
         assert_eq!(parse(&path).as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn rewrites_from_the_file_equal_a_document_of_the_retained_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        for format in [ExportFormat::Records, ExportFormat::AutoscaleMl] {
+            let mut e = Exporter::open(&path, format, 3).unwrap();
+            let cycles: Vec<Cycle> = (0..7).map(|i| cycle(i, &["a", "b"])).collect();
+            for (i, c) in cycles.iter().enumerate() {
+                e.push(c);
+                // Sometimes two cycles per write, as with export_interval.
+                if i % 3 != 1 {
+                    assert!(matches!(e.write().unwrap(), Written::Bytes(_)));
+                    assert_eq!(e.unwritten(), 0, "nothing kept in memory after a write");
+                }
+                let first = (i + 1).saturating_sub(3);
+                let mut want = Vec::new();
+                file::write_document(
+                    &mut want,
+                    cycles[first..=i]
+                        .iter()
+                        .map(|c| encode(format, c).unwrap().0)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(Vec::as_slice),
+                )
+                .unwrap();
+                if e.unwritten() == 0 {
+                    assert_eq!(std::fs::read(&path).unwrap(), want, "{format:?} cycle {i}");
+                }
+            }
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_foreign_layout_is_continued_from_its_own_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        // Pretty-printed, as Python's json.dump(indent=4) writes.
+        let old: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                serde_json::from_slice(&encode(ExportFormat::Records, &cycle(i, &["a"])).unwrap().0)
+                    .unwrap()
+            })
+            .collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&old).unwrap()).unwrap();
+        let mut e = Exporter::open(&path, ExportFormat::Records, 3).unwrap();
+        assert_eq!(e.cycles(), 3);
+        e.push(&cycle(3, &["a"]));
+        e.write().unwrap();
+        let got = parse(&path);
+        let ts: Vec<_> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["timestamp"].clone())
+            .collect();
+        assert_eq!(ts.len(), 3);
+        assert_eq!(ts[0], old[1]["timestamp"]);
+        assert_eq!(got[1], old[2], "kept as it was");
+        assert_eq!(ts[2], "2023-11-14T22:13:23Z");
+    }
+
+    #[test]
+    fn a_file_truncated_in_place_restarts_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+        e.push(&cycle(0, &["a"]));
+        e.write().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        e.push(&cycle(1, &["a"]));
+        e.write().unwrap();
+        let v = parse(&path);
+        assert_eq!(v.as_array().unwrap().len(), 1);
+        assert_eq!(v[0]["timestamp"], "2023-11-14T22:13:21Z");
     }
 
     #[test]
