@@ -143,6 +143,10 @@ pub struct MonitoringConfig {
     pub export_format: ExportFormat,
     #[serde(deserialize_with = "max_metrics_entries")]
     pub max_metrics_entries: usize,
+    /// Seconds between export file rewrites; the cycles in between are written together.
+    /// `None` (absent, `0`): every cycle.
+    #[serde(deserialize_with = "export_interval")]
+    pub export_interval: Option<Duration>,
     pub retry_limit: u32,
     #[serde(deserialize_with = "retry_delay")]
     pub retry_delay: Duration,
@@ -171,6 +175,7 @@ impl Default for MonitoringConfig {
             excluded_devices: vec!["loop".into(), "dm-".into()],
             export_format: ExportFormat::Records,
             max_metrics_entries: 1000,
+            export_interval: None,
             retry_limit: 3,
             retry_delay: Duration::from_secs(2),
             collector: CollectorChoice::Auto,
@@ -227,6 +232,18 @@ fn max_workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn max_metrics_entries<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     positive(d, "max_metrics_entries")
+}
+
+fn export_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let Some(v) = Option::<f64>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        return Err(D::Error::custom(format!(
+            "export_interval: {v} is not a number of seconds"
+        )));
+    }
+    Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
 }
 
 fn listen_address<'de, D: Deserializer<'de>>(
@@ -453,6 +470,7 @@ mod tests {
             ("monitoring:\n  export_format: csv\n", "export_format", 2),
             ("monitoring:\n  retry_delay: -1\n", "retry_delay", 2),
             ("logging:\n  log_max_bytes: 0\n", "log_max_bytes", 2),
+            ("monitoring:\n  export_interval: -5\n", "export_interval", 2),
             (
                 "monitoring:\n  prometheus_listen: localhost\n",
                 "prometheus_listen",
@@ -586,6 +604,15 @@ mod tests {
         assert!(e.contains("is a directory"), "{e}");
         c.logging.log_file = dir.path().join("gone/agent.log");
         assert_eq!(c.warnings().len(), 1);
+    }
+
+    #[test]
+    fn export_interval_seconds_or_every_cycle() {
+        let c = parse("monitoring:\n  export_interval: 300\n").unwrap();
+        assert_eq!(c.monitoring.export_interval, Some(Duration::from_secs(300)));
+        let c = parse("monitoring:\n  export_interval: 0\n").unwrap();
+        assert_eq!(c.monitoring.export_interval, None);
+        assert_eq!(Config::default().monitoring.export_interval, None);
     }
 
     #[test]

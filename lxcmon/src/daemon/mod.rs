@@ -133,7 +133,8 @@ impl Startup {
             collector.collector_name(),
             cfg.monitoring.check_interval,
         ));
-        let writer = ExportWriter::spawn(exporter, exposition.clone())?;
+        let writer =
+            ExportWriter::spawn(exporter, exposition.clone(), cfg.monitoring.export_interval)?;
         let (reloaded_tx, reloaded) = mpsc::unbounded_channel();
         let mut daemon = Daemon {
             cfg,
@@ -340,6 +341,9 @@ impl Daemon {
                 format: new_m.export_format,
                 max_entries: new_m.max_metrics_entries,
             });
+        }
+        if old_m.export_interval != new_m.export_interval {
+            self.writer.send(WriterMsg::Interval(new_m.export_interval));
         }
         self.exposition.set_interval(new_m.check_interval);
         for key in self.cfg.ignored_keys() {

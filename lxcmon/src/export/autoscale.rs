@@ -1,6 +1,7 @@
 //! `autoscale_ml`: one object per cycle, keyed by container id plus `summary`, in the form
 //! the lxc_autoscale_ml data loader (pandas) accepts.
 
+use super::file::Span;
 use super::{round2, Cycle, GIB, MIB};
 use chrono::{DateTime, Local, Utc};
 use serde::Serialize;
@@ -57,17 +58,18 @@ pub fn naive_local(t: DateTime<Utc>) -> String {
 /// The reader takes every key but `summary` for a container.
 const RESERVED: &str = "summary";
 
-pub fn encode(cycle: &Cycle) -> Vec<u8> {
+/// The cycle's object, and whether a container named `summary` had to be left out (the
+/// caller warns once per condition, not per cycle).
+pub fn encode(cycle: &Cycle) -> (Vec<u8>, bool) {
     let ts = naive_local(cycle.started);
     let end = naive_local(cycle.ended);
     let mut out = Vec::with_capacity(cycle.metrics.len() * 400 + 300);
     out.push(b'{');
     let mut collected = 0;
+    let mut left_out = false;
     for m in &cycle.metrics {
         if m.id == RESERVED {
-            tracing::warn!(
-                "a container named \"summary\" cannot appear in the autoscale_ml format; left out"
-            );
+            left_out = true;
             continue;
         }
         let c = Container {
@@ -111,12 +113,12 @@ pub fn encode(cycle: &Cycle) -> Vec<u8> {
     out.extend_from_slice(b"\"summary\":");
     let _ = serde_json::to_writer(&mut out, &summary);
     out.push(b'}');
-    out
+    (out, left_out)
 }
 
-/// Splits an existing file back into its cycles, each kept as it was. Every element must be
+/// Finds an existing file's cycles: each one's byte range in `text`. Every element must be
 /// an object with a `summary` object and only objects beside it.
-pub fn read_back(text: &str) -> Result<Vec<Vec<u8>>, String> {
+pub fn read_back(text: &str) -> Result<Vec<Span>, String> {
     let cycles: Vec<&RawValue> =
         serde_json::from_str(text).map_err(|e| format!("not a JSON array: {e}"))?;
     cycles
@@ -131,7 +133,7 @@ pub fn read_back(text: &str) -> Result<Vec<Vec<u8>>, String> {
             if let Some((k, _)) = keys.iter().find(|(_, v)| !v.get().starts_with('{')) {
                 return Err(format!("cycle {i}: {k} is not an object"));
             }
-            Ok(raw.get().as_bytes().to_vec())
+            Ok(super::records::span_in(text, raw.get()))
         })
         .collect()
 }
@@ -145,7 +147,9 @@ mod tests {
     fn cycle_object_follows_the_contract() {
         let mut c = cycle(0, &["100", "101", "summary"]);
         c.metrics[1].io_write_bytes = 4096 + 100;
-        let v: serde_json::Value = serde_json::from_slice(&encode(&c)).unwrap();
+        let (bytes, left_out) = encode(&c);
+        assert!(left_out);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         let obj = v.as_object().unwrap();
         let mut keys: Vec<_> = obj.keys().cloned().collect();
         keys.sort();

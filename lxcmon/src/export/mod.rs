@@ -8,10 +8,11 @@ mod records;
 
 use crate::config::ExportFormat;
 use crate::derive::Cycle;
+use file::{Rewrite, Span};
 use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-
-pub use file::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -32,38 +33,72 @@ pub enum ExportError {
     },
 }
 
-/// Encodes one cycle's entry: `None` when the cycle has nothing to write.
-pub fn encode(format: ExportFormat, cycle: &Cycle) -> Option<Vec<u8>> {
+/// Encodes one cycle's entry: `None` when the cycle has nothing to write. The flag says a
+/// container named `summary` was left out (`autoscale_ml`).
+fn encode(format: ExportFormat, cycle: &Cycle) -> Option<(Vec<u8>, bool)> {
     if cycle.metrics.is_empty() {
         return None;
     }
     Some(match format {
-        ExportFormat::Records => records::encode(cycle),
+        ExportFormat::Records => (records::encode(cycle), false),
         ExportFormat::AutoscaleMl => autoscale::encode(cycle),
     })
 }
 
+fn warn_summary_left_out() {
+    tracing::warn!(
+        "a container named \"summary\" cannot appear in the autoscale_ml format; left out"
+    );
+}
+
 /// A standalone export document holding just `cycle` (what `--once` prints).
 pub fn document(format: ExportFormat, cycle: &Cycle) -> Vec<u8> {
+    let entry = encode(format, cycle);
+    if entry.as_ref().is_some_and(|(_, left_out)| *left_out) {
+        warn_summary_left_out();
+    }
     let mut out = Vec::new();
-    file::write_document(&mut out, encode(format, cycle).iter().map(Vec::as_slice))
+    file::write_document(&mut out, entry.iter().map(|(e, _)| e.as_slice()))
         .map(|_| out)
         .unwrap_or_default()
 }
 
-/// The export file and its retained history.
+/// What a call of [`Exporter::write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The file was rewritten: its size.
+    Bytes(u64),
+    /// Skipped: the filesystem is short of space (warned once per condition); the cycles stay
+    /// queued for the next write.
+    NoSpace,
+}
+
+/// The export file and its retained history. The history stays on disk: memory holds only
+/// where each retained cycle lies in the current file, and the cycles not written yet. A
+/// rewrite copies the retained run from the previous file in the kernel.
 #[derive(Debug)]
 pub struct Exporter {
     path: PathBuf,
     format: ExportFormat,
     max_entries: usize,
-    /// Encoded cycles, oldest first.
-    history: VecDeque<Vec<u8>>,
+    /// The file last written or read back, held open: the retained cycles are copied from it
+    /// even if the path was moved or replaced meanwhile.
+    current: Option<File>,
+    /// Byte ranges of the retained cycles in `current`, oldest first; contiguous but for the
+    /// separators between them.
+    on_disk: VecDeque<Span>,
+    /// Encoded cycles not written yet, oldest first (after `on_disk`).
+    pending: VecDeque<Vec<u8>>,
+    /// Conditions already warned about, so a persisting one is logged once.
+    summary_warned: bool,
+    space_warned: bool,
+    owner_warned: bool,
 }
 
 impl Exporter {
-    /// Reads the existing file back so history continues. A file that does not parse as
-    /// `format` is renamed to `<file>.corrupt-<unix time>` and a new history starts.
+    /// Reads the existing file back so history continues (one parse, for the index). A file
+    /// that does not parse as `format` is renamed to `<file>.corrupt-<unix time>[-<n>]` and a
+    /// new history starts. Temporary files a killed agent left beside it are removed.
     pub fn open(
         path: &Path,
         format: ExportFormat,
@@ -73,31 +108,43 @@ impl Exporter {
             path: path.to_path_buf(),
             format,
             max_entries: max_entries.max(1),
-            history: VecDeque::new(),
+            current: None,
+            on_disk: VecDeque::new(),
+            pending: VecDeque::new(),
+            summary_warned: false,
+            space_warned: false,
+            owner_warned: false,
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
+        let removed = file::remove_stale_temps(path);
+        if removed > 0 {
+            tracing::info!(path = %path.display(), removed, "removed temporary export files a stopped agent left");
+        }
+        let read_back = |source| ExportError::ReadBack {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut current = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(exporter),
-            Err(source) if source.kind() == std::io::ErrorKind::InvalidData => {
-                exporter.move_aside("it is not UTF-8")?;
-                return Ok(exporter);
-            }
-            Err(source) => {
-                return Err(ExportError::ReadBack {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Err(e) => return Err(read_back(e)),
+        };
+        let mut bytes = Vec::new();
+        current.read_to_end(&mut bytes).map_err(read_back)?;
+        let Ok(text) = String::from_utf8(bytes) else {
+            exporter.move_aside("it is not UTF-8")?;
+            return Ok(exporter);
         };
         let parsed = match format {
             ExportFormat::Records => records::read_back(&text),
             ExportFormat::AutoscaleMl => autoscale::read_back(&text),
         };
+        drop(text);
         match parsed {
-            Ok(entries) => {
-                exporter.history = entries.into();
+            Ok(spans) => {
+                exporter.on_disk = spans.into();
+                exporter.current = Some(current);
                 exporter.trim();
-                tracing::info!(path = %path.display(), cycles = exporter.history.len(), "continuing the existing export history");
+                tracing::info!(path = %path.display(), cycles = exporter.cycles(), "continuing the existing export history");
             }
             Err(why) => exporter.move_aside(&why)?,
         }
@@ -105,19 +152,13 @@ impl Exporter {
     }
 
     fn move_aside(&self, why: &str) -> Result<(), ExportError> {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut aside = self.path.clone().into_os_string();
-        aside.push(format!(".corrupt-{stamp}"));
-        std::fs::rename(&self.path, &aside).map_err(|source| ExportError::MoveAside {
+        let aside = file::set_aside(&self.path).map_err(|source| ExportError::MoveAside {
             path: self.path.clone(),
             source,
         })?;
         tracing::warn!(
             path = %self.path.display(),
-            moved_to = %PathBuf::from(&aside).display(),
+            moved_to = %aside.display(),
             reason = why,
             "the existing export file is not a valid {:?} export; kept aside, starting a new one",
             self.format
@@ -126,36 +167,103 @@ impl Exporter {
     }
 
     fn trim(&mut self) {
-        while self.history.len() > self.max_entries {
-            self.history.pop_front();
+        while self.cycles() > self.max_entries {
+            if self.on_disk.pop_front().is_none() {
+                self.pending.pop_front();
+            }
         }
     }
 
     /// Adds a cycle; returns whether it had anything to export.
     pub fn push(&mut self, cycle: &Cycle) -> bool {
-        match encode(self.format, cycle) {
-            Some(entry) => {
-                self.history.push_back(entry);
-                self.trim();
-                true
-            }
-            None => false,
+        let Some((entry, left_out)) = encode(self.format, cycle) else {
+            return false;
+        };
+        if left_out && !self.summary_warned {
+            warn_summary_left_out();
         }
+        self.summary_warned = left_out;
+        self.pending.push_back(entry);
+        self.trim();
+        true
     }
 
+    /// Cycles retained, written or not.
     pub fn cycles(&self) -> usize {
-        self.history.len()
+        self.on_disk.len() + self.pending.len()
     }
 
-    /// Rewrites the file atomically with the retained history.
-    pub fn write(&self) -> Result<(), ExportError> {
-        write_atomic(&self.path, |w| {
-            file::write_document(w, self.history.iter().map(Vec::as_slice))
-        })
-        .map_err(|source| ExportError::Write {
-            path: self.path.clone(),
-            source,
-        })
+    /// Cycles pushed and not written yet.
+    pub fn unwritten(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Rewrites the file atomically with the retained history: the retained run of the
+    /// previous file copied in the kernel, then the new cycles. Skipped (and warned about
+    /// once) when the filesystem is short of space. A failure changes nothing: the next
+    /// write retries with everything.
+    pub fn write(&mut self) -> Result<Written, ExportError> {
+        let kept = match (self.on_disk.front(), self.on_disk.back()) {
+            (Some(first), Some(last)) => Span {
+                offset: first.offset,
+                len: last.end() - first.offset,
+            },
+            _ => Span { offset: 0, len: 0 },
+        };
+        let previous = self.current.as_ref().map(|f| (f, kept));
+        let fresh: Vec<&[u8]> = self.pending.iter().map(Vec::as_slice).collect();
+        let done = match file::rewrite(&self.path, previous, &fresh) {
+            // Someone truncated the file in place (copytruncate): what it held is gone, so
+            // the history restarts from the cycles not written yet.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::warn!(path = %self.path.display(), cycles = self.on_disk.len(), "the export file was truncated by something else; its history is lost, continuing");
+                self.on_disk.clear();
+                self.current = None;
+                return self.write();
+            }
+            done => done.map_err(|source| ExportError::Write {
+                path: self.path.clone(),
+                source,
+            })?,
+        };
+        match done {
+            Rewrite::NoSpace { needed, available } => {
+                if !self.space_warned {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        needed,
+                        available,
+                        "not enough free space for the export file (5 % of the filesystem is kept free); \
+                         keeping the cycles and retrying each cycle (lower max_metrics_entries?)"
+                    );
+                    self.space_warned = true;
+                }
+                Ok(Written::NoSpace)
+            }
+            Rewrite::Written {
+                file,
+                size,
+                copied_at,
+                entries,
+                owner_kept,
+            } => {
+                if self.space_warned {
+                    tracing::info!(path = %self.path.display(), "enough free space again; export written");
+                    self.space_warned = false;
+                }
+                if !owner_kept && !self.owner_warned {
+                    tracing::warn!(path = %self.path.display(), "cannot give the rewritten export file the old file's owner and group (not root?)");
+                }
+                self.owner_warned = !owner_kept;
+                for s in &mut self.on_disk {
+                    s.offset = s.offset - kept.offset + copied_at;
+                }
+                self.on_disk.extend(entries);
+                self.pending.clear();
+                self.current = Some(file);
+                Ok(Written::Bytes(size))
+            }
+        }
     }
 }
 
@@ -350,6 +458,215 @@ pub(crate) mod tests {
             2,
             "the retry writes both cycles"
         );
+    }
+
+    #[test]
+    fn rewrite_keeps_mode_owner_and_group() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+        e.push(&cycle(0, &["a"]));
+        e.write().unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // Group 4 (adm on Debian) when we may change it, else our own group: either way the
+        // test sees whether the rewrite kept what was there.
+        let gid = if rustix::process::geteuid().is_root() {
+            4
+        } else {
+            rustix::process::getegid().as_raw()
+        };
+        std::os::unix::fs::chown(&path, None, Some(gid)).unwrap();
+        let before = std::fs::metadata(&path).unwrap();
+        e.push(&cycle(1, &["a"]));
+        e.write().unwrap();
+        let after = std::fs::metadata(&path).unwrap();
+        assert_ne!(before.ino(), after.ino(), "a new file was renamed in");
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        assert_eq!((after.uid(), after.gid()), (before.uid(), gid));
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let dead = dir.path().join(".m.json.tmp-999999999");
+        let init = dir.path().join(".m.json.tmp-1");
+        let other = dir.path().join(".other.json.tmp-999999999");
+        let not_ours = dir.path().join(".m.json.tmp-backup");
+        for f in [&dead, &init, &other, &not_ours] {
+            std::fs::write(f, "[").unwrap();
+        }
+        let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+        assert!(
+            !dead.exists() && !init.exists(),
+            "temporaries of dead or other processes"
+        );
+        assert!(
+            other.exists() && not_ours.exists(),
+            "only our own naming pattern"
+        );
+        e.push(&cycle(0, &["a"]));
+        e.write().unwrap();
+        assert_eq!(parse(&path).as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn set_aside_files_never_overwrite_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let contents = ["[{\"first\": ", "[{\"second\": ", "[{\"third\": "];
+        // Within the same second (three opens take microseconds).
+        for c in contents {
+            std::fs::write(&path, c).unwrap();
+            Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+        }
+        let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|f| {
+                f.file_name()
+                    .to_string_lossy()
+                    .starts_with("m.json.corrupt-")
+            })
+            .map(|f| std::fs::read_to_string(f.path()).unwrap())
+            .collect();
+        kept.sort();
+        let mut want: Vec<String> = contents.iter().map(|c| c.to_string()).collect();
+        want.sort();
+        assert_eq!(kept, want, "every set-aside file kept intact");
+    }
+
+    #[test]
+    fn errors_print_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading it back fails with EISDIR.
+        let err = Exporter::open(dir.path(), ExportFormat::Records, 10).unwrap_err();
+        let shown = crate::logging::Chain(&err).to_string();
+        assert_eq!(shown.matches("os error 21").count(), 1, "{shown}");
+        assert!(shown.contains(&dir.path().display().to_string()), "{shown}");
+    }
+
+    /// Log lines written while `f` runs, through a subscriber of the test's own.
+    pub fn captured_log(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn summary_name_is_warned_about_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let log = captured_log(|| {
+            let mut e = Exporter::open(&path, ExportFormat::AutoscaleMl, 10).unwrap();
+            for i in 0..4 {
+                e.push(&cycle(i, &["100", "summary"]));
+                e.write().unwrap();
+            }
+        });
+        assert_eq!(log.matches("\"summary\"").count(), 1, "{log}");
+        assert_eq!(parse(&path).as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn rewrites_from_the_file_equal_a_document_of_the_retained_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        for format in [ExportFormat::Records, ExportFormat::AutoscaleMl] {
+            let mut e = Exporter::open(&path, format, 3).unwrap();
+            let cycles: Vec<Cycle> = (0..7).map(|i| cycle(i, &["a", "b"])).collect();
+            for (i, c) in cycles.iter().enumerate() {
+                e.push(c);
+                // Sometimes two cycles per write, as with export_interval.
+                if i % 3 != 1 {
+                    assert!(matches!(e.write().unwrap(), Written::Bytes(_)));
+                    assert_eq!(e.unwritten(), 0, "nothing kept in memory after a write");
+                }
+                let first = (i + 1).saturating_sub(3);
+                let mut want = Vec::new();
+                file::write_document(
+                    &mut want,
+                    cycles[first..=i]
+                        .iter()
+                        .map(|c| encode(format, c).unwrap().0)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(Vec::as_slice),
+                )
+                .unwrap();
+                if e.unwritten() == 0 {
+                    assert_eq!(std::fs::read(&path).unwrap(), want, "{format:?} cycle {i}");
+                }
+            }
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_foreign_layout_is_continued_from_its_own_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        // Pretty-printed, as Python's json.dump(indent=4) writes.
+        let old: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                serde_json::from_slice(&encode(ExportFormat::Records, &cycle(i, &["a"])).unwrap().0)
+                    .unwrap()
+            })
+            .collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&old).unwrap()).unwrap();
+        let mut e = Exporter::open(&path, ExportFormat::Records, 3).unwrap();
+        assert_eq!(e.cycles(), 3);
+        e.push(&cycle(3, &["a"]));
+        e.write().unwrap();
+        let got = parse(&path);
+        let ts: Vec<_> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["timestamp"].clone())
+            .collect();
+        assert_eq!(ts.len(), 3);
+        assert_eq!(ts[0], old[1]["timestamp"]);
+        assert_eq!(got[1], old[2], "kept as it was");
+        assert_eq!(ts[2], "2023-11-14T22:13:23Z");
+    }
+
+    #[test]
+    fn a_file_truncated_in_place_restarts_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+        e.push(&cycle(0, &["a"]));
+        e.write().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        e.push(&cycle(1, &["a"]));
+        e.write().unwrap();
+        let v = parse(&path);
+        assert_eq!(v.as_array().unwrap().len(), 1);
+        assert_eq!(v[0]["timestamp"], "2023-11-14T22:13:21Z");
     }
 
     #[test]

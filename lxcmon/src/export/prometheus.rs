@@ -32,6 +32,10 @@ pub struct Exposition {
     /// The BPF collector failed at run time and the file readers took over.
     pub bpf_errors: AtomicU64,
     pub export_write_failures: AtomicU64,
+    /// Export rewrites skipped because the filesystem was short of space.
+    pub export_writes_skipped: AtomicU64,
+    /// Bytes of export files written (each rewrite's whole size, copied part included).
+    pub export_bytes_written: AtomicU64,
 }
 
 impl Exposition {
@@ -45,6 +49,8 @@ impl Exposition {
             cycle_errors: AtomicU64::new(0),
             bpf_errors: AtomicU64::new(0),
             export_write_failures: AtomicU64::new(0),
+            export_writes_skipped: AtomicU64::new(0),
+            export_bytes_written: AtomicU64::new(0),
         }
     }
 
@@ -333,16 +339,26 @@ fn render(cycle: Option<&Cycle>, collector: &str, stats: &Exposition, openmetric
             counter.load(Ordering::Relaxed) as f64,
         );
     }
-    w.family(
-        "lxcmon_export_write_failures_total",
-        Kind::Counter,
-        "Export file writes that failed.",
-    );
-    w.sample(
-        "lxcmon_export_write_failures_total",
-        &[],
-        stats.export_write_failures.load(Ordering::Relaxed) as f64,
-    );
+    for (name, help, counter) in [
+        (
+            "lxcmon_export_write_failures_total",
+            "Export file writes that failed.",
+            &stats.export_write_failures,
+        ),
+        (
+            "lxcmon_export_writes_skipped_total",
+            "Export file writes skipped: the filesystem was short of space.",
+            &stats.export_writes_skipped,
+        ),
+        (
+            "lxcmon_export_bytes_written_total",
+            "Bytes of export files written (each rewrite's whole size).",
+            &stats.export_bytes_written,
+        ),
+    ] {
+        w.family(name, Kind::Counter, help);
+        w.sample(name, &[], counter.load(Ordering::Relaxed) as f64);
+    }
     if openmetrics {
         w.out.push_str("# EOF\n");
     }
@@ -405,33 +421,67 @@ fn handle(req: &Request<Incoming>, shared: &Exposition, started: Instant) -> Res
     }
 }
 
+/// Connections served at once; more are closed at once, so idle sockets can never take the
+/// descriptors the collection needs.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this, on a new connection and on an idle
+/// kept-alive one (hyper's header-read timeout runs whenever it waits for a request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this, however it trickles.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Binds the listener now (so a taken port fails start-up) and serves it on the runtime.
 pub async fn serve(addr: SocketAddr, shared: Arc<Exposition>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let started = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let mut refusing = false;
+        let mut accept_failing = false;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a scrape failed");
+                    if !accept_failing {
+                        tracing::warn!(error = %e, "accepting a scrape failed (logged once until one succeeds)");
+                        accept_failing = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            accept_failing = false;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if !refusing {
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS,
+                        "too many /metrics connections; closing new ones until some end"
+                    );
+                    refusing = true;
+                }
+                drop(stream);
+                continue;
+            };
+            refusing = false;
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let resp = handle(&req, &shared, started);
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "scrape connection ended with an error");
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(io, service);
+                match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "scrape connection ended with an error")
+                    }
+                    Err(_) => tracing::debug!("scrape connection closed at its deadline"),
                 }
             });
         }

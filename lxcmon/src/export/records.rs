@@ -1,5 +1,6 @@
 //! `records`: one object per container per cycle, the seed document's shape.
 
+use super::file::Span;
 use super::{round2, Cycle, MIB};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
@@ -84,29 +85,35 @@ struct Probe<'a> {
     container_id: std::borrow::Cow<'a, str>,
 }
 
-/// Splits an existing file back into per-cycle entries (consecutive records sharing a
-/// timestamp form one cycle), keeping each record's bytes as they were.
-pub fn read_back(text: &str) -> Result<Vec<Vec<u8>>, String> {
+/// Finds an existing file's cycles (consecutive records sharing a timestamp form one cycle):
+/// each cycle's byte range in `text`, from its first record to its last.
+pub fn read_back(text: &str) -> Result<Vec<Span>, String> {
     let records: Vec<&RawValue> =
         serde_json::from_str(text).map_err(|e| format!("not a JSON array of records: {e}"))?;
-    let mut cycles: Vec<Vec<u8>> = Vec::new();
-    let mut last_ts: Option<String> = None;
+    let mut cycles: Vec<Span> = Vec::new();
+    let mut last_ts: Option<std::borrow::Cow<str>> = None;
     for (i, raw) in records.iter().enumerate() {
         let probe: Probe = serde_json::from_str(raw.get())
             .map_err(|e| format!("element {i} is not a record: {e}"))?;
+        let span = span_in(text, raw.get());
         let same_cycle = last_ts.as_deref() == Some(probe.timestamp.as_ref());
         match cycles.last_mut() {
-            Some(entry) if same_cycle => {
-                entry.extend_from_slice(b",\n");
-                entry.extend_from_slice(raw.get().as_bytes());
-            }
+            Some(entry) if same_cycle => entry.len = span.end() - entry.offset,
             _ => {
-                cycles.push(raw.get().as_bytes().to_vec());
-                last_ts = Some(probe.timestamp.into_owned());
+                cycles.push(span);
+                last_ts = Some(probe.timestamp);
             }
         }
     }
     Ok(cycles)
+}
+
+/// Where `part`, a slice of `text`, lies in it.
+pub fn span_in(text: &str, part: &str) -> Span {
+    Span {
+        offset: (part.as_ptr() as usize - text.as_ptr() as usize) as u64,
+        len: part.len() as u64,
+    }
 }
 
 #[cfg(test)]
