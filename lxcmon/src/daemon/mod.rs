@@ -147,7 +147,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.exposition.cycle_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "collection cycle failed");
+                tracing::error!(error = %crate::logging::Chain(&e), "collection cycle failed");
             }
         }
         Ok(collector)
