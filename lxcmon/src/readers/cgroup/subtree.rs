@@ -162,7 +162,8 @@ impl Procs {
 #[derive(Debug)]
 struct Dir {
     procs: Procs,
-    /// Without a watcher: the directory, held open to check its mtime each cycle.
+    /// Without a watcher: the directory, held open to check its mtime each cycle (`fstat`
+    /// reads the inode's current times, nothing cached per open file).
     stamp: Option<(File, (i64, i64))>,
 }
 
