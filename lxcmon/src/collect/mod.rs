@@ -105,7 +105,11 @@ impl Collector {
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
             sampler: Sampler::new(root, layout, devices, sample_options(cfg, files)),
-            deriver: Deriver::default(),
+            deriver: {
+                let mut d = Deriver::default();
+                d.set_network(m.enable_network);
+                d
+            },
             host: HostFiles::open(root)?,
             #[cfg(feature = "ebpf")]
             kernel,
@@ -129,6 +133,7 @@ impl Collector {
             io: old.monitoring.excluded_devices != m.excluded_devices,
             net: old.monitoring.enable_network != m.enable_network,
         });
+        self.deriver.set_network(m.enable_network);
         self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
         #[cfg(feature = "ebpf")]
         if let Some(kernel) = &mut self.kernel {

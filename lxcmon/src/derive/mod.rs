@@ -178,6 +178,9 @@ pub struct Rebase {
 #[derive(Debug, Default)]
 pub struct Deriver {
     previous: HashMap<String, Previous>,
+    /// `enable_network: false`: network figures read 0, each instance's counts kept aside
+    /// and continued from when the family is switched on again.
+    network_off: bool,
 }
 
 impl Deriver {
@@ -194,7 +197,7 @@ impl Deriver {
         for s in samples {
             match self.previous.get_mut(&s.id) {
                 Some(prev) if prev.instance == s.instance => {
-                    if let Some(m) = metrics(s, prev, host) {
+                    if let Some(m) = metrics(s, prev, host, self.network_off) {
                         out.push(m);
                     }
                 }
@@ -214,6 +217,10 @@ impl Deriver {
         out
     }
 
+    pub fn set_network(&mut self, enabled: bool) {
+        self.network_off = !enabled;
+    }
+
     /// The next value of these counters is a new base (a reload changed which devices or
     /// interfaces they sum); the reported figures continue from where they are.
     pub fn rebase(&mut self, which: Rebase) {
@@ -230,10 +237,18 @@ impl Deriver {
     }
 }
 
-fn metrics(s: &ContainerSample, prev: &mut Previous, host: HostFacts) -> Option<ContainerMetrics> {
+fn metrics(
+    s: &ContainerSample,
+    prev: &mut Previous,
+    host: HostFacts,
+    network_off: bool,
+) -> Option<ContainerMetrics> {
     let raw = raw_counters(s);
     let mut growth = [0u64; 5];
     for (i, (value, source)) in raw.into_iter().enumerate() {
+        if network_off && (i == NET_RX || i == NET_TX) {
+            continue;
+        }
         growth[i] = prev.counters[i].advance(value, source, &s.id, i);
     }
     let wall = s.at.checked_duration_since(prev.at);
@@ -274,8 +289,8 @@ fn metrics(s: &ContainerSample, prev: &mut Previous, host: HostFacts) -> Option<
             .map_or(host.swap_total, |l| l.min(host.swap_total)),
         io_read_bytes: reported(IO_READ),
         io_write_bytes: reported(IO_WRITE),
-        net_rx_bytes: reported(NET_RX),
-        net_tx_bytes: reported(NET_TX),
+        net_rx_bytes: if network_off { 0 } else { reported(NET_RX) },
+        net_tx_bytes: if network_off { 0 } else { reported(NET_TX) },
         fs: s.fs,
         processes: s.cgroup.processes,
         threads: s.cgroup.threads,
@@ -452,10 +467,11 @@ mod tests {
         let mut d = Deriver::default();
         let t0 = Instant::now();
         // (net_rx, net source, io_write, io source, cpu) -> expected (net_rx, io_write, cpu).
-        let steps: &[(
+        type Step = (
             (u64, CounterSource, u64, CounterSource, u64),
             (u64, u64, u64),
-        )] = &[
+        );
+        let steps: &[Step] = &[
             ((100, Files, 1000, Files, 10), (0, 0, 0)),
             ((200, Files, 1500, Files, 20), (200, 1500, 20)),
             // Backwards: held, logged once.
@@ -493,7 +509,22 @@ mod tests {
         assert_eq!((m[0].net_rx_bytes, m[0].io_write_bytes), (350, 2060));
         s.at += Duration::from_secs(1);
         s.cgroup.io.write = 70;
-        let m = d.derive(&[s], &[], HOST);
+        let m = d.derive(&[s.clone()], &[], HOST);
         assert_eq!(m[0].io_write_bytes, 2080);
+
+        // Network switched off by a reload: 0 while off; switched on again, the count goes on
+        // from where it was, whatever the source's value is now.
+        d.set_network(false);
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 0);
+        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 0);
+        d.set_network(true);
+        d.rebase(Rebase {
+            io: false,
+            net: true,
+        });
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_000);
+        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 350);
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_010);
+        assert_eq!(d.derive(&[s], &[], HOST)[0].net_rx_bytes, 360);
     }
 }
