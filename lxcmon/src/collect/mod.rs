@@ -202,3 +202,17 @@ impl Collector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_prints_its_cause_once() {
+        let io = std::io::Error::from_raw_os_error(21);
+        let e = CollectError::Host(ReadError::io(Path::new("/proc/stat"), io));
+        let text = crate::logging::Chain(&e).to_string();
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert!(text.starts_with("host figures: /proc/stat: "), "{text}");
+    }
+}

@@ -456,3 +456,50 @@ fn statvfs(fd: &OwnedFd) -> std::io::Result<FsUsage> {
         free: s.f_bavail.saturating_mul(unit),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::discovery::Flavor;
+
+    /// A container restarted between discovery and the opening of its files is skipped, not
+    /// read as the instance discovery saw.
+    #[test]
+    fn files_of_another_instance_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("lxc.payload.a");
+        std::fs::create_dir(&cg).unwrap();
+        std::fs::write(cg.join("cpu.stat"), "usage_usec 1\n").unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "").unwrap();
+        let layout = Layout {
+            unified: Some(dir.path().to_path_buf()),
+            unified_has_controllers: true,
+            ..Layout::default()
+        };
+        let options = Options {
+            swap: false,
+            network: false,
+            filesystem: false,
+            workers: 1,
+            retry_limit: 0,
+            retry_delay: Duration::ZERO,
+            net_files: true,
+            io_files: true,
+        };
+        let mut sampler = Sampler::new(dir.path(), layout, DeviceFilter::none(), options);
+        let ino = std::fs::metadata(&cg).unwrap().ino();
+        let found = |instance| Discovered {
+            id: "a".into(),
+            name: "a".into(),
+            rel: "lxc.payload.a".into(),
+            flavor: Flavor::Lxc,
+            instance,
+        };
+        let stale = sampler.sample(&[found(ino + 1)]);
+        assert_eq!((stale.containers.len(), stale.skipped), (0, 1));
+        let live = sampler.sample(&[found(ino)]);
+        assert_eq!(live.containers.len(), 1);
+        assert_eq!(live.containers[0].instance, ino);
+        assert_eq!(live.containers[0].cgroup.cpu_usage_ns, 1000);
+    }
+}
