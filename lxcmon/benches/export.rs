@@ -29,6 +29,7 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
                 let s = seq * 1000 + i as u64;
                 ContainerMetrics {
                     id: format!("{}", 100 + i),
+                    started: now - chrono::Duration::hours(1),
                     name: format!("bench-container-{i}"),
                     cpu_percent: (s % 10_000) as f64 / 100.0,
                     cpu_cores_allowed: 2.0,

@@ -5,10 +5,17 @@
 //! - Proxmox VE (and LXC 3): `lxc/<vmid>`, processes below `lxc/<vmid>/ns/` on VE 7/8.
 //!
 //! Monitor cgroups (`lxc.monitor.<name>`, `lxc.monitor/<vmid>`) hold no container.
+//!
+//! A cgroup name that is not valid UTF-8 (LXC accepts any bytes but `/`) is still a running
+//! container: it is exported under an id with each invalid byte written `\xNN` (one warning
+//! per container), and read through its real path.
 
 use crate::readers::kfile;
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,10 +33,14 @@ pub struct Discovered {
     /// The container's cgroup below each hierarchy's root.
     pub rel: PathBuf,
     pub flavor: Flavor,
+    /// Which instance of the container this is: the inode of its cgroup directory in the
+    /// scanned hierarchy (the cgroup id on v2). A container restarted under the same id has a
+    /// new one, and its figures start afresh.
+    pub instance: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot list containers in {dir}: {source}")]
+#[error("cannot list containers in {dir}")]
 pub struct DiscoveryError {
     dir: PathBuf,
     source: std::io::Error,
@@ -41,6 +52,8 @@ pub struct Discovery {
     hierarchy: PathBuf,
     /// Display names, read once per container appearance.
     names: HashMap<String, String>,
+    /// Containers already warned about for a non-UTF-8 cgroup name.
+    warned: HashSet<String>,
 }
 
 impl Discovery {
@@ -50,6 +63,7 @@ impl Discovery {
             root: root.to_path_buf(),
             hierarchy: hierarchy.to_path_buf(),
             names: HashMap::new(),
+            warned: HashSet::new(),
         }
     }
 
@@ -63,37 +77,42 @@ impl Discovery {
             if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix("lxc.payload.") {
-                found.push((id.to_string(), PathBuf::from(&name), Flavor::Lxc));
-            } else if name == "lxc" || name == "lxc.payload" {
+            let name = entry.file_name();
+            let bytes = name.as_bytes();
+            if let Some(id) = bytes.strip_prefix(b"lxc.payload.") {
+                let id = self.id_of(id);
+                found.push((id, PathBuf::from(&name), Flavor::Lxc, entry.ino()));
+            } else if bytes == b"lxc" || bytes == b"lxc.payload" {
                 for child in std::fs::read_dir(entry.path())
                     .into_iter()
                     .flatten()
                     .flatten()
                 {
-                    let id = child.file_name().to_string_lossy().into_owned();
+                    let child_name = child.file_name();
+                    let raw = child_name.as_bytes();
                     if !child.file_type().map(|t| t.is_dir()).unwrap_or(false)
-                        || id.starts_with("lxc.monitor")
-                        || id.starts_with("lxc.pivot")
+                        || raw.starts_with(b"lxc.monitor")
+                        || raw.starts_with(b"lxc.pivot")
                     {
                         continue;
                     }
-                    let flavor = if name == "lxc" && self.pve_conf(&id).exists() {
+                    let id = self.id_of(raw);
+                    let flavor = if bytes == b"lxc" && self.pve_conf(&id).exists() {
                         Flavor::Proxmox
                     } else {
                         Flavor::Lxc
                     };
-                    found.push((id.clone(), Path::new(&name).join(&id), flavor));
+                    found.push((id, Path::new(&name).join(&child_name), flavor, child.ino()));
                 }
             }
         }
         found.sort_by(|a, b| id_order(&a.0, &b.0));
         let ids: std::collections::HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
         self.names.retain(|id, _| ids.contains(id.as_str()));
+        self.warned.retain(|id| ids.contains(id.as_str()));
         Ok(found
             .into_iter()
-            .map(|(id, rel, flavor)| {
+            .map(|(id, rel, flavor, instance)| {
                 let name = match self.names.get(&id) {
                     Some(n) => n.clone(),
                     None => {
@@ -107,9 +126,23 @@ impl Discovery {
                     name,
                     rel,
                     flavor,
+                    instance,
                 }
             })
             .collect())
+    }
+
+    /// The container id of a cgroup name; invalid UTF-8 is escaped (warned once).
+    fn id_of(&mut self, raw: &[u8]) -> String {
+        let (id, escaped) = escape_invalid(raw);
+        if escaped && self.warned.insert(id.clone()) {
+            tracing::warn!(
+                container = %id,
+                cgroup = ?OsStr::from_bytes(raw),
+                "container name is not valid UTF-8: exported with its invalid bytes as \\xNN"
+            );
+        }
+        id
     }
 
     fn pve_conf(&self, vmid: &str) -> PathBuf {
@@ -135,6 +168,20 @@ pub fn pve_hostname(conf: &str) -> Option<&str> {
         .find_map(|l| l.strip_prefix("hostname:"))
         .map(str::trim)
         .filter(|h| !h.is_empty())
+}
+
+/// `raw` as text, each byte that is not part of valid UTF-8 written `\xNN`; whether any was.
+fn escape_invalid(raw: &[u8]) -> (String, bool) {
+    let mut out = String::with_capacity(raw.len());
+    let mut escaped = false;
+    for chunk in raw.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            escaped = true;
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    (out, escaped)
 }
 
 /// Numeric ids in numeric order (VMIDs), then names.
@@ -255,6 +302,41 @@ mod tests {
             .scan()
             .unwrap_err();
         assert!(err.to_string().contains("nope"));
+    }
+
+    #[test]
+    fn instance_is_the_cgroup_directory_and_changes_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("cg");
+        mkdirs(&h, &["lxc.payload.a"]);
+        let mut d = Discovery::new(dir.path(), &h);
+        let first = d.scan().unwrap()[0].instance;
+        assert_eq!(
+            d.scan().unwrap()[0].instance,
+            first,
+            "same cgroup, same instance"
+        );
+        // The new cgroup exists before the old one goes, as a real restart's never share ids.
+        mkdirs(&h, &["new"]);
+        std::fs::remove_dir(h.join("lxc.payload.a")).unwrap();
+        std::fs::rename(h.join("new"), h.join("lxc.payload.a")).unwrap();
+        let again = d.scan().unwrap();
+        assert_eq!(again[0].id, "a");
+        assert_ne!(again[0].instance, first);
+    }
+
+    #[test]
+    fn non_utf8_names_are_escaped_and_read_through_their_real_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("cg");
+        let raw = OsStr::from_bytes(b"lxc.payload.caf\xe9");
+        std::fs::create_dir_all(h.join(raw)).unwrap();
+        std::fs::create_dir_all(h.join("lxc").join(OsStr::from_bytes(b"\xff1"))).unwrap();
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        let got: Vec<_> = found.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(got, vec!["\\xff1", "caf\\xe9"]);
+        assert!(found.iter().all(|d| h.join(&d.rel).is_dir()));
+        assert_eq!(escape_invalid(b"plain"), ("plain".to_string(), false));
     }
 
     #[test]

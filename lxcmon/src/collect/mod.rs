@@ -13,7 +13,7 @@ mod v1_io;
 #[cfg(not(feature = "ebpf"))]
 use crate::config::CollectorChoice;
 use crate::config::Config;
-use crate::derive::{Cycle, Deriver};
+use crate::derive::{Cycle, Deriver, Rebase};
 use crate::readers::cgroup::{Layout, LayoutError, Mode};
 use crate::readers::kfile::ReadError;
 use crate::readers::sysfs::DeviceFilter;
@@ -25,11 +25,11 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
-    #[error("cgroup layout: {0}")]
+    #[error("cgroup layout")]
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
-    #[error("host figures: {0}")]
+    #[error("host figures")]
     Host(#[from] ReadError),
     #[error("the BPF collector is not built into this binary (collector: ebpf); build it with `cargo xtask run` or use collector: auto")]
     NoBpf,
@@ -105,7 +105,11 @@ impl Collector {
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
             sampler: Sampler::new(root, layout, devices, sample_options(cfg, files)),
-            deriver: Deriver::default(),
+            deriver: {
+                let mut d = Deriver::default();
+                d.set_network(m.enable_network);
+                d
+            },
             host: HostFiles::open(root)?,
             #[cfg(feature = "ebpf")]
             kernel,
@@ -114,17 +118,22 @@ impl Collector {
         })
     }
 
-    /// Applies a reloaded configuration for the next cycle, keeping what must survive: CPU
-    /// baselines, discovery, the BPF programs and their counts. The collector choice itself
-    /// takes effect on restart.
+    /// Applies a reloaded configuration for the next cycle, keeping what must survive: each
+    /// container instance's state (CPU baselines, the bytes of interfaces that have gone, the
+    /// reported counters), discovery, the BPF programs and their counts. The collector choice
+    /// itself takes effect on restart.
     pub fn reconfigure(&mut self, old: &Config, new: &Config) {
         let m = &new.monitoring;
-        self.sampler = Sampler::new(
-            &self.root,
-            self.sampler.layout().clone(),
+        self.sampler.reconfigure(
             DeviceFilter::new(&self.root, &m.excluded_devices),
             sample_options(new, self.files_supply()),
         );
+        // Sums over other devices or none: the next values are new bases, not growth.
+        self.deriver.rebase(Rebase {
+            io: old.monitoring.excluded_devices != m.excluded_devices,
+            net: old.monitoring.enable_network != m.enable_network,
+        });
+        self.deriver.set_network(m.enable_network);
         self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
         #[cfg(feature = "ebpf")]
         if let Some(kernel) = &mut self.kernel {
@@ -170,7 +179,7 @@ impl Collector {
                 sampled = self.sampler.sample(&discovered);
             }
         }
-        let metrics = self.deriver.derive(&sampled.containers, host);
+        let metrics = self.deriver.derive(&sampled.containers, &discovered, host);
         let ended = Utc::now();
         tracing::debug!(
             duration_us = (ended - started).num_microseconds().unwrap_or(0),
@@ -191,5 +200,19 @@ impl Collector {
             agent_rss_bytes: self.host.rss(),
             subsecond: self.subsecond,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_prints_its_cause_once() {
+        let io = std::io::Error::from_raw_os_error(21);
+        let e = CollectError::Host(ReadError::io(Path::new("/proc/stat"), io));
+        let text = crate::logging::Chain(&e).to_string();
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+        assert!(text.starts_with("host figures: /proc/stat: "), "{text}");
     }
 }

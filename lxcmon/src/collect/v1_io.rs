@@ -23,7 +23,7 @@ pub(crate) fn v1_io_accounting(root: &Path, layout: &Layout, cfg: &Config) {
     let disks = match sysfs::whole_disks(root) {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list disks: cgroup v1 I/O figures may read 0");
+            tracing::warn!(error = %crate::logging::Chain(&e), "cannot list disks: cgroup v1 I/O figures may read 0");
             return;
         }
     };

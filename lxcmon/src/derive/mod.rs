@@ -1,9 +1,16 @@
 //! Deriving the exported figures from raw samples: CPU percent from deltas, limits resolved
 //! against the host, units as the export contract wants them.
+//!
+//! Figures belong to a container *instance* (its cgroup's identity), not to its name: a
+//! container restarted under the same id is a new instance that sets a new baseline, gets a
+//! new start time and starts its counters afresh. Within one instance every cumulative counter
+//! only grows, whatever its source does (a reload, a re-read after an error, a switch between
+//! the file readers and the BPF programs): [`Deriver`] enforces it.
 
-use crate::collect::sample::{ContainerSample, FsUsage};
+use crate::collect::discovery::Discovered;
+use crate::collect::sample::{ContainerSample, CounterSource, FsUsage};
 use chrono::{DateTime, Utc};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// The figures of one container in one cycle, in base units (bytes, percent).
@@ -11,6 +18,9 @@ use std::time::Instant;
 pub struct ContainerMetrics {
     pub id: String,
     pub name: String,
+    /// When this instance of the container started (its init process; when that is unknown,
+    /// when the agent first saw it). Cumulative figures count from this instance's start.
+    pub started: DateTime<Utc>,
     /// Percent (0–100) of the CPU the container may use.
     pub cpu_percent: f64,
     pub cpu_cores_allowed: f64,
@@ -57,51 +67,197 @@ pub struct HostFacts {
     pub swap_total: u64,
 }
 
+/// The cumulative counters kept monotonic, in [`Counters`] order.
+const COUNTERS: [&str; 5] = [
+    "cpu_usage_ns",
+    "io_read_bytes",
+    "io_write_bytes",
+    "net_rx_bytes",
+    "net_tx_bytes",
+];
+const CPU: usize = 0;
+const IO_READ: usize = 1;
+const IO_WRITE: usize = 2;
+const NET_RX: usize = 3;
+const NET_TX: usize = 4;
+
+/// One cumulative counter of one instance: the source's last raw value and what was reported.
 #[derive(Debug, Clone, Copy)]
+struct Counter {
+    raw: u64,
+    source: CounterSource,
+    reported: u64,
+    /// The next raw value is a new base (the source's rules changed: a reload's settings).
+    rebase: bool,
+    /// Already logged as going backwards (once per instance and counter).
+    warned: bool,
+}
+
+impl Counter {
+    fn new(raw: u64, source: CounterSource) -> Self {
+        Self {
+            raw,
+            source,
+            reported: raw,
+            rebase: false,
+            warned: false,
+        }
+    }
+
+    /// Takes the source's new value and returns the growth added to the reported one. A new
+    /// source, or a new base, continues from the last reported value; a source that yields
+    /// less than before is a fault: logged, and the counter holds.
+    fn advance(&mut self, raw: u64, source: CounterSource, id: &str, which: usize) -> u64 {
+        let growth = if source != self.source {
+            tracing::info!(container = id, counter = COUNTERS[which], from = ?self.source, to = ?source,
+                "counter source changed: continuing from the last reported value");
+            0
+        } else if self.rebase {
+            0
+        } else if raw < self.raw {
+            if !self.warned {
+                self.warned = true;
+                tracing::error!(container = id, counter = COUNTERS[which], previous = self.raw, now = raw,
+                    "a cumulative counter went backwards within one container instance: holding it (reported once per instance and counter)");
+            }
+            0
+        } else {
+            raw - self.raw
+        };
+        self.raw = raw;
+        self.source = source;
+        self.rebase = false;
+        self.reported = self.reported.saturating_add(growth);
+        growth
+    }
+}
+
+type Counters = [Counter; 5];
+
+fn raw_counters(s: &ContainerSample) -> [(u64, CounterSource); 5] {
+    [
+        (s.cgroup.cpu_usage_ns, CounterSource::Files),
+        (s.cgroup.io.read, s.io_source),
+        (s.cgroup.io.write, s.io_source),
+        (s.net_rx, s.net_source),
+        (s.net_tx, s.net_source),
+    ]
+}
+
+/// What is kept per container instance between cycles.
+#[derive(Debug, Clone)]
 struct Previous {
-    cpu_usage_ns: u64,
+    instance: u64,
+    started: DateTime<Utc>,
     at: Instant,
+    counters: Counters,
+}
+
+impl Previous {
+    fn new(s: &ContainerSample) -> Self {
+        let started = s
+            .init_started
+            .map(DateTime::<Utc>::from)
+            .unwrap_or_else(Utc::now);
+        Self {
+            instance: s.instance,
+            started,
+            at: s.at,
+            counters: raw_counters(s).map(|(raw, source)| Counter::new(raw, source)),
+        }
+    }
+}
+
+/// Which counters a reload may have changed the rules of.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rebase {
+    pub io: bool,
+    pub net: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct Deriver {
     previous: HashMap<String, Previous>,
+    /// `enable_network: false`: network figures read 0, each instance's counts kept aside
+    /// and continued from when the family is switched on again.
+    network_off: bool,
 }
 
 impl Deriver {
-    /// Turns the cycle's samples into metrics. A container seen for the first time (or whose
-    /// CPU counter went backwards: a restart) only sets its baseline and is not returned.
+    /// Turns the cycle's samples into metrics. A container instance seen for the first time
+    /// only sets its baseline and is not returned. `discovered` is every container found
+    /// running: one left out of this cycle (a failed read) keeps its state for the next.
     pub fn derive(
         &mut self,
         samples: &[ContainerSample],
+        discovered: &[Discovered],
         host: HostFacts,
     ) -> Vec<ContainerMetrics> {
         let mut out = Vec::with_capacity(samples.len());
-        let mut next = HashMap::with_capacity(samples.len());
         for s in samples {
-            let now = Previous {
-                cpu_usage_ns: s.cgroup.cpu_usage_ns,
-                at: s.at,
-            };
-            if let Some(prev) = self.previous.get(&s.id) {
-                if let Some(m) = metrics(s, prev, host) {
-                    out.push(m);
+            match self.previous.get_mut(&s.id) {
+                Some(prev) if prev.instance == s.instance => {
+                    if let Some(m) = metrics(s, prev, host, self.network_off) {
+                        out.push(m);
+                    }
+                }
+                _ => {
+                    self.previous.insert(s.id.clone(), Previous::new(s));
                 }
             }
-            next.insert(s.id.clone(), now);
         }
-        // Containers absent this cycle lose their baseline: a restart starts afresh.
-        self.previous = next;
+        // Stopped containers, and instances replaced by a new one, lose their state.
+        let live: HashSet<(&str, u64)> = discovered
+            .iter()
+            .map(|d| (d.id.as_str(), d.instance))
+            .chain(samples.iter().map(|s| (s.id.as_str(), s.instance)))
+            .collect();
+        self.previous
+            .retain(|id, p| live.contains(&(id.as_str(), p.instance)));
         out
+    }
+
+    pub fn set_network(&mut self, enabled: bool) {
+        self.network_off = !enabled;
+    }
+
+    /// The next value of these counters is a new base (a reload changed which devices or
+    /// interfaces they sum); the reported figures continue from where they are.
+    pub fn rebase(&mut self, which: Rebase) {
+        for p in self.previous.values_mut() {
+            if which.io {
+                p.counters[IO_READ].rebase = true;
+                p.counters[IO_WRITE].rebase = true;
+            }
+            if which.net {
+                p.counters[NET_RX].rebase = true;
+                p.counters[NET_TX].rebase = true;
+            }
+        }
     }
 }
 
-fn metrics(s: &ContainerSample, prev: &Previous, host: HostFacts) -> Option<ContainerMetrics> {
-    let used_ns = s.cgroup.cpu_usage_ns.checked_sub(prev.cpu_usage_ns)?;
-    let wall_ns = s.at.checked_duration_since(prev.at)?.as_nanos() as f64;
+fn metrics(
+    s: &ContainerSample,
+    prev: &mut Previous,
+    host: HostFacts,
+    network_off: bool,
+) -> Option<ContainerMetrics> {
+    let raw = raw_counters(s);
+    let mut growth = [0u64; 5];
+    for (i, (value, source)) in raw.into_iter().enumerate() {
+        if network_off && (i == NET_RX || i == NET_TX) {
+            continue;
+        }
+        growth[i] = prev.counters[i].advance(value, source, &s.id, i);
+    }
+    let wall = s.at.checked_duration_since(prev.at);
+    prev.at = s.at;
+    let wall_ns = wall?.as_nanos() as f64;
     if wall_ns <= 0.0 {
         return None;
     }
+    let used_ns = growth[CPU];
     let limits = s.cgroup.limits;
     let mut cores = f64::from(host.online_cpus.max(1));
     if let Some(q) = limits.cpu_quota_cores {
@@ -115,12 +271,14 @@ fn metrics(s: &ContainerSample, prev: &Previous, host: HostFacts) -> Option<Cont
     } else {
         0.0
     };
+    let reported = |i: usize| prev.counters[i].reported;
     Some(ContainerMetrics {
         id: s.id.clone(),
         name: s.name.clone(),
+        started: prev.started,
         cpu_percent,
         cpu_cores_allowed: cores,
-        cpu_usage_ns: s.cgroup.cpu_usage_ns,
+        cpu_usage_ns: reported(CPU),
         memory_bytes: s.cgroup.memory_bytes,
         memory_limit_bytes: limits
             .memory_bytes
@@ -129,10 +287,10 @@ fn metrics(s: &ContainerSample, prev: &Previous, host: HostFacts) -> Option<Cont
         swap_limit_bytes: limits
             .swap_bytes
             .map_or(host.swap_total, |l| l.min(host.swap_total)),
-        io_read_bytes: s.cgroup.io.read,
-        io_write_bytes: s.cgroup.io.write,
-        net_rx_bytes: s.net_rx,
-        net_tx_bytes: s.net_tx,
+        io_read_bytes: reported(IO_READ),
+        io_write_bytes: reported(IO_WRITE),
+        net_rx_bytes: if network_off { 0 } else { reported(NET_RX) },
+        net_tx_bytes: if network_off { 0 } else { reported(NET_TX) },
         fs: s.fs,
         processes: s.cgroup.processes,
         threads: s.cgroup.threads,
@@ -155,6 +313,8 @@ mod tests {
         ContainerSample {
             id: id.into(),
             name: id.into(),
+            instance: 1,
+            init_started: None,
             at,
             cgroup: CgroupSample {
                 cpu_usage_ns: cpu_ns,
@@ -175,10 +335,14 @@ mod tests {
         let mut d = Deriver::default();
         let t0 = Instant::now();
         assert!(d
-            .derive(&[sample("a", t0, 0, Limits::default())], HOST)
+            .derive(&[sample("a", t0, 0, Limits::default())], &[], HOST)
             .is_empty());
         let t1 = t0 + Duration::from_secs(1);
-        let m = d.derive(&[sample("a", t1, 2_000_000_000, Limits::default())], HOST);
+        let m = d.derive(
+            &[sample("a", t1, 2_000_000_000, Limits::default())],
+            &[],
+            HOST,
+        );
         assert_eq!(m.len(), 1);
         // 2 CPU-seconds in 1 s on 4 cores: 50 %.
         assert!(
@@ -200,9 +364,10 @@ mod tests {
             memory_bytes: Some(1 << 30),
             swap_bytes: Some(u64::MAX),
         };
-        d.derive(&[sample("q", t0, 0, quota)], HOST);
+        d.derive(&[sample("q", t0, 0, quota)], &[], HOST);
         let m = d.derive(
             &[sample("q", t0 + Duration::from_secs(2), 900_000_000, quota)],
+            &[],
             HOST,
         );
         assert_eq!(m[0].cpu_cores_allowed, 0.5);
@@ -216,7 +381,7 @@ mod tests {
             cpuset_cpus: Some(1),
             ..Default::default()
         };
-        d.derive(&[sample("s", t0, 0, cpuset)], HOST);
+        d.derive(&[sample("s", t0, 0, cpuset)], &[], HOST);
         let m = d.derive(
             &[sample(
                 "s",
@@ -224,30 +389,142 @@ mod tests {
                 5_000_000_000,
                 cpuset,
             )],
+            &[],
             HOST,
         );
         assert_eq!(m[0].cpu_percent, 100.0, "clamped");
     }
 
+    fn of(id: &str, instance: u64, at: Instant, cpu_ns: u64) -> ContainerSample {
+        ContainerSample {
+            instance,
+            ..sample(id, at, cpu_ns, Limits::default())
+        }
+    }
+
     #[test]
-    fn restart_and_absence_reset_the_baseline() {
+    fn restart_within_one_interval_is_a_new_instance() {
         let mut d = Deriver::default();
         let t0 = Instant::now();
-        let l = Limits::default();
-        d.derive(&[sample("a", t0, 5_000, l)], HOST);
-        // Counter went backwards: a new container under the same id.
+        let sec = |n: u64| t0 + Duration::from_secs(n);
+        d.derive(&[of("a", 1, t0, 1_000_000_000)], &[], HOST);
+        let first = d.derive(&[of("a", 1, sec(1), 1_000_000_000)], &[], HOST);
+        assert_eq!(first[0].cpu_percent, 0.0);
+        // Restarted under the same id; the new cgroup has already used more CPU than the old
+        // one had: no CPU % may span the two.
         assert!(d
-            .derive(&[sample("a", t0 + Duration::from_secs(1), 10, l)], HOST)
+            .derive(&[of("a", 2, sec(2), 3_000_000_000)], &[], HOST)
             .is_empty());
-        assert_eq!(
-            d.derive(&[sample("a", t0 + Duration::from_secs(2), 20, l)], HOST)
-                .len(),
-            1
+        let m = d.derive(&[of("a", 2, sec(3), 5_000_000_000)], &[], HOST);
+        assert!(
+            (m[0].cpu_percent - 50.0).abs() < 1e-9,
+            "{}",
+            m[0].cpu_percent
         );
-        // Gone for a cycle: no stale baseline afterwards.
-        d.derive(&[], HOST);
+        assert_eq!(
+            m[0].cpu_usage_ns, 5_000_000_000,
+            "the new instance's own count"
+        );
+        assert!(m[0].started >= first[0].started);
+        // Gone (not discovered) for a cycle: no stale baseline afterwards.
+        d.derive(&[], &[], HOST);
         assert!(d
-            .derive(&[sample("a", t0 + Duration::from_secs(3), 30, l)], HOST)
+            .derive(&[of("a", 2, sec(4), 6_000_000_000)], &[], HOST)
             .is_empty());
+    }
+
+    #[test]
+    fn a_container_left_out_of_a_cycle_keeps_its_state() {
+        let mut d = Deriver::default();
+        let t0 = Instant::now();
+        let mut s = of("a", 7, t0, 0);
+        s.net_rx = 1_071_000;
+        d.derive(&[s.clone()], &[], HOST);
+        let found = Discovered {
+            id: "a".into(),
+            name: "a".into(),
+            rel: "lxc.payload.a".into(),
+            flavor: crate::collect::discovery::Flavor::Lxc,
+            instance: 7,
+        };
+        // Running, but its read failed this cycle.
+        assert!(d.derive(&[], &[found], HOST).is_empty());
+        s.at = t0 + Duration::from_secs(2);
+        s.cgroup.cpu_usage_ns = 2_000_000_000;
+        s.net_rx = 300_000;
+        let m = d.derive(&[s], &[], HOST);
+        assert!(
+            (m[0].cpu_percent - 25.0).abs() < 1e-9,
+            "over both intervals"
+        );
+        assert_eq!(m[0].net_rx_bytes, 1_071_000, "held, not back to 300 000");
+    }
+
+    /// A source that goes backwards, a switch from the files to BPF and back, a rebase.
+    #[test]
+    fn cumulative_counters_never_go_backwards() {
+        use CounterSource::{Bpf, Files};
+        let mut d = Deriver::default();
+        let t0 = Instant::now();
+        // (net_rx, net source, io_write, io source, cpu) -> expected (net_rx, io_write, cpu).
+        type Step = (
+            (u64, CounterSource, u64, CounterSource, u64),
+            (u64, u64, u64),
+        );
+        let steps: &[Step] = &[
+            ((100, Files, 1000, Files, 10), (0, 0, 0)),
+            ((200, Files, 1500, Files, 20), (200, 1500, 20)),
+            // Backwards: held, logged once.
+            ((150, Files, 1400, Files, 5), (200, 1500, 20)),
+            // Growth from the lower value counts.
+            ((180, Files, 1450, Files, 15), (230, 1550, 30)),
+            // The BPF counts start (seeded, but by other rules): no leap, then its growth.
+            ((9_000, Bpf, 99_000, Bpf, 16), (230, 1550, 31)),
+            ((9_100, Bpf, 99_500, Bpf, 17), (330, 2050, 32)),
+            // BPF gives up for all containers: back to the files, no jump back.
+            ((190, Files, 1460, Files, 18), (330, 2050, 33)),
+            ((200, Files, 1470, Files, 19), (340, 2060, 34)),
+        ];
+        let mut out = Vec::new();
+        for (i, ((rx, ns, wr, is, cpu), _)) in steps.iter().enumerate() {
+            let mut s = of("a", 1, t0 + Duration::from_secs(i as u64), *cpu);
+            (s.net_rx, s.net_source) = (*rx, *ns);
+            (s.cgroup.io.write, s.io_source) = (*wr, *is);
+            let m = d.derive(&[s], &[], HOST);
+            out.push(m.first().map_or((0, 0, 0), |m| {
+                (m.net_rx_bytes, m.io_write_bytes, m.cpu_usage_ns)
+            }));
+        }
+        let want: Vec<_> = steps.iter().map(|s| s.1).collect();
+        assert_eq!(out, want);
+
+        // A reload that changes which devices are summed: the new sum is a new base.
+        d.rebase(Rebase {
+            io: true,
+            net: false,
+        });
+        let mut s = of("a", 1, t0 + Duration::from_secs(20), 40);
+        (s.net_rx, s.cgroup.io.write) = (210, 50);
+        let m = d.derive(&[s.clone()], &[], HOST);
+        assert_eq!((m[0].net_rx_bytes, m[0].io_write_bytes), (350, 2060));
+        s.at += Duration::from_secs(1);
+        s.cgroup.io.write = 70;
+        let m = d.derive(&[s.clone()], &[], HOST);
+        assert_eq!(m[0].io_write_bytes, 2080);
+
+        // Network switched off by a reload: 0 while off; switched on again, the count goes on
+        // from where it was, whatever the source's value is now.
+        d.set_network(false);
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 0);
+        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 0);
+        d.set_network(true);
+        d.rebase(Rebase {
+            io: false,
+            net: true,
+        });
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_000);
+        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 350);
+        (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_010);
+        assert_eq!(d.derive(&[s], &[], HOST)[0].net_rx_bytes, 360);
     }
 }

@@ -290,6 +290,7 @@ pub(crate) mod tests {
         ContainerMetrics {
             id: id.into(),
             name: format!("{id}-name"),
+            started: Utc.timestamp_opt(1_700_000_000 - 3600, 0).unwrap(),
             cpu_percent: 12.345,
             cpu_cores_allowed: 2.0,
             cpu_usage_ns: 1_500_000_000,

@@ -171,6 +171,12 @@ type Field = fn(&crate::derive::ContainerMetrics) -> f64;
 
 const CONTAINER_FAMILIES: &[(&str, Kind, &str, Field)] = &[
     (
+        "lxcmon_container_start_time_seconds",
+        Kind::Gauge,
+        "When this instance of the container started (Unix time); counters restart with it.",
+        |m| m.started.timestamp() as f64,
+    ),
+    (
         "lxcmon_container_cpu_seconds_total",
         Kind::Counter,
         "CPU time used by the container's cgroup.",

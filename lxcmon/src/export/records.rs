@@ -24,6 +24,9 @@ struct Record<'a> {
     cpu_cores_allowed: f64,
     memory_limit: f64,
     collector: &'a str,
+    /// When this instance of the container started: cumulative figures count from it, and a
+    /// new value means a restart (counters start afresh).
+    started: String,
 }
 
 #[derive(Serialize)]
@@ -70,6 +73,7 @@ pub fn encode(cycle: &Cycle) -> Vec<u8> {
             cpu_cores_allowed: round2(m.cpu_cores_allowed),
             memory_limit: round2(m.memory_limit_bytes as f64 / MIB),
             collector: cycle.collector,
+            started: m.started.to_rfc3339_opts(SecondsFormat::Secs, true),
         };
         // Serialising plain structs of numbers and strings into memory cannot fail.
         let _ = serde_json::to_writer(&mut out, &record);
@@ -151,6 +155,7 @@ mod tests {
         assert_eq!(r["thread_count"], 9);
         assert_eq!(r["memory_limit"], 1024.0);
         assert_eq!(r["collector"], "files");
+        assert_eq!(r["started"], "2023-11-14T21:13:20Z");
         for (k, val) in r.as_object().unwrap() {
             assert!(!val.is_null(), "{k} is null");
         }

@@ -1,4 +1,10 @@
 //! Kernel files read with their descriptor kept open: one `pread` at offset 0 per sample.
+//!
+//! Holding a kernel file is only right where a read at offset 0 regenerates its content:
+//! seq_file and sysfs/cgroupfs attribute files do (checked on this host for every file the
+//! agent holds). cgroup v1 `cgroup.procs` and `tasks` do not: the kernel keeps the pid list
+//! built for an open file and hands it out again until it has gone unused for about a second,
+//! so those are read with [`read_path`], opened afresh each time.
 
 use std::fs::File;
 use std::io;
@@ -8,7 +14,8 @@ use std::path::{Path, PathBuf};
 /// A failed read of a kernel file, with the path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("{path}: {source}")]
+    /// The cause is the `source` (printed by `logging::Chain`), not part of this message.
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: unexpected content: {what}")]
     Parse { path: PathBuf, what: String },
@@ -81,23 +88,32 @@ impl KFile {
     /// Reads the whole file into `buf`. Kernel seq files return everything that fits in one
     /// call, so a read that does not fill the buffer is complete; a full one grows and retries.
     pub fn read<'a>(&self, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
-        if buf.len() < 4096 {
-            buf.resize(4096, 0);
-        }
-        loop {
-            let n = self
-                .file
-                .read_at(buf, 0)
-                .map_err(|e| ReadError::io(&self.path, e))?;
-            if n < buf.len() {
-                return std::str::from_utf8(&buf[..n])
-                    .map_err(|_| ReadError::parse(&self.path, "not UTF-8"));
-            }
-            let grown = buf.len() * 2;
-            buf.resize(grown, 0);
-        }
+        read_whole(&self.file, &self.path, buf)
     }
+}
 
+/// Opens, reads whole and closes `path`: for kernel files whose held descriptor would serve
+/// stale content (cgroup v1 pid lists).
+pub fn read_path<'a>(path: &Path, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
+    let file = File::open(path).map_err(|e| ReadError::io(path, e))?;
+    read_whole(&file, path, buf)
+}
+
+fn read_whole<'a>(file: &File, path: &Path, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
+    if buf.len() < 4096 {
+        buf.resize(4096, 0);
+    }
+    loop {
+        let n = file.read_at(buf, 0).map_err(|e| ReadError::io(path, e))?;
+        if n < buf.len() {
+            return std::str::from_utf8(&buf[..n]).map_err(|_| ReadError::parse(path, "not UTF-8"));
+        }
+        let grown = buf.len() * 2;
+        buf.resize(grown, 0);
+    }
+}
+
+impl KFile {
     /// Reads a file holding a single unsigned number (`max` is reported as `None`).
     pub fn read_u64_or_max(&self, buf: &mut Vec<u8>) -> Result<Option<u64>, ReadError> {
         let text = self.read(buf)?;
@@ -172,6 +188,26 @@ mod tests {
         assert_eq!(f.read_u64(&mut buf).unwrap(), 12);
         std::fs::write(&path, "345\n").unwrap();
         assert_eq!(f.read_u64(&mut buf).unwrap(), 345);
+    }
+
+    #[test]
+    fn read_path_sees_a_replaced_file_a_held_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("procs");
+        std::fs::write(&path, "1\n").unwrap();
+        let held = KFile::open(path.clone()).unwrap();
+        let mut buf = Vec::new();
+        // A new inode under the same name: what a held descriptor cannot follow.
+        std::fs::write(dir.path().join("new"), "1\n2\n").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert_eq!(held.read(&mut buf).unwrap(), "1\n");
+        assert_eq!(read_path(&path, &mut buf).unwrap(), "1\n2\n");
+        let err = read_path(&dir.path().join("gone"), &mut buf).unwrap_err();
+        assert!(err.is_gone());
+        assert!(
+            !err.to_string().contains("os error"),
+            "cause not in the message: {err}"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::readers::kfile::{self, KFile, ReadError};
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whether a `/proc/<pid>/status` belongs to the first process of its innermost PID
 /// namespace: the last `NSpid:` field is 1.
@@ -103,6 +104,39 @@ pub fn parse_net_dev(text: &str) -> impl Iterator<Item = (&str, u64, u64)> {
     })
 }
 
+/// When the host booted (`btime` of `/proc/stat`).
+pub fn boot_time(root: &Path) -> Option<SystemTime> {
+    let text = kfile::read_to_string(&kfile::under(root, "/proc/stat")).ok()?;
+    parse_btime(&text)
+}
+
+pub fn parse_btime(stat: &str) -> Option<SystemTime> {
+    let secs = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// A process's start in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+pub fn start_ticks(stat_path: &Path) -> Option<u64> {
+    parse_start_ticks(&kfile::read_to_string(stat_path).ok()?)
+}
+
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: count after its last `)`.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Clock ticks (`USER_HZ`) as a duration.
+pub fn ticks(n: u64) -> Duration {
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Duration::from_secs(n / hz) + Duration::from_nanos((n % hz) * 1_000_000_000 / hz)
+}
+
 /// Host memory and swap totals in bytes, from `/proc/meminfo`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostMemory {
@@ -195,6 +229,24 @@ Inter-|   Receive                                                |  Transmit
         // eth1 comes back as a new interface starting from zero.
         t.update(&NET_DEV.replace("    300       3", "     10       1"));
         assert_eq!(t.rx(), 1_000_310);
+    }
+
+    #[test]
+    fn process_start_time() {
+        let stat =
+            "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 10\n";
+        assert_eq!(parse_start_ticks(stat), Some(12345));
+        assert_eq!(parse_start_ticks("4242 (x) S 1\n"), None);
+        assert_eq!(
+            parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        // This very process started after the host booted, and not in the future.
+        let boot = boot_time(Path::new("/")).unwrap();
+        let me = start_ticks(Path::new("/proc/self/stat")).unwrap();
+        let started = boot + ticks(me);
+        assert!(started <= SystemTime::now() + Duration::from_secs(2));
+        assert!(started > boot);
     }
 
     #[test]
