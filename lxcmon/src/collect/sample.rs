@@ -4,7 +4,7 @@
 use crate::collect::discovery::Discovered;
 use crate::logging::Chain;
 use crate::readers::cgroup::subtree::Watcher;
-use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout};
+use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout, Scratch};
 use crate::readers::kfile::{self, KFile, ReadError};
 use crate::readers::procfs::{self, NetTotals};
 use crate::readers::sysfs::DeviceFilter;
@@ -271,12 +271,6 @@ impl Sampler {
     }
 }
 
-#[derive(Default)]
-struct Scratch {
-    buf: Vec<u8>,
-    pids: Vec<u32>,
-}
-
 struct Ctx<'a> {
     root: &'a Path,
     layout: &'a Layout,
@@ -344,11 +338,7 @@ impl Ctx<'_> {
         let net = self.options.net_files || fresh;
         let mut cgroup = files
             .cgroup
-            .sample(
-                io.then_some(self.devices),
-                &mut scratch.buf,
-                &mut scratch.pids,
-            )
+            .sample(io.then_some(self.devices), scratch)
             .map_err(SampleError::from_read)?;
         if !self.options.swap {
             cgroup.swap_bytes = 0;
@@ -404,10 +394,7 @@ impl Ctx<'_> {
                 return Err(SampleError::Replaced);
             }
         }
-        let missing = match &cgroup {
-            CgroupReader::V1(r) => r.missing(),
-            CgroupReader::V2(r) => r.missing(),
-        };
+        let missing = cgroup.missing();
         if !missing.is_empty() {
             tracing::warn!(container = %d.id, ?missing, "controllers not available for this container: their figures read 0");
         }
