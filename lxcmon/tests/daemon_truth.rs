@@ -216,12 +216,14 @@ fn every_cycle_at_5s_with_a_restart_in_place() -> Result<()> {
         // The new instance is busy from its start, so its CPU time overtakes the old
         // instance's before the next cycle: a baseline kept by name then yields a CPU %.
         let mut busy = 0;
-        run.restart(&b, || {
-            workload::restart(&b)?;
-            busy = workload::busy_loop(&b)?;
-            Ok(())
-        })?;
-        run.processes_changed(&b, 1)?;
+        run.restart(
+            &b,
+            || workload::restart(&b),
+            || {
+                busy = workload::busy_loop(&b)?;
+                Ok(1)
+            },
+        )?;
         run.phase("b restarted in place, busy", 12.0)?;
 
         workload::kill_and_wait(&[busy])?;
@@ -286,7 +288,11 @@ fn soak() -> Result<()> {
         while unix_now() - started < secs {
             let script = Script {
                 phase_secs: 4.0,
-                sighup_entries: if loops % 2 == 0 { SOAK_ENTRIES - 10 } else { SOAK_ENTRIES },
+                sighup_entries: if loops % 2 == 0 {
+                    SOAK_ENTRIES - 10
+                } else {
+                    SOAK_ENTRIES
+                },
                 busy: false,
             };
             main_scenario(&mut run, &a, &b, &script)?;
@@ -298,7 +304,10 @@ fn soak() -> Result<()> {
                 warm = Some(s);
             }
             if now - last_report >= 300.0 {
-                show(&format!("at {:.0} s, {loops} loops", now - started), &stats(&run)?);
+                show(
+                    &format!("at {:.0} s, {loops} loops", now - started),
+                    &stats(&run)?,
+                );
                 last_report = now;
             }
         }
@@ -324,4 +333,3 @@ fn soak() -> Result<()> {
     );
     result
 }
-

@@ -144,7 +144,10 @@ pub fn parse_export(format: &str, v: &Value) -> Result<Vec<Observed>> {
                 let mut collector = None;
                 for r in &c.records {
                     let id = get_str(r, "container_id", "record")?.to_owned();
-                    collector = r.get("collector").and_then(Value::as_str).map(str::to_owned);
+                    collector = r
+                        .get("collector")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
                     let mut counters = [0; 4];
                     for (i, k) in COUNTERS.iter().enumerate() {
                         counters[i] = get_u64(r, k.name(), &id)?;
@@ -239,9 +242,14 @@ fn label_value(labels: &str, key: &str) -> Option<String> {
 pub fn parse_metrics(body: &str) -> Result<Option<Observed>> {
     let mut per: BTreeMap<String, HashMap<&str, f64>> = BTreeMap::new();
     let (mut ts, mut dur, mut collector) = (None, 0.0, None);
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (series, value) = line.rsplit_once(' ').context("metrics line")?;
-        let value: f64 = value.parse().with_context(|| format!("value in {line:?}"))?;
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("value in {line:?}"))?;
         let (name, labels) = match series.split_once('{') {
             Some((n, l)) => (n, l),
             None => (series, ""),
@@ -360,7 +368,10 @@ fn poll_file(g: &Mutex<Gathered>, path: &Path, format: &str) {
                         let m = anomaly(
                             "file",
                             "history rewritten",
-                            format!("cycle {} changed: {:?} -> {:?}", c.label, old.containers, c.containers),
+                            format!(
+                                "cycle {} changed: {:?} -> {:?}",
+                                c.label, old.containers, c.containers
+                            ),
                         );
                         g.anomalies.push(m);
                     }
@@ -561,7 +572,7 @@ impl Run {
         }
         if let Some(port) = port {
             let (g, stop) = (gathered.clone(), stop.clone());
-            let period = Duration::from_secs_f64((spec.interval / 2.0).clamp(0.1, 0.5));
+            let period = Duration::from_secs_f64((spec.interval / 2.0).clamp(0.1, 0.25));
             threads.push(std::thread::spawn(move || {
                 let mut up = false;
                 while !stop.load(Ordering::SeqCst) {
@@ -602,7 +613,11 @@ impl Run {
         let names: Vec<String> = run.containers.iter().map(|c| c.name.clone()).collect();
         let deadline = unix_now() + 30.0 + 3.0 * run.spec.interval;
         loop {
-            ensure!(run.daemon_running(), "lxcmon exited at start: {}", run.stderr());
+            ensure!(
+                run.daemon_running(),
+                "lxcmon exited at start: {}",
+                run.stderr()
+            );
             let all = run
                 .gathered
                 .lock()
@@ -615,9 +630,13 @@ impl Run {
             if all {
                 break;
             }
-            ensure!(unix_now() < deadline, "no exported cycle with {names:?} in time");
+            ensure!(
+                unix_now() < deadline,
+                "no exported cycle with {names:?} in time"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
+        run.settle_after(run.newest_file_cycle());
         for (c, cores) in containers {
             let processes = run.live_processes(c)?;
             run.state.insert(
@@ -727,39 +746,79 @@ impl Run {
         Ok(())
     }
 
+    /// Waits until a cycle that started at `lo` has surely finished reading, whatever the
+    /// resolution of the file's timestamps, so that the next step falls after it.
+    fn settle_after(&self, lo: f64) {
+        let res = if self.spec.interval >= 1.0 && self.spec.format == "records" {
+            1.0
+        } else {
+            0.001
+        };
+        let until = lo + res + RECORDS_READ_GUARD;
+        while unix_now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The start of the newest cycle seen in the file or on `/metrics` (which has it first).
     fn newest_file_cycle(&self) -> f64 {
         self.gathered
             .lock()
             .ok()
-            .and_then(|g| g.file.values().map(|o| o.lo).reduce(f64::max))
+            .and_then(|g| {
+                g.file
+                    .values()
+                    .chain(g.metrics.values())
+                    .map(|o| o.lo)
+                    .reduce(f64::max)
+            })
             .unwrap_or(0.0)
     }
 
-    /// Right after a cycle, stops `c` and starts it again under the same name with `restart`;
-    /// the new instance's process count becomes the expectation.
-    pub fn restart(&mut self, c: &Container, restart: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// Right after a cycle, stops `c` and starts it again under the same name with `restart`,
+    /// then runs `then` (which returns the processes it started); the new instance's live
+    /// process count after `restart` becomes the expectation.
+    pub fn restart(
+        &mut self,
+        c: &Container,
+        restart: impl FnOnce() -> Result<()>,
+        then: impl FnOnce() -> Result<i64>,
+    ) -> Result<()> {
         let seen = self.newest_file_cycle();
         let deadline = unix_now() + 3.0 * self.spec.interval + 5.0;
         while self.newest_file_cycle() <= seen {
             ensure!(unix_now() < deadline, "no new cycle before the restart");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let newest = self.newest_file_cycle();
+        self.settle_after(newest);
         let stop_begin = unix_now();
         restart()?;
         let start_done = unix_now();
+        let processes = workload::processes_by_container(c.layout)?
+            .get(&c.name)
+            .copied()
+            .unwrap_or(0);
+        let started = then()?;
+        let then_done = unix_now();
+        eprintln!(
+            "daemon_truth: {} restarted in {:.2} s (cycle seen {:.2} s before), the next step took {:.2} s",
+            c.name,
+            start_done - stop_begin,
+            stop_begin - newest,
+            then_done - start_done
+        );
         self.restarts.push(Restart {
             name: c.name.clone(),
             stop_begin,
             start_done,
         });
-        let processes = workload::processes_by_container(c.layout)?
-            .get(&c.name)
-            .copied()
-            .unwrap_or(0);
         let s = self.state_of(c)?;
         s.instance += 1;
         s.floors.clear();
-        s.processes = processes;
+        s.processes = processes
+            .checked_add_signed(started)
+            .context("process count below zero")?;
         Ok(())
     }
 
@@ -793,12 +852,30 @@ impl Run {
                 mismatches.push(anomaly(
                     "file",
                     "retention after reload",
-                    format!("{} cycles in the file, max_metrics_entries is now {}", g.file_len, h.max_entries),
+                    format!(
+                        "{} cycles in the file, max_metrics_entries is now {}",
+                        g.file_len, h.max_entries
+                    ),
                 ));
             }
         }
-        let file: Vec<Observed> = g.file.values().cloned().collect();
         let metrics: Vec<Observed> = g.metrics.values().cloned().collect();
+        // A `records` timestamp in whole seconds only says which second the cycle started in;
+        // `/metrics` rendered the same cycle with its exact start and duration.
+        let file: Vec<Observed> = g
+            .file
+            .values()
+            .cloned()
+            .map(|mut f| {
+                if f.hi - f.lo > 1.0 {
+                    if let Some(m) = metrics.iter().find(|m| m.lo >= f.lo && m.lo < f.lo + 1.0) {
+                        f.lo = m.lo;
+                        f.hi = m.hi;
+                    }
+                }
+                f
+            })
+            .collect();
         let mut checked = 0;
         for obs in [file, metrics] {
             let mut obs = obs;
@@ -840,7 +917,12 @@ impl Run {
         Some(i)
     }
 
-    fn truth_in(&self, truth: &[TruthSample], p: &Phase, name: &str) -> Vec<(f64, u64, Option<u64>, Option<u64>)> {
+    fn truth_in(
+        &self,
+        truth: &[TruthSample],
+        p: &Phase,
+        name: &str,
+    ) -> Vec<(f64, u64, Option<u64>, Option<u64>)> {
         truth
             .iter()
             .filter(|s| s.t_lo >= p.start && s.t_hi <= p.end)
@@ -853,7 +935,12 @@ impl Run {
     }
 
     /// Checks the cycles of one source; returns how many fell inside a phase.
-    fn check_source(&mut self, obs: &[Observed], truth: &[TruthSample], out: &mut Vec<Mismatch>) -> usize {
+    fn check_source(
+        &mut self,
+        obs: &[Observed],
+        truth: &[TruthSample],
+        out: &mut Vec<Mismatch>,
+    ) -> usize {
         let Some(first) = obs.first() else { return 0 };
         let src = match first.source {
             Source::File => "file",
@@ -865,14 +952,15 @@ impl Run {
             "ebpf" => Some("ebpf".to_owned()),
             _ => first.collector.clone(),
         };
-        let mk = |o: &Observed, phase: &str, c: &str, check: &'static str, detail: String| Mismatch {
-            source: src.into(),
-            cycle: o.label.clone(),
-            phase: phase.into(),
-            container: c.into(),
-            check,
-            detail,
-        };
+        let mk =
+            |o: &Observed, phase: &str, c: &str, check: &'static str, detail: String| Mismatch {
+                source: src.into(),
+                cycle: o.label.clone(),
+                phase: phase.into(),
+                container: c.into(),
+                check,
+                detail,
+            };
         let names: Vec<String> = self.containers.iter().map(|c| c.name.clone()).collect();
         let phase_of = |o: &Observed| -> Option<&Phase> {
             self.phases
@@ -889,8 +977,13 @@ impl Run {
                 let s = self.truth_in(truth, p, name);
                 let procs: Vec<u64> = s.iter().map(|x| x.1).collect();
                 let mems: Vec<u64> = s.iter().filter_map(|x| x.2).collect();
-                let mem = mems.iter().min().zip(mems.iter().max()).map(|(a, b)| (*a, *b));
-                let cpus: Vec<(f64, u64)> = s.iter().filter_map(|x| x.3.map(|c| (x.0, c))).collect();
+                let mem = mems
+                    .iter()
+                    .min()
+                    .zip(mems.iter().max())
+                    .map(|(a, b)| (*a, *b));
+                let cpus: Vec<(f64, u64)> =
+                    s.iter().filter_map(|x| x.3.map(|c| (x.0, c))).collect();
                 let cpu = match (cpus.first(), cpus.last()) {
                     (Some(a), Some(b)) if b.0 - a.0 >= 0.5 => {
                         Some((b.1 - a.1) as f64 / 1e9 / (b.0 - a.0) / e.cores * 100.0)
@@ -903,7 +996,9 @@ impl Run {
         if src == "file" {
             for p in &self.phases {
                 for (name, e) in &p.expect {
-                    let Some((procs, mem, _)) = ptruth.get(&(p.name.clone(), name.clone())) else { continue };
+                    let Some((procs, mem, _)) = ptruth.get(&(p.name.clone(), name.clone())) else {
+                        continue;
+                    };
                     if procs.iter().any(|&n| n != e.processes) {
                         self.harness.push(format!(
                             "phase '{}': {name} had live process counts {procs:?}, the scenario expects {}",
@@ -924,7 +1019,13 @@ impl Run {
         for (i, o) in obs.iter().enumerate() {
             if let (Some(w), Some(got)) = (&want_collector, &o.collector) {
                 if w != got {
-                    out.push(mk(o, "", "", "collector", format!("{got}, the run uses {w}")));
+                    out.push(mk(
+                        o,
+                        "",
+                        "",
+                        "collector",
+                        format!("{got}, the run uses {w}"),
+                    ));
                 }
             }
             let Some(p) = phase_of(o) else { continue };
@@ -935,15 +1036,28 @@ impl Run {
                     out.push(mk(o, &p.name, name, "missing", "not in the cycle".into()));
                     continue;
                 };
-                let Some((procs, mem, cpu)) = ptruth.get(&(p.name.clone(), name.clone())) else { continue };
+                let Some((procs, mem, cpu)) = ptruth.get(&(p.name.clone(), name.clone())) else {
+                    continue;
+                };
                 if f.processes != e.processes {
-                    out.push(mk(o, &p.name, name, "process_count", format!(
-                        "exported {}, live {} (the kernel's list during the phase: {:?})",
-                        f.processes, e.processes, dedup(procs)
-                    )));
+                    out.push(mk(
+                        o,
+                        &p.name,
+                        name,
+                        "process_count",
+                        format!(
+                            "exported {}, live {} (the kernel's list during the phase: {:?})",
+                            f.processes,
+                            e.processes,
+                            dedup(procs)
+                        ),
+                    ));
                 }
                 if let Some((lo, hi)) = mem {
-                    let (lo, hi) = (*lo as f64 - MEMORY_TOLERANCE_BYTES, *hi as f64 + MEMORY_TOLERANCE_BYTES);
+                    let (lo, hi) = (
+                        *lo as f64 - MEMORY_TOLERANCE_BYTES,
+                        *hi as f64 + MEMORY_TOLERANCE_BYTES,
+                    );
                     if f.memory_bytes < lo || f.memory_bytes > hi {
                         out.push(mk(o, &p.name, name, "memory", format!(
                             "exported {:.2} MiB, the kernel's figure during the phase {:.2} ..= {:.2} MiB (±2 MiB)",
@@ -962,7 +1076,8 @@ impl Run {
                 for &(counter, bytes, since) in &e.floors {
                     let k = counter as usize;
                     let before = obs[..i].iter().rev().find(|b| {
-                        b.hi < since && b.containers.contains_key(name)
+                        b.hi < since
+                            && b.containers.contains_key(name)
                             && self.instance(name, b) == Some(e.instance)
                     });
                     let Some(before) = before else {
@@ -974,10 +1089,18 @@ impl Run {
                     };
                     let base = before.containers[name].counters[k];
                     if f.counters[k] < base + bytes {
-                        out.push(mk(o, &p.name, name, "burst", format!(
-                            "{} {} < {base} (cycle {}) + {bytes} moved by the test",
-                            counter.name(), f.counters[k], before.label
-                        )));
+                        out.push(mk(
+                            o,
+                            &p.name,
+                            name,
+                            "burst",
+                            format!(
+                                "{} {} < {base} (cycle {}) + {bytes} moved by the test",
+                                counter.name(),
+                                f.counters[k],
+                                before.label
+                            ),
+                        ));
                     }
                 }
             }
@@ -986,19 +1109,31 @@ impl Run {
         for name in &names {
             let mut prev: Option<(&Observed, u32)> = None;
             for o in obs {
-                let Some(f) = o.containers.get(name) else { continue };
+                let Some(f) = o.containers.get(name) else {
+                    continue;
+                };
                 let Some(inst) = self.instance(name, o) else {
-                    self.harness.push(format!("[{src}] cycle {} of {name} straddles a restart", o.label));
+                    self.harness.push(format!(
+                        "[{src}] cycle {} of {name} straddles a restart",
+                        o.label
+                    ));
                     continue;
                 };
                 if let Some((p, pi)) = prev {
                     if pi == inst {
                         for c in COUNTERS {
-                            let (a, b) = (p.containers[name].counters[c as usize], f.counters[c as usize]);
+                            let (a, b) = (
+                                p.containers[name].counters[c as usize],
+                                f.counters[c as usize],
+                            );
                             if b < a {
-                                out.push(mk(o, "", name, "went backwards", format!(
-                                    "{} {a} (cycle {}) -> {b}", c.name(), p.label
-                                )));
+                                out.push(mk(
+                                    o,
+                                    "",
+                                    name,
+                                    "went backwards",
+                                    format!("{} {a} (cycle {}) -> {b}", c.name(), p.label),
+                                ));
                             }
                         }
                     }
@@ -1010,10 +1145,14 @@ impl Run {
         // instance's counters start afresh.
         for r in &self.restarts {
             let name = &r.name;
-            let before = obs.iter().rev().find(|o| o.hi < r.stop_begin && o.containers.contains_key(name));
+            let before = obs
+                .iter()
+                .rev()
+                .find(|o| o.hi < r.stop_begin && o.containers.contains_key(name));
             let after = obs.iter().find(|o| o.lo > r.start_done);
             let (Some(before), Some(after)) = (before, after) else {
-                self.harness.push(format!("[{src}] no cycles around the restart of {name}"));
+                self.harness
+                    .push(format!("[{src}] no cycles around the restart of {name}"));
                 continue;
             };
             if src == "file" && after.lo - before.lo > 1.5 * interval + (before.hi - before.lo) {
@@ -1025,7 +1164,8 @@ impl Run {
             let old = &before.containers[name];
             if src == "file" {
                 if let Some(f) = after.containers.get(name) {
-                    let new_instance_said = f.start_marker.is_some() && f.start_marker != old.start_marker;
+                    let new_instance_said =
+                        f.start_marker.is_some() && f.start_marker != old.start_marker;
                     if !new_instance_said {
                         out.push(mk(after, "restart", name, "cpu across instances", format!(
                             "exported in the first cycle after the restart with cpu {:?} %: a CPU % from the old \
@@ -1035,7 +1175,10 @@ impl Run {
                     }
                 }
             }
-            if let Some(first_new) = obs.iter().find(|o| o.lo > r.start_done && o.containers.contains_key(name)) {
+            if let Some(first_new) = obs
+                .iter()
+                .find(|o| o.lo > r.start_done && o.containers.contains_key(name))
+            {
                 let f = &first_new.containers[name];
                 for c in COUNTERS {
                     let (o_v, n_v) = (old.counters[c as usize], f.counters[c as usize]);
@@ -1062,7 +1205,11 @@ impl Run {
                         )));
                     }
                 } else {
-                    out.push(anomaly("file", "cycle lost at SIGHUP", format!("no cycles around the SIGHUP at {:.3}", h.at)));
+                    out.push(anomaly(
+                        "file",
+                        "cycle lost at SIGHUP",
+                        format!("no cycles around the SIGHUP at {:.3}", h.at),
+                    ));
                 }
             }
             for p in &self.phases {

@@ -48,7 +48,10 @@ pub fn processes_by_container(layout: CgroupLayout) -> Result<HashMap<String, u6
     for entry in fs::read_dir("/proc").context("listing /proc")? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         // A process may exit while we look: skip what cannot be read.
@@ -116,7 +119,8 @@ pub fn cpu_ns(c: &Container) -> Result<u64> {
         }
         CgroupLayout::V2 => {
             let p = c.cgroup_dir("").join("cpu.stat");
-            let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
             let usec: u64 = text
                 .lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
@@ -162,7 +166,8 @@ static NEXT_MARK: AtomicU32 = AtomicU32::new(0);
 /// Starts `n` `sleep` processes in the container (one `lxc-attach`) and returns their host
 /// pids once all are running.
 pub fn start_sleeps(c: &Container, n: u32) -> Result<Vec<u32>> {
-    let mark = 7_100_000 + std::process::id() % 1000 * 1000 + NEXT_MARK.fetch_add(1, Ordering::SeqCst);
+    let mark =
+        7_100_000 + std::process::id() % 1000 * 1000 + NEXT_MARK.fetch_add(1, Ordering::SeqCst);
     c.sh(&format!(
         "i=0; while [ $i -lt {n} ]; do sleep {mark} </dev/null >/dev/null 2>&1 & i=$((i+1)); done"
     ))?;
@@ -208,9 +213,15 @@ pub fn kill_and_wait(pids: &[u32]) -> Result<()> {
         }
     }
     let gone = poll(Duration::from_secs(10), || {
-        Ok(pids.iter().all(|&p| process_state(p).is_none()).then_some(()))
+        Ok(pids
+            .iter()
+            .all(|&p| process_state(p).is_none())
+            .then_some(()))
     })?;
-    ensure!(gone.is_some(), "processes {pids:?} still there 10 s after SIGKILL");
+    ensure!(
+        gone.is_some(),
+        "processes {pids:?} still there 10 s after SIGKILL"
+    );
     Ok(())
 }
 
@@ -256,9 +267,8 @@ impl Nested {
                 }
             }
             for pid in pids {
-                fs::write(dir.join("cgroup.procs"), pid.to_string()).with_context(|| {
-                    format!("moving {pid} into {}", dir.display())
-                })?;
+                fs::write(dir.join("cgroup.procs"), pid.to_string())
+                    .with_context(|| format!("moving {pid} into {}", dir.display()))?;
             }
         }
         Ok(nested)
@@ -289,7 +299,10 @@ impl Drop for Nested {
 /// new veth), and waits until it is up as the lab leaves a fresh one: address configured, rcS
 /// finished.
 pub fn restart(c: &Container) -> Result<()> {
-    run_ok(Command::new("lxc-stop").args(["-k", "-n", &c.name]), CMD_TIMEOUT)?;
+    run_ok(
+        Command::new("lxc-stop").args(["-k", "-n", &c.name]),
+        CMD_TIMEOUT,
+    )?;
     run_ok(Command::new("lxc-start").args(["-n", &c.name]), CMD_TIMEOUT)?;
     let up = poll(Duration::from_secs(20), || {
         if c.init_pid().is_err() {
@@ -307,8 +320,10 @@ pub fn restart(c: &Container) -> Result<()> {
             ]),
             CMD_TIMEOUT,
         )?;
-        Ok((out.stdout.contains(&format!("{}/24", c.ip)) && !out.stdout.contains("rcS"))
-            .then_some(()))
+        Ok(
+            (out.stdout.contains(&format!("{}/24", c.ip)) && !out.stdout.contains("rcS"))
+                .then_some(()),
+        )
     })?;
     ensure!(up.is_some(), "{} did not come back after a restart", c.name);
     Ok(())
@@ -357,10 +372,14 @@ mod tests {
 
     #[test]
     fn container_of_takes_the_pids_line_on_v1_and_the_unified_line_on_v2() {
-        let text = "12:pids:/lxc.payload.web/.lxc\n5:cpu,cpuacct:/lxc.payload.web\n0::/lxc.payload.db\n";
+        let text =
+            "12:pids:/lxc.payload.web/.lxc\n5:cpu,cpuacct:/lxc.payload.web\n0::/lxc.payload.db\n";
         assert_eq!(container_of(text, CgroupLayout::V1), Some("web"));
         assert_eq!(container_of(text, CgroupLayout::V2), Some("db"));
         assert_eq!(container_of("0::/init.scope\n", CgroupLayout::V2), None);
-        assert_eq!(container_of("3:pids:/lxc.monitor.web\n", CgroupLayout::V1), None);
+        assert_eq!(
+            container_of("3:pids:/lxc.monitor.web\n", CgroupLayout::V1),
+            None
+        );
     }
 }
