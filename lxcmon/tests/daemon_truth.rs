@@ -259,14 +259,16 @@ const SOAK_FD_GROWTH: u64 = 4;
 const SOAK_ENTRIES: u32 = 60;
 
 /// `cargo xtask soak`: the main scenario in a loop against one daemon (1 s, records) for
-/// `LXCMON_SOAK_SECS`; every cycle checked, resources reported every ~5 minutes.
+/// `LXCMON_SOAK_SECS`; every cycle checked, resources reported every ~5 minutes. Without the
+/// variable it runs the scenario once (records at 1 s, timed by `/metrics`), which the
+/// suite's other runs do not cover.
 #[test]
-#[ignore = "long: run by cargo xtask soak"]
+#[ignore = "needs root and LXC: run by cargo xtask test (once) and cargo xtask soak"]
 fn soak() -> Result<()> {
-    let secs: f64 = std::env::var("LXCMON_SOAK_SECS")
-        .context("set LXCMON_SOAK_SECS (cargo xtask soak --minutes N does)")?
-        .parse()
-        .context("LXCMON_SOAK_SECS")?;
+    let secs: f64 = match std::env::var("LXCMON_SOAK_SECS") {
+        Ok(v) => v.parse().context("LXCMON_SOAK_SECS")?,
+        Err(_) => 0.0,
+    };
     let dir = tmpdir()?;
     let mut lab = Lab::new()?;
     let (a, b) = pair(&mut lab, "soak")?;
@@ -285,7 +287,8 @@ fn soak() -> Result<()> {
     let mut last_report = started;
     let mut loops = 0;
     let scripted = (|| -> Result<()> {
-        while unix_now() - started < secs {
+        // At least one loop.
+        while loops == 0 || unix_now() - started < secs {
             let script = Script {
                 phase_secs: 4.0,
                 sighup_entries: if loops % 2 == 0 {
