@@ -462,6 +462,8 @@ pub struct Run {
     sighups: Vec<Sighup>,
     gathered: Arc<Mutex<Gathered>>,
     stop: Arc<AtomicBool>,
+    /// Set before the daemon is stopped: `/metrics` going away then is no failure.
+    stop_scraping: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     /// Failures of the test itself (the scenario did not do what it says).
     pub harness: Vec<String>,
@@ -543,6 +545,7 @@ impl Run {
         let layout = list.first().context("no containers")?.layout;
         let gathered = Arc::new(Mutex::new(Gathered::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_scraping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         {
             let (g, stop, cs) = (gathered.clone(), stop.clone(), list.clone());
@@ -571,7 +574,7 @@ impl Run {
             }));
         }
         if let Some(port) = port {
-            let (g, stop) = (gathered.clone(), stop.clone());
+            let (g, stop) = (gathered.clone(), stop_scraping.clone());
             let period = Duration::from_secs_f64((spec.interval / 2.0).clamp(0.1, 0.25));
             threads.push(std::thread::spawn(move || {
                 let mut up = false;
@@ -584,7 +587,8 @@ impl Run {
                                 g.metrics.entry(o.label.clone()).or_insert(o);
                             }
                             Ok(None) => {}
-                            Err(e) if up => {
+                            // Once the daemon is being stopped, a reset is expected.
+                            Err(e) if up && !stop.load(Ordering::SeqCst) => {
                                 let m = anomaly("/metrics", "scrape failed", format!("{e:#}"));
                                 g.anomalies.push(m);
                             }
@@ -607,6 +611,7 @@ impl Run {
             sighups: Vec::new(),
             gathered,
             stop,
+            stop_scraping,
             threads,
             harness: Vec::new(),
         };
@@ -825,6 +830,7 @@ impl Run {
     /// Stops the collection and the daemon (SIGTERM) and checks every cycle.
     pub fn finish(mut self) -> Result<Outcome> {
         let daemon = self.daemon.take().context("no daemon")?;
+        self.stop_scraping.store(true, Ordering::SeqCst);
         let out = daemon.terminate(Duration::from_secs(15))?;
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
@@ -1234,6 +1240,7 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.stop_scraping.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
