@@ -23,15 +23,20 @@ pub fn ensure_lxc_test_deps() -> Result<()> {
     deps::ensure_apt(LXC_TEST_PACKAGES)
 }
 
-/// Runs the harness self-test and the lxcmon real-container tests (one at a time: they share
-/// the bridge and would disturb each other's measurements).
-pub fn run_lxc_tests() -> Result<()> {
+pub fn ensure_root() -> Result<()> {
     let euid = std::process::Command::new("id")
         .arg("-u")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     ensure!(euid == "0", "the LXC tests need root (uid 0, got {euid:?})");
+    Ok(())
+}
+
+/// Runs the harness self-test and the lxcmon real-container tests (one at a time: they share
+/// the bridge and would disturb each other's measurements).
+pub fn run_lxc_tests() -> Result<()> {
+    ensure_root()?;
     ensure_lxc_test_deps()?;
     deps::exec(&mut deps::cargo_test(
         "lxcmon-testkit",
@@ -39,15 +44,19 @@ pub fn run_lxc_tests() -> Result<()> {
         &[&["--test", "harness"], deps::ROOT_TESTS].concat(),
     ))?;
     for collector in ["files", "ebpf"] {
-        eprintln!("xtask: real-container tests with collector: {collector}");
-        deps::exec(
-            deps::cargo_test(
-                "lxcmon",
-                true,
-                &[&["--test", "lxc_host"], deps::ROOT_TESTS].concat(),
-            )
-            .env("LXCMON_TEST_COLLECTOR", collector),
-        )?;
+        // `--once` checks, then one daemon per run held to ground truth on every cycle (its
+        // `soak` test runs the scenario once here; `cargo xtask soak` loops it for an hour).
+        for test in ["lxc_host", "daemon_truth"] {
+            eprintln!("xtask: real-container tests ({test}) with collector: {collector}");
+            deps::exec(
+                deps::cargo_test(
+                    "lxcmon",
+                    true,
+                    &[&["--test", test], deps::ROOT_TESTS].concat(),
+                )
+                .env("LXCMON_TEST_COLLECTOR", collector),
+            )?;
+        }
     }
     deps::exec(&mut deps::cargo_test(
         "lxcmon",

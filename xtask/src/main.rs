@@ -6,6 +6,7 @@ mod deb;
 mod deps;
 mod ebpf;
 mod lxc;
+mod soak;
 mod test;
 mod vm;
 
@@ -36,6 +37,9 @@ enum Task {
     Deb(deb::DebArgs),
     /// Measure the agent's cost on a synthetic fleet of containers (not part of `test`).
     Bench(bench::BenchArgs),
+    /// Run the daemon_truth scenario in a loop against one daemon (default 60 minutes);
+    /// reports RSS, descriptors and CPU time, fails on any mismatch or growth (as root).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -45,6 +49,7 @@ fn main() -> Result<()> {
         Task::Test(args) => test::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Soak(args) => soak::run(&args),
         Task::Deb(args) if args.test => deb::test(),
         Task::Deb(args) => deb::build(&args).map(|p| println!("{}", p.display())),
     }

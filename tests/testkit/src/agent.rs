@@ -18,6 +18,10 @@ pub struct AgentConfig {
     pub collector: String,
     /// Where the config, the export file and the log go.
     pub dir: PathBuf,
+    /// `excluded_devices:` (the seed's `['loop', 'dm-']` unless a test changes it).
+    pub excluded_devices: Vec<String>,
+    /// `prometheus_listen:`, e.g. `127.0.0.1:9273`; not written when `None`.
+    pub prometheus_listen: Option<String>,
 }
 
 /// The collector the suite runs under (`cargo xtask test` runs it once per collector).
@@ -33,6 +37,8 @@ impl AgentConfig {
             max_metrics_entries: 1000,
             collector: test_collector(),
             dir: dir.to_path_buf(),
+            excluded_devices: vec!["loop".into(), "dm-".into()],
+            prometheus_listen: None,
         }
     }
 
@@ -48,11 +54,16 @@ impl AgentConfig {
     /// Writes the YAML config and returns its path.
     pub fn write(&self) -> Result<PathBuf> {
         let path = self.dir.join(format!("lxcmon-{}.yaml", self.export_format));
-        let yaml = format!(
+        let excluded: Vec<String> = self
+            .excluded_devices
+            .iter()
+            .map(|d| format!("'{d}'"))
+            .collect();
+        let mut yaml = format!(
             "logging:\n  log_file: {log}\n  log_max_bytes: 5242880\n  log_backup_count: 2\n  \
              log_level: INFO\nmonitoring:\n  export_file: {export}\n  check_interval: {ci}\n  \
              enable_swap: true\n  enable_network: true\n  enable_filesystem: true\n  \
-             parallel_processing: true\n  max_workers: 4\n  excluded_devices: ['loop', 'dm-']\n  \
+             parallel_processing: true\n  max_workers: 4\n  excluded_devices: [{excluded}]\n  \
              export_format: {fmt}\n  max_metrics_entries: {max}\n  collector: {col}\n",
             log = self.log_file().display(),
             export = self.export_file().display(),
@@ -60,7 +71,11 @@ impl AgentConfig {
             fmt = self.export_format,
             max = self.max_metrics_entries,
             col = self.collector,
+            excluded = excluded.join(", "),
         );
+        if let Some(listen) = &self.prometheus_listen {
+            yaml.push_str(&format!("  prometheus_listen: {listen}\n"));
+        }
         fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
@@ -122,6 +137,11 @@ impl Daemon {
             stdout,
             stderr,
         })
+    }
+
+    /// Its process id while it has not been collected.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether it is still running.

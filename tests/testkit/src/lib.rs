@@ -7,6 +7,8 @@
 //!   earlier run).
 //! - [`agent`]: writes an lxcmon config and runs the agent (`--once` or as a daemon).
 //! - [`contract`]: checks an export against `shared/spec/export-formats.md`, field by field.
+//! - [`workload`]: ground truth read fresh from the kernel, and steps whose effect is known.
+//! - [`scenario`]: one daemon held to that truth on every cycle through a timeline of phases.
 //!
 //! This crate is test code: it spawns processes (lxc-*, ip, gcc) freely.
 
@@ -15,5 +17,7 @@ pub mod contract;
 pub mod ct;
 pub mod lab;
 pub mod proc;
+pub mod scenario;
+pub mod workload;
 
 pub use lab::{Container, ContainerSpec, Lab};
