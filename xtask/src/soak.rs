@@ -40,6 +40,8 @@ pub fn run(args: &SoakArgs) -> Result<()> {
             ],
         )
         .env("LXCMON_SOAK_SECS", (args.minutes * 60).to_string())
+        // A lab site of its own (lock, names, bridge, pin directory): the suite can run meanwhile.
+        .env("LXCMON_LAB_SITE", "soak")
         .env("LXCMON_TEST_COLLECTOR", &args.collector),
     )
 }

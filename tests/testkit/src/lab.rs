@@ -15,16 +15,59 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Every container a lab creates is named with this prefix; leftovers with it are removed.
-pub const NAME_PREFIX: &str = "lxcmon-t-";
-/// The lab's own bridge (lxc-net does not run here, and we leave `lxcbr0` to others).
-pub const BRIDGE: &str = "lxcmonbr0";
-/// The host's address on [`BRIDGE`]; containers get `10.213.77.10`, `.11`, ...
-pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 77, 1);
+/// Where a lab lives: its lock, the prefix of its containers' names (leftovers with it are
+/// removed), its own bridge (lxc-net does not run here, and `lxcbr0` is left to others) and
+/// its /24. The suite's labs take turns on [`SUITE`]; `cargo xtask soak` runs on [`SOAK`]
+/// (`LXCMON_LAB_SITE=soak`), so the suite can run beside an hour-long soak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    pub lock: &'static str,
+    pub prefix: &'static str,
+    pub bridge: &'static str,
+    /// The first three octets; the host is `.1`, containers `.10`, `.11`, ...
+    pub net: [u8; 3],
+    /// The agents' BPF pin directory, so that two sites' agents never share one.
+    pub pin_dir: &'static str,
+}
+
+pub const SUITE: Site = Site {
+    lock: "/run/lxcmon-testkit.lock",
+    prefix: "lxcmon-t-",
+    bridge: "lxcmonbr0",
+    net: [10, 213, 77],
+    pin_dir: "/sys/fs/bpf/lxcmon/v1",
+};
+
+pub const SOAK: Site = Site {
+    lock: "/run/lxcmon-testkit-soak.lock",
+    prefix: "lxcmon-s-",
+    bridge: "lxcmonbr1",
+    net: [10, 213, 78],
+    pin_dir: "/sys/fs/bpf/lxcmon-soak/v1",
+};
+
+impl Site {
+    /// The site this process runs on: `LXCMON_LAB_SITE=soak` or the suite's.
+    pub fn current() -> Self {
+        match std::env::var("LXCMON_LAB_SITE").as_deref() {
+            Ok("soak") => SOAK,
+            _ => SUITE,
+        }
+    }
+
+    pub fn addr(&self, host: u8) -> Ipv4Addr {
+        let [a, b, c] = self.net;
+        Ipv4Addr::new(a, b, c, host)
+    }
+
+    /// The host's address on the bridge.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.addr(1)
+    }
+}
 /// Jumbo frames on the bridge and the veths: TCP/IP/Ethernet headers are then under 1% of the
 /// bytes of a bulk transfer, so interface counters can be compared with the payload at 5%.
 pub const MTU: u32 = 9000;
-const LOCK_PATH: &str = "/run/lxcmon-testkit.lock";
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The cgroup layout of this host, which decides the LXC config keys for limits.
@@ -68,6 +111,7 @@ pub struct Lab {
     memhog: PathBuf,
     names: Vec<String>,
     next_host: u8,
+    site: Site,
 }
 
 /// A running container created by a [`Lab`] (the lab destroys it).
@@ -76,6 +120,8 @@ pub struct Container {
     pub name: String,
     pub ip: Ipv4Addr,
     pub layout: CgroupLayout,
+    /// The host's address on the lab's bridge.
+    pub host_ip: Ipv4Addr,
     rootfs: PathBuf,
 }
 
@@ -104,13 +150,13 @@ fn destroy(name: &str) {
     }
 }
 
-fn remove_bridge() {
-    if Path::new("/sys/class/net").join(BRIDGE).exists() {
+fn remove_bridge(bridge: &str) {
+    if Path::new("/sys/class/net").join(bridge).exists() {
         if let Err(e) = run_ok(
-            Command::new("ip").args(["link", "del", BRIDGE]),
+            Command::new("ip").args(["link", "del", bridge]),
             CMD_TIMEOUT,
         ) {
-            eprintln!("testkit: removing bridge {BRIDGE}: {e:#}");
+            eprintln!("testkit: removing bridge {bridge}: {e:#}");
         }
     }
 }
@@ -166,22 +212,23 @@ impl Lab {
                 "{tool} not found: run `cargo xtask test`, which installs the test dependencies"
             );
         }
+        let site = Site::current();
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(LOCK_PATH)
-            .with_context(|| format!("opening {LOCK_PATH}"))?;
+            .open(site.lock)
+            .with_context(|| format!("opening {}", site.lock))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .with_context(|| format!("locking {LOCK_PATH}"))?;
+            .with_context(|| format!("locking {}", site.lock))?;
 
         for name in lxc_ls()? {
-            if name.starts_with(NAME_PREFIX) {
+            if name.starts_with(site.prefix) {
                 eprintln!("testkit: removing leftover container {name}");
                 destroy(&name);
             }
         }
-        remove_bridge();
+        remove_bridge(site.bridge);
 
         let layout = CgroupLayout::detect()?;
         let lxcpath = PathBuf::from(
@@ -198,18 +245,26 @@ impl Lab {
             memhog,
             names: Vec::new(),
             next_host: 10,
+            site,
         };
+        let bridge = site.bridge;
         let ip = |args: &[&str]| run_ok(Command::new("ip").args(args), CMD_TIMEOUT);
-        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-        ip(&["link", "set", BRIDGE, "mtu", &MTU.to_string()])?;
+        ip(&["link", "add", bridge, "type", "bridge"])?;
+        ip(&["link", "set", bridge, "mtu", &MTU.to_string()])?;
         // No IPv6 on the bridge: its router solicitations and MLD would be traffic the tests
         // did not make.
-        let v6 = format!("/proc/sys/net/ipv6/conf/{BRIDGE}/disable_ipv6");
+        let v6 = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
         if Path::new(&v6).exists() {
             fs::write(&v6, "1").with_context(|| format!("writing {v6}"))?;
         }
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
-        ip(&["link", "set", BRIDGE, "up"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", site.host_ip()),
+            "dev",
+            bridge,
+        ])?;
+        ip(&["link", "set", bridge, "up"])?;
         Ok(lab)
     }
 
@@ -221,9 +276,9 @@ impl Lab {
     /// bridge and nothing running but busybox init and a getty; checks that the limits are in
     /// the container's cgroups.
     pub fn container(&mut self, short: &str, spec: &ContainerSpec) -> Result<Container> {
-        let name = format!("{NAME_PREFIX}{short}");
+        let name = format!("{}{short}", self.site.prefix);
         ensure!(name.len() <= 40, "container name {name} too long");
-        let ip = Ipv4Addr::new(10, 213, 77, self.next_host);
+        let ip = self.site.addr(self.next_host);
         self.next_host += 1;
         self.names.push(name.clone());
         run_ok(
@@ -248,10 +303,11 @@ impl Lab {
                 }
             }
         }
+        let (bridge, host_ip) = (self.site.bridge, self.site.host_ip());
         cfg.push_str(&format!(
             "\n# lxcmon-testkit\nlxc.apparmor.profile = unconfined\n\
-             lxc.net.0.link = {BRIDGE}\nlxc.net.0.name = eth0\nlxc.net.0.mtu = {MTU}\n\
-             lxc.net.0.ipv4.address = {ip}/24\nlxc.net.0.ipv4.gateway = {HOST_IP}\n\
+             lxc.net.0.link = {bridge}\nlxc.net.0.name = eth0\nlxc.net.0.mtu = {MTU}\n\
+             lxc.net.0.ipv4.address = {ip}/24\nlxc.net.0.ipv4.gateway = {host_ip}\n\
              lxc.sysctl.net.ipv6.conf.all.disable_ipv6 = 1\n\
              lxc.sysctl.net.ipv6.conf.default.disable_ipv6 = 1\n"
         ));
@@ -273,6 +329,7 @@ impl Lab {
             name,
             ip,
             layout: self.layout,
+            host_ip,
             rootfs,
         };
         let ready = poll(Duration::from_secs(20), || {
@@ -384,7 +441,7 @@ impl Drop for Lab {
         for name in self.names.drain(..) {
             destroy(&name);
         }
-        remove_bridge();
+        remove_bridge(self.site.bridge);
     }
 }
 
@@ -557,11 +614,12 @@ impl Container {
     /// The container sends `bytes` bytes of payload with busybox `nc` to a listener on the
     /// host's bridge address; checks that the host received exactly that many.
     pub fn transfer_container_to_host(&self, bytes: u64, port: u16) -> Result<u64> {
-        let listener = TcpListener::bind((HOST_IP, port))
-            .with_context(|| format!("listening on {HOST_IP}:{port}"))?;
+        let host_ip = self.host_ip;
+        let listener = TcpListener::bind((host_ip, port))
+            .with_context(|| format!("listening on {host_ip}:{port}"))?;
         listener.set_nonblocking(true)?;
         let child = self
-            .attach_cmd(&format!("head -c {bytes} /dev/zero | nc {HOST_IP} {port}"))
+            .attach_cmd(&format!("head -c {bytes} /dev/zero | nc {host_ip} {port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
