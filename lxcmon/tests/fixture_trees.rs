@@ -241,6 +241,22 @@ fn v1_io_counting_is_switched_on_for_non_excluded_disks_on_new_kernels() {
     }
 }
 
+/// `--once` is a diagnostic run: it writes no throttle rule (the daemon does, above).
+#[test]
+fn once_writes_no_v1_throttle_rule() {
+    let t = proxmox_v1();
+    t.file("proc/sys/kernel/osrelease", "6.18.44-fc\n");
+    t.file("sys/block/hda/dev", "254:0\n");
+    let rules = t.path("sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+    let records = once(&t, ExportFormat::Records);
+    assert_eq!(records.len(), 1);
+    assert!(
+        !rules.exists(),
+        "--once wrote {:?}",
+        std::fs::read_to_string(&rules)
+    );
+}
+
 #[test]
 fn plain_lxc_on_pure_v2() {
     let t = plain_lxc_v2();

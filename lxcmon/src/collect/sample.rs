@@ -8,7 +8,7 @@ use crate::readers::kfile::{self, KFile, ReadError};
 use crate::readers::procfs::{self, NetTotals};
 use crate::readers::sysfs::DeviceFilter;
 use rustix::fd::OwnedFd;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +121,9 @@ pub struct Sampler {
     devices: DeviceFilter,
     options: Options,
     states: HashMap<String, ContainerState>,
+    /// Containers whose network and I/O bytes are read from files every cycle although
+    /// another collector counts the others (it cannot count these).
+    files_for: HashSet<String>,
     /// Child-cgroup events for every container's subtree, drained once per cycle; `None`
     /// where inotify is refused.
     watcher: Option<Arc<Watcher>>,
@@ -141,6 +144,7 @@ impl Sampler {
             devices,
             options,
             states: HashMap::new(),
+            files_for: HashSet::new(),
             watcher,
         }
     }
@@ -153,6 +157,11 @@ impl Sampler {
     pub fn set_net_io_files(&mut self) {
         self.options.net_files = true;
         self.options.io_files = true;
+    }
+
+    /// Network and block I/O from the files every cycle for these containers.
+    pub fn set_files_for(&mut self, ids: &HashSet<String>) {
+        self.files_for.clone_from(ids);
     }
 
     /// Reads every container once. Containers that are gone are skipped silently; one that
@@ -175,6 +184,7 @@ impl Sampler {
             watcher: self.watcher.as_ref(),
             devices: &self.devices,
             options: self.options,
+            files_for: &self.files_for,
         };
         let results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
             let mut scratch = Scratch::default();
@@ -241,6 +251,7 @@ struct Ctx<'a> {
     watcher: Option<&'a Arc<Watcher>>,
     devices: &'a DeviceFilter,
     options: Options,
+    files_for: &'a HashSet<String>,
 }
 
 impl Ctx<'_> {
@@ -305,8 +316,9 @@ impl Ctx<'_> {
             return Err(SampleError::Gone);
         };
         let at = Instant::now();
-        let io = self.options.io_files || fresh;
-        let net = self.options.net_files || fresh;
+        let always = self.files_for.contains(&d.id);
+        let io = self.options.io_files || fresh || always;
+        let net = self.options.net_files || fresh || always;
         let mut cgroup = st
             .cgroup
             .sample(
