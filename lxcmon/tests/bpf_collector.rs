@@ -5,12 +5,14 @@
 //! `cargo test -p lxcmon --features ebpf --test bpf_collector -- --ignored --test-threads=1`.
 #![cfg(feature = "ebpf")]
 
-use lxcmon::collect::bpf::counters::KernelCounters;
+use lxcmon::collect::bpf::counters::{KernelCounters, Purpose};
 use lxcmon::collect::bpf::{
     cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode,
 };
 use lxcmon::collect::discovery::{Discovered, Flavor};
 use lxcmon::collect::sample::{ContainerSample, CounterSource};
+use lxcmon::config::{CollectorChoice, MonitoringConfig};
+use lxcmon::readers::cgroup::Layout;
 use lxcmon::readers::cgroup::{CgroupSample, IoBytes};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
@@ -707,6 +709,10 @@ fn second_agent_on_the_same_pin_dir_is_refused() {
     );
     assert!(msg.contains("bpf_pin_dir"), "names the way out: {msg}");
     assert!(!err.is_per_container(), "a global error: {msg}");
+    assert!(
+        cleanup_pinned(&pins.0).is_err() && pins.0.join("LXCMON_COUNTERS").exists(),
+        "--cleanup-bpf leaves the pins of a running agent alone"
+    );
     drop(first);
     BpfCollector::load(&pins.opts()).expect("the pins are free once the first agent is gone");
 }
@@ -904,4 +910,87 @@ fn a_container_that_cannot_be_tracked_runs_on_files_the_others_stay_on_bpf() {
         assert_eq!(d.net_source, CounterSource::Files, "cycle {cycle}");
         assert_eq!(d.net_rx, deep_bytes, "cycle {cycle}");
     }
+}
+
+/// `enable_network: false` attaches no network program to a tracked container (its block I/O
+/// is still counted); turning it on (SIGHUP) attaches them when the container is tracked
+/// again, turning it off detaches them.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn network_off_attaches_no_network_programs() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("no-net");
+    let cg = TestCgroup::new("no-net");
+    let opts = BpfOptions {
+        network: false,
+        ..pins.opts()
+    };
+    let mut c = BpfCollector::load(&opts).expect("load");
+    let id = c.track(&cg.dir).expect("track");
+    assert!(c.tracked_ids().any(|t| t == id), "tracked for block I/O");
+    let shown = bpftool_cgroup_progs(&cg.dir);
+    assert!(
+        !shown.contains("cgroup_inet"),
+        "no network program: {shown}"
+    );
+    assert!(c.set_network(true).is_empty());
+    assert_eq!(c.track(&cg.dir).expect("track again"), id);
+    let shown = bpftool_cgroup_progs(&cg.dir);
+    assert!(
+        shown.contains("cgroup_inet_ingress") && shown.contains("cgroup_inet_egress"),
+        "attached once enabled: {shown}"
+    );
+    assert!(c.set_network(false).is_empty());
+    let shown = bpftool_cgroup_progs(&cg.dir);
+    assert!(
+        !shown.contains("cgroup_inet"),
+        "detached once disabled: {shown}"
+    );
+}
+
+/// `collector: files` removes what an earlier BPF run left pinned and attached, unless another
+/// agent holds those pins.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn collector_files_removes_the_pins_of_an_earlier_run() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("files");
+    let cg = TestCgroup::new("files");
+    let mut earlier = BpfCollector::load(&pins.opts()).expect("load");
+    earlier.track(&cg.dir).expect("track");
+    let layout = Layout::detect(Path::new("/")).expect("layout");
+    let m = MonitoringConfig {
+        collector: CollectorChoice::Files,
+        bpf_pin_dir: Some(pins.0.clone()),
+        ..MonitoringConfig::default()
+    };
+    let choose = || {
+        KernelCounters::choose(
+            CollectorChoice::Files,
+            Path::new("/"),
+            &layout,
+            &m,
+            Purpose::Daemon,
+        )
+        .expect("files")
+        .is_none()
+    };
+    // Still held by the earlier agent: left alone.
+    assert!(choose());
+    assert!(
+        pins.0.join("LXCMON_COUNTERS").exists(),
+        "pins of a running agent stay"
+    );
+    drop(earlier);
+    assert!(
+        bpftool_cgroup_progs(&cg.dir).contains("cgroup_inet_ingress"),
+        "pins keep it attached"
+    );
+    assert!(choose());
+    assert!(!pins.0.exists(), "pins removed");
+    let shown = bpftool_cgroup_progs(&cg.dir);
+    assert!(
+        !shown.contains("cgroup_inet"),
+        "nothing attached any more: {shown}"
+    );
 }
