@@ -732,10 +732,7 @@ fn lxcmon_programs() -> std::collections::BTreeSet<u32> {
 #[ignore = "needs root and BPF: run by cargo xtask test"]
 fn once_and_check_config_leave_no_kernel_state() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let default_pins = PathBuf::from(format!(
-        "/sys/fs/bpf/lxcmon/v{}",
-        lxcmon_common::PIN_LAYOUT_VERSION
-    ));
+    let default_pins = lxcmon::collect::bpf::default_pin_dir();
     cleanup_pinned(&default_pins).expect("no agent holds the default pins during root tests");
     let programs_before = lxcmon_programs();
     let dir = tempfile::tempdir().expect("tempdir");
