@@ -8,8 +8,12 @@
 #[cfg(feature = "fingerprint")]
 pub mod fingerprint;
 
-/// Version of the pinned map layout; part of the pin directory (`/sys/fs/bpf/lxcmon/v1`).
+/// Version of the pinned map layout; part of the default pin directory
+/// (`<PIN_ROOT>/v<PIN_LAYOUT_VERSION>`, `/sys/fs/bpf/lxcmon/v1`).
 pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+/// Where every layout version of the agent's pins lives (`lxcmon --cleanup-bpf` removes it).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/lxcmon";
 
 /// How many containers can be tracked at once (size of the counter array and tracked map).
 pub const MAX_CONTAINERS: u32 = 4096;

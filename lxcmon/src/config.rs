@@ -154,6 +154,9 @@ pub struct MonitoringConfig {
     /// cgroup v1 on kernels >= 6.9 counts block I/O only once a throttle rule exists on the
     /// disk; lxcmon writes an unlimited rule unless this is false (then I/O reads 0, logged).
     pub enable_v1_io_accounting: bool,
+    /// Where the BPF collector pins its maps and links (one agent per directory); default
+    /// `/sys/fs/bpf/lxcmon/v<layout version>`.
+    pub bpf_pin_dir: Option<PathBuf>,
     /// Serve `/metrics` (Prometheus/OpenMetrics) and `/healthz` here, e.g. `127.0.0.1:9273`.
     #[serde(deserialize_with = "listen_address")]
     pub prometheus_listen: Option<std::net::SocketAddr>,
@@ -180,6 +183,7 @@ impl Default for MonitoringConfig {
             retry_delay: Duration::from_secs(2),
             collector: CollectorChoice::Auto,
             enable_v1_io_accounting: true,
+            bpf_pin_dir: None,
             prometheus_listen: None,
             command_timeout: None,
         }

@@ -60,26 +60,10 @@ fn origin_path(source: &ConfigSource) -> &std::path::Path {
     }
 }
 
-/// Where every layout version of the BPF pins lives.
-const PIN_ROOT: &str = "/sys/fs/bpf/lxcmon";
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.cleanup_bpf {
-        return match std::fs::remove_dir_all(PIN_ROOT) {
-            Ok(()) => {
-                println!("removed {PIN_ROOT}");
-                ExitCode::SUCCESS
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                println!("nothing pinned at {PIN_ROOT}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("lxcmon: cannot remove {PIN_ROOT}: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return cleanup_bpf(&cli);
     }
     // The daemon catches SIGTERM/SIGINT/SIGHUP before anything that takes time: one sent
     // right after the start is acted on, not fatal.
@@ -133,6 +117,30 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--cleanup-bpf`: every layout version under the pin root, and the configured
+/// `bpf_pin_dir` when the configuration names one.
+fn cleanup_bpf(cli: &Cli) -> ExitCode {
+    let extra = load_config(cli)
+        .ok()
+        .and_then(|(cfg, _, _)| cfg.monitoring.bpf_pin_dir);
+    match lxcmon::collect::cleanup_bpf(extra.as_deref()) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing pinned at {}", lxcmon_common::PIN_ROOT);
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for dir in removed {
+                println!("removed {}", dir.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lxcmon: --cleanup-bpf: {}", lxcmon::logging::Chain(&e));
             ExitCode::FAILURE
         }
     }

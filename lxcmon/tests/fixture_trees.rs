@@ -241,6 +241,42 @@ fn v1_io_counting_is_switched_on_for_non_excluded_disks_on_new_kernels() {
     }
 }
 
+/// A disk with a throttle rule already keeps it: writing the unlimited rule would remove an
+/// administrator's limit.
+#[test]
+fn v1_io_counting_keeps_an_existing_throttle_rule() {
+    let t = proxmox_v1();
+    t.file("proc/sys/kernel/osrelease", "6.18.44-fc\n");
+    t.file("sys/block/hda/dev", "254:0\n");
+    let rules = t.path("sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+    t.file(
+        "sys/fs/cgroup/blkio/blkio.throttle.write_bps_device",
+        "254:0 1048576\n",
+    );
+    lxcmon::collect::Collector::new(&config(0.1, ExportFormat::Records), t.root()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&rules).unwrap(),
+        "254:0 1048576\n",
+        "the limit stays"
+    );
+}
+
+/// `--once` is a diagnostic run: it writes no throttle rule (the daemon does, above).
+#[test]
+fn once_writes_no_v1_throttle_rule() {
+    let t = proxmox_v1();
+    t.file("proc/sys/kernel/osrelease", "6.18.44-fc\n");
+    t.file("sys/block/hda/dev", "254:0\n");
+    let rules = t.path("sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+    let records = once(&t, ExportFormat::Records);
+    assert_eq!(records.len(), 1);
+    assert!(
+        !rules.exists(),
+        "--once wrote {:?}",
+        std::fs::read_to_string(&rules)
+    );
+}
+
 #[test]
 fn plain_lxc_on_pure_v2() {
     let t = plain_lxc_v2();

@@ -33,8 +33,47 @@ pub enum CollectError {
     Host(#[from] ReadError),
     #[error("the BPF collector is not built into this binary (collector: ebpf); build it with `cargo xtask run` or use collector: auto")]
     NoBpf,
-    #[error("the BPF collector cannot run (collector: ebpf): {0}")]
-    Bpf(String),
+    #[cfg(feature = "ebpf")]
+    #[error("the BPF collector cannot run (collector: ebpf)")]
+    Bpf(#[source] bpf::counters::Unavailable),
+}
+
+#[cfg(feature = "ebpf")]
+pub use bpf::counters::Purpose;
+
+/// What the collector is for: the daemon keeps its kernel state pinned across restarts; a
+/// diagnostic run (`--once`) leaves nothing behind.
+#[cfg(not(feature = "ebpf"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Daemon,
+    Once,
+}
+
+/// `lxcmon --cleanup-bpf`: removes the pinned BPF state of every layout version (and of a
+/// configured `bpf_pin_dir`); refused for a directory an agent still holds. Returns what was
+/// removed.
+#[cfg(feature = "ebpf")]
+pub fn cleanup_bpf(extra: Option<&Path>) -> Result<Vec<std::path::PathBuf>, bpf::BpfError> {
+    bpf::cleanup_all(extra)
+}
+
+/// `lxcmon --cleanup-bpf` in a binary without the BPF collector: removes what a BPF-enabled
+/// build pinned.
+#[cfg(not(feature = "ebpf"))]
+pub fn cleanup_bpf(extra: Option<&Path>) -> Result<Vec<std::path::PathBuf>, std::io::Error> {
+    let mut removed = Vec::new();
+    for dir in [Some(Path::new(lxcmon_common::PIN_ROOT)), extra]
+        .into_iter()
+        .flatten()
+    {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => removed.push(dir.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 pub struct Collector {
@@ -70,7 +109,19 @@ fn sample_options(cfg: &Config, (net_files, io_files): (bool, bool)) -> Options 
 }
 
 impl Collector {
+    /// The daemon's collector.
     pub fn new(cfg: &Config, root: &Path) -> Result<Self, CollectError> {
+        Self::build(cfg, root, Purpose::Daemon)
+    }
+
+    /// A collector for a diagnostic run (`--once`) that leaves no kernel state: BPF maps and
+    /// links held by this process only (its counts start from the file readers'), no cgroup v1
+    /// throttle rule written.
+    pub fn once(cfg: &Config, root: &Path) -> Result<Self, CollectError> {
+        Self::build(cfg, root, Purpose::Once)
+    }
+
+    fn build(cfg: &Config, root: &Path, purpose: Purpose) -> Result<Self, CollectError> {
         let m = &cfg.monitoring;
         let layout = Layout::detect(root)?;
         let hierarchy = layout
@@ -79,17 +130,12 @@ impl Collector {
             .to_path_buf();
         tracing::info!(mode = ?layout.mode(), hierarchy = %hierarchy.display(), "cgroup layout");
         if layout.mode() == Some(Mode::V1) {
-            v1_io::v1_io_accounting(root, &layout, cfg);
+            v1_io::v1_io_accounting(root, &layout, cfg, purpose);
         }
         let devices = DeviceFilter::new(root, &m.excluded_devices);
         #[cfg(feature = "ebpf")]
-        let kernel = bpf::counters::KernelCounters::choose(
-            m.collector,
-            root,
-            &layout,
-            &m.excluded_devices,
-            m.enable_network,
-        )?;
+        let kernel = bpf::counters::KernelCounters::choose(m.collector, root, &layout, m, purpose)
+            .map_err(CollectError::Bpf)?;
         #[cfg(not(feature = "ebpf"))]
         match m.collector {
             CollectorChoice::Ebpf => return Err(CollectError::NoBpf),
@@ -138,6 +184,7 @@ impl Collector {
         #[cfg(feature = "ebpf")]
         if let Some(kernel) = &mut self.kernel {
             kernel.reconfigure(m);
+            self.sampler.set_files_for(kernel.untracked());
         }
         if old.monitoring.collector != m.collector {
             tracing::warn!("monitoring.collector changes take effect when the agent restarts");
@@ -172,11 +219,17 @@ impl Collector {
         let mut sampled = self.sampler.sample(&discovered);
         #[cfg(feature = "ebpf")]
         if let Some(kernel) = &mut self.kernel {
-            if let Err(e) = kernel.apply(&discovered, &mut sampled.containers) {
-                tracing::warn!(error = %e, "the BPF collector failed; network and I/O figures come from the file readers from now on");
-                self.kernel = None;
-                self.sampler.set_net_io_files();
-                sampled = self.sampler.sample(&discovered);
+            match kernel.apply(&discovered, &mut sampled.containers) {
+                // Containers the programs cannot count are read from files from now on.
+                Ok(()) => self.sampler.set_files_for(kernel.untracked()),
+                Err(e) => {
+                    // The whole collector failed: the file readers take over for everyone
+                    // (the samples say so; derive keeps the counters continuous).
+                    tracing::warn!(error = %crate::logging::Chain(&e), "the BPF collector failed; network and I/O figures come from the file readers from now on");
+                    self.kernel = None;
+                    self.sampler.set_net_io_files();
+                    sampled = self.sampler.sample(&discovered);
+                }
             }
         }
         let metrics = self.deriver.derive(&sampled.containers, &discovered, host);

@@ -9,7 +9,7 @@ use crate::readers::kfile::{self, KFile, ReadError};
 use crate::readers::procfs::{self, NetTotals};
 use crate::readers::sysfs::DeviceFilter;
 use rustix::fd::OwnedFd;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -143,6 +143,9 @@ pub struct Sampler {
     states: HashMap<String, ContainerState>,
     /// Boot time, to turn a process's start (ticks since boot) into a date.
     boot: Option<SystemTime>,
+    /// Containers whose network and I/O bytes are read from files every cycle although
+    /// another collector counts the others (it cannot count these).
+    files_for: HashSet<String>,
     /// Child-cgroup events for every container's subtree, drained once per cycle; `None`
     /// where inotify is refused.
     watcher: Option<Arc<Watcher>>,
@@ -164,6 +167,7 @@ impl Sampler {
             options,
             states: HashMap::new(),
             boot: procfs::boot_time(root),
+            files_for: HashSet::new(),
             watcher,
         }
     }
@@ -186,6 +190,11 @@ impl Sampler {
     pub fn set_net_io_files(&mut self) {
         self.options.net_files = true;
         self.options.io_files = true;
+    }
+
+    /// Network and block I/O from the files every cycle for these containers.
+    pub fn set_files_for(&mut self, ids: &HashSet<String>) {
+        self.files_for.clone_from(ids);
     }
 
     /// Reads every container once. Containers that are gone are skipped silently; one that
@@ -213,6 +222,7 @@ impl Sampler {
             devices: &self.devices,
             options: self.options,
             boot: self.boot,
+            files_for: &self.files_for,
         };
         let results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
             let mut scratch = Scratch::default();
@@ -278,6 +288,7 @@ struct Ctx<'a> {
     devices: &'a DeviceFilter,
     options: Options,
     boot: Option<SystemTime>,
+    files_for: &'a HashSet<String>,
 }
 
 impl Ctx<'_> {
@@ -334,8 +345,9 @@ impl Ctx<'_> {
             None => st.files.insert(self.open_files(d)?),
         };
         let at = Instant::now();
-        let io = self.options.io_files || fresh;
-        let net = self.options.net_files || fresh;
+        let always = self.files_for.contains(&d.id);
+        let io = self.options.io_files || fresh || always;
+        let net = self.options.net_files || fresh || always;
         let mut cgroup = files
             .cgroup
             .sample(io.then_some(self.devices), scratch)

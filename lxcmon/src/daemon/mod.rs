@@ -29,7 +29,7 @@ pub fn first_gap(cfg: &Config) -> Duration {
 
 /// One cycle with a CPU delta, as the export document of the configured format.
 pub fn once(cfg: &Config, root: &Path) -> Result<Vec<u8>> {
-    let mut collector = Collector::new(cfg, root).context("starting the collector")?;
+    let mut collector = Collector::once(cfg, root).context("starting the collector")?;
     collector.cycle().context("first sample")?;
     std::thread::sleep(first_gap(cfg));
     let cycle = collector.cycle().context("second sample")?;

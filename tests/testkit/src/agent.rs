@@ -76,6 +76,11 @@ impl AgentConfig {
         if let Some(listen) = &self.prometheus_listen {
             yaml.push_str(&format!("  prometheus_listen: {listen}\n"));
         }
+        // Agents of another lab site (the soak) keep their BPF pins apart from the suite's.
+        let site = crate::lab::Site::current();
+        if site != crate::lab::SUITE {
+            yaml.push_str(&format!("  bpf_pin_dir: {}\n", site.pin_dir));
+        }
         fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }

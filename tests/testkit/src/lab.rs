@@ -150,6 +150,38 @@ fn destroy(name: &str) {
     }
 }
 
+/// On cgroup v1 with kernels 6.9 and later, block I/O is counted per cgroup only for disks
+/// with a throttle rule; the daemon writes an unlimited one at start (see the README), but
+/// `--once` leaves the host as it is. The lab makes the host a daemon would have made, so the
+/// `--once` tests see I/O: an unlimited rule (`maj:min 0`, which limits nothing) for each whole
+/// disk that has no rule yet.
+fn v1_io_counting_on() -> Result<()> {
+    let rules_path = Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+    if !rules_path.exists() {
+        return Ok(());
+    }
+    let rules = fs::read_to_string(rules_path)
+        .with_context(|| format!("reading {}", rules_path.display()))?;
+    for disk in fs::read_dir("/sys/block").context("listing /sys/block")? {
+        let disk = disk?.path();
+        let name = disk.file_name().unwrap_or_default().to_string_lossy();
+        if ["loop", "ram", "zram", "dm-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let dev = fs::read_to_string(disk.join("dev")).unwrap_or_default();
+        let dev = dev.trim();
+        if dev.is_empty() || rules.lines().any(|l| l.starts_with(&format!("{dev} "))) {
+            continue;
+        }
+        fs::write(rules_path, format!("{dev} 0\n"))
+            .with_context(|| format!("writing {dev} 0 to {}", rules_path.display()))?;
+    }
+    Ok(())
+}
+
 fn remove_bridge(bridge: &str) {
     if Path::new("/sys/class/net").join(bridge).exists() {
         if let Err(e) = run_ok(
@@ -231,6 +263,9 @@ impl Lab {
         remove_bridge(site.bridge);
 
         let layout = CgroupLayout::detect()?;
+        if layout == CgroupLayout::V1 {
+            v1_io_counting_on()?;
+        }
         let lxcpath = PathBuf::from(
             run_ok(lxc("lxc-config").arg("lxc.lxcpath"), CMD_TIMEOUT)?
                 .stdout

@@ -1,46 +1,107 @@
 //! The BPF collector as the cycle sees it: chooses BPF or the file readers at start, tracks
 //! each discovered container, and overwrites the file readers' network and block I/O bytes with
-//! the kernel's counts.
+//! the kernel's counts. A container that cannot be tracked runs on the file readers alone; only
+//! a failure of the whole collector (returned by [`KernelCounters::apply`]) stops it for all.
 
-use super::{self as bpf, BpfCollector, BpfError, BpfOptions, Counters};
+use super::{cleanup_pinned, default_pin_dir, kernel_dev_t, BpfCollector, BpfError, BpfOptions};
+use super::{Counters, IoMode};
 use crate::collect::discovery::Discovered;
 use crate::collect::sample::{ContainerSample, CounterSource};
-use crate::collect::CollectError;
-use crate::config::CollectorChoice;
+use crate::config::{CollectorChoice, MonitoringConfig};
+use crate::logging::Chain;
 use crate::readers::cgroup::Layout;
+use crate::readers::parse::parse_dev;
+use crate::readers::sysfs::DeviceFilter;
+use rustix::thread::CapabilitySet;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+
+/// Why the BPF collector cannot run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the BPF programs see the real kernel, not a --root tree")]
+    FixtureRoot,
+    #[error("missing capabilities: loading and attaching needs CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (effective set {0:#x})")]
+    Capabilities(u64),
+    #[error("cannot read this process's capabilities")]
+    CapGet(#[source] std::io::Error),
+    #[error("no cgroup v2 hierarchy is mounted to attach to")]
+    NoUnified,
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+}
+
+/// What the collector is for: the daemon keeps its kernel state pinned across restarts; a
+/// diagnostic run (`--once`) leaves nothing behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Daemon,
+    Once,
+}
 
 pub struct KernelCounters {
     bpf: BpfCollector,
     unified: PathBuf,
     /// Container id to the cgroup id its counters are kept under.
     ids: HashMap<String, u64>,
+    /// Containers the kernel side cannot count (warned once): the file readers count them.
+    untracked: HashSet<String>,
     /// `enable_network`: when false network bytes stay 0, as with the file readers.
     network: bool,
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 /// Without these the kernel refuses the programs, and libraries then report confusing
 /// follow-on errors: say plainly what is missing instead.
-fn check_capabilities() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or("no CapEff in /proc/self/status")?;
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_NET_ADMIN)) {
+fn check_capabilities() -> Result<(), Unavailable> {
+    let eff = rustix::thread::capabilities(None)
+        .map_err(|e| Unavailable::CapGet(e.into()))?
+        .effective;
+    let bpf_set = CapabilitySet::BPF | CapabilitySet::PERFMON | CapabilitySet::NET_ADMIN;
+    if eff.contains(CapabilitySet::SYS_ADMIN) || eff.contains(bpf_set) {
         Ok(())
     } else {
-        Err(format!(
-            "missing capabilities: loading and attaching needs CAP_SYS_ADMIN, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (effective set {eff:#x})"
-        ))
+        Err(Unavailable::Capabilities(eff.bits()))
+    }
+}
+
+/// The kernel `dev_t` of every block device (and partition) the filter excludes, from the
+/// `maj:min` names of `/sys/dev/block`.
+fn excluded_dev_ts(filter: &DeviceFilter) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/sys/dev/block") else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| parse_dev(e.file_name().to_str()?))
+        .filter(|dev| filter.is_excluded(*dev))
+        .map(|(major, minor)| kernel_dev_t(major, minor))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The configured pin directory.
+fn pin_dir(m: &MonitoringConfig) -> PathBuf {
+    m.bpf_pin_dir.clone().unwrap_or_else(default_pin_dir)
+}
+
+/// `collector: files`: what an earlier BPF run pinned would go on counting (and running on
+/// every container's packets) for nobody. The daemon removes it unless another agent holds it.
+fn release_pins(pin_dir: &Path, purpose: Purpose) {
+    if !pin_dir.exists() {
+        return;
+    }
+    if purpose == Purpose::Once {
+        tracing::info!(pins = %pin_dir.display(), "BPF pins of an earlier run are attached; `lxcmon --cleanup-bpf` removes them");
+        return;
+    }
+    match cleanup_pinned(pin_dir) {
+        Ok(_) => {
+            tracing::info!(pins = %pin_dir.display(), "collector: files: removed the BPF programs an earlier run left attached")
+        }
+        Err(e) => {
+            tracing::warn!(error = %Chain(&e), "collector: files: BPF pins of another run stay attached (`lxcmon --cleanup-bpf` removes them once it stopped)")
+        }
     }
 }
 
@@ -51,26 +112,29 @@ impl KernelCounters {
         choice: CollectorChoice,
         root: &Path,
         layout: &Layout,
-        excluded: &[String],
-        network: bool,
-    ) -> Result<Option<Self>, CollectError> {
+        m: &MonitoringConfig,
+        purpose: Purpose,
+    ) -> Result<Option<Self>, Unavailable> {
         if choice == CollectorChoice::Files {
             tracing::info!("collector: files (as configured)");
+            if root == Path::new("/") {
+                release_pins(&pin_dir(m), purpose);
+            }
             return Ok(None);
         }
-        match Self::load(root, layout, excluded, network) {
+        match Self::load(root, layout, m, purpose) {
             Ok(k) => {
-                tracing::info!(io = ?k.bpf.io_mode(), pins = %k.bpf.pin_dir().display(), "collector: ebpf");
-                if let bpf::IoMode::Files(reason) = k.bpf.io_mode() {
+                tracing::info!(io = ?k.bpf.io_mode(), pins = ?k.bpf.pin_dir(), "collector: ebpf");
+                if let IoMode::Files(reason) = k.bpf.io_mode() {
                     tracing::warn!(%reason, "the kernel refused the block I/O programs: network bytes come from BPF, block I/O from the file readers");
                 }
                 Ok(Some(k))
             }
-            Err(reason) if choice == CollectorChoice::Auto => {
-                tracing::warn!(%reason, "collector: files (BPF unavailable)");
+            Err(e) if choice == CollectorChoice::Auto => {
+                tracing::warn!(reason = %Chain(&e), "collector: files (BPF unavailable)");
                 Ok(None)
             }
-            Err(reason) => Err(CollectError::Bpf(reason)),
+            Err(e) => Err(e),
         }
     }
 
@@ -78,7 +142,8 @@ impl KernelCounters {
     /// programs, the offsets); glibc keeps the freed pages unless asked to return them.
     fn release_freed_heap() {
         #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        // SAFETY: malloc_trim only returns free heap pages to the kernel (libc: glibc-only,
+        // no safe wrapper exists).
         unsafe {
             libc::malloc_trim(0);
         }
@@ -87,29 +152,35 @@ impl KernelCounters {
     fn load(
         root: &Path,
         layout: &Layout,
-        excluded: &[String],
-        network: bool,
-    ) -> Result<Self, String> {
+        m: &MonitoringConfig,
+        purpose: Purpose,
+    ) -> Result<Self, Unavailable> {
         if root != Path::new("/") {
-            return Err("the BPF programs see the real kernel, not a --root tree".into());
+            return Err(Unavailable::FixtureRoot);
         }
         check_capabilities()?;
-        let unified = layout
-            .unified
-            .clone()
-            .ok_or("no cgroup v2 hierarchy is mounted to attach to")?;
+        let unified = layout.unified.clone().ok_or(Unavailable::NoUnified)?;
         let opts = BpfOptions {
-            excluded_devices: bpf::excluded_dev_ts(Path::new("/sys"), excluded),
+            excluded_devices: excluded_dev_ts(&DeviceFilter::new(root, &m.excluded_devices)),
+            pin_dir: pin_dir(m),
+            ephemeral: purpose == Purpose::Once,
+            network: m.enable_network,
             ..BpfOptions::default()
         };
-        let bpf = BpfCollector::load(&opts).map_err(|e| e.to_string())?;
+        let bpf = BpfCollector::load(&opts)?;
         Self::release_freed_heap();
-        Ok(Self {
+        Ok(Self::new(bpf, unified, m.enable_network))
+    }
+
+    /// Wraps a loaded collector; container cgroups are below `unified` (the v2 mount).
+    pub fn new(bpf: BpfCollector, unified: PathBuf, network: bool) -> Self {
+        Self {
             bpf,
             unified,
             ids: HashMap::new(),
+            untracked: HashSet::new(),
             network,
-        })
+        }
     }
 
     /// False when the kernel took the network programs but refused the block ones.
@@ -117,18 +188,30 @@ impl KernelCounters {
         self.bpf.io_mode().counts_io()
     }
 
-    pub fn reconfigure(&mut self, m: &crate::config::MonitoringConfig) {
+    /// Containers whose network and I/O bytes the file readers count every cycle.
+    pub fn untracked(&self) -> &HashSet<String> {
+        &self.untracked
+    }
+
+    pub fn reconfigure(&mut self, m: &MonitoringConfig) {
+        if self.network != m.enable_network {
+            for (id, e) in self.bpf.set_network(m.enable_network) {
+                tracing::warn!(cgroup_id = id, error = %Chain(&e), "cannot detach the network programs");
+            }
+        }
         self.network = m.enable_network;
-        let devs = bpf::excluded_dev_ts(Path::new("/sys"), &m.excluded_devices);
+        let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), &m.excluded_devices));
         if let Err(e) = self.bpf.set_excluded_devices(&devs) {
-            tracing::warn!(error = %e, "cannot update the excluded devices of the BPF programs");
+            tracing::warn!(error = %Chain(&e), "cannot update the excluded devices of the BPF programs");
         }
     }
 
     /// Tracks new (or restarted) containers, seeded with what the files counted so far,
     /// forgets stopped ones, and replaces the samples' network and I/O bytes with the
-    /// kernel's counts. Samples of containers that vanished before they could be tracked
-    /// are dropped.
+    /// kernel's counts. A container that cannot be tracked keeps its file readers' bytes (and
+    /// is read from files from now on, see [`Self::untracked`]). Samples of containers that
+    /// vanished before they could be tracked are dropped. An error concerns the whole
+    /// collector.
     pub fn apply(
         &mut self,
         discovered: &[Discovered],
@@ -136,9 +219,10 @@ impl KernelCounters {
     ) -> Result<(), BpfError> {
         let by_id: HashMap<&str, &Discovered> =
             discovered.iter().map(|d| (d.id.as_str(), d)).collect();
-        let mut vanished = HashSet::new();
+        let mut dropped = HashSet::new();
         for s in samples.iter() {
-            if !s.fresh && self.ids.contains_key(&s.id) {
+            // A fresh sample (new or restarted container, files read) gets a (new) try.
+            if !s.fresh && (self.ids.contains_key(&s.id) || self.untracked.contains(&s.id)) {
                 continue;
             }
             let Some(d) = by_id.get(s.id.as_str()) else {
@@ -153,22 +237,32 @@ impl KernelCounters {
             match self.bpf.track_seeded(&self.unified.join(&d.rel), seed) {
                 Ok(id) => {
                     self.ids.insert(s.id.clone(), id);
+                    self.untracked.remove(&s.id);
                 }
-                Err(BpfError::Cgroup { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    vanished.insert(s.id.clone());
+                Err(e) if e.is_gone() => {
+                    dropped.insert(s.id.clone());
+                }
+                Err(e) if e.is_per_container() => {
+                    self.ids.remove(&s.id);
+                    if self.untracked.insert(s.id.clone()) {
+                        tracing::warn!(container = %s.id, error = %Chain(&e), "the BPF programs cannot count this container: its network and I/O bytes come from the file readers");
+                    }
+                    if !s.fresh {
+                        // Its files were not read this cycle: from the next one on.
+                        dropped.insert(s.id.clone());
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
         self.ids.retain(|id, _| by_id.contains_key(id.as_str()));
+        self.untracked.retain(|id| by_id.contains_key(id.as_str()));
         let keep: HashSet<u64> = self.ids.values().copied().collect();
         for (id, e) in self.bpf.retain(&keep) {
-            tracing::warn!(cgroup_id = id, error = %e, "cannot detach from a stopped container");
+            tracing::warn!(cgroup_id = id, error = %Chain(&e), "cannot detach from a stopped container");
         }
         self.bpf.refresh()?;
-        samples.retain(|s| !vanished.contains(&s.id));
+        samples.retain(|s| !dropped.contains(&s.id));
         for s in samples.iter_mut() {
             let Some(c) = self.ids.get(&s.id).and_then(|id| self.bpf.counters(*id)) else {
                 continue;

@@ -1,35 +1,22 @@
 //! Small kernel interfaces the collector needs that aya does not expose: filesystem mounts,
-//! cgroup v2 directory facts, the batched per-CPU array read and `BPF_PROG_TEST_RUN`.
+//! cgroup v2 directory facts, the batched per-CPU array read and `BPF_PROG_TEST_RUN`. The two
+//! `bpf(2)` commands go through libc: neither aya nor rustix wraps them.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const TRACEFS_MAGIC: i64 = 0x7472_6163;
-pub const DEBUGFS_MAGIC: i64 = 0x6462_6720;
 pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
-fn cstr(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-}
 
 /// The filesystem magic of `path` (`statfs(2)` `f_type`).
 pub fn fs_magic(path: &Path) -> io::Result<i64> {
-    let c = cstr(path)?;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `c` is NUL-terminated, `st` is a valid out-pointer of the right type.
-    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded and filled the struct. (`f_type`'s width varies by arch.)
+    let st = rustix::fs::statfs(path)?;
+    // `f_type`'s width varies by arch.
     #[allow(clippy::unnecessary_cast)]
-    Ok(unsafe { st.assume_init() }.f_type as i64)
+    Ok(st.f_type as i64)
 }
 
 /// Mounts a pseudo filesystem (`bpf`, `tracefs`) at `target` unless one of that type is there.
@@ -38,13 +25,13 @@ pub fn ensure_mounted(fstype: &str, target: &Path, magic: i64) -> io::Result<()>
         return Ok(());
     }
     std::fs::create_dir_all(target)?;
-    let t = cstr(target)?;
-    let f = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
-    let rc = unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::mount::mount(
+        fstype,
+        target,
+        fstype,
+        rustix::mount::MountFlags::empty(),
+        None,
+    )?;
     Ok(())
 }
 

@@ -1,0 +1,145 @@
+//! Block I/O: the BTF programs (`tp_btf/block_bio_queue` reading the bio, and
+//! `tp_btf/writeback_dirty_folio` counting buffered writes when pages are dirtied), or the
+//! classic `block/block_bio_queue` tracepoint where BTF is missing, or none (the file readers
+//! count I/O). The excluded devices are a map the programs consult.
+
+use super::error::{map_err, BpfError, Cause};
+use super::loader::{program_mut, TP_CATEGORY, TP_NAME};
+use super::BpfCollector;
+use crate::logging::Chain;
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::links::FdLink;
+use aya::programs::{BtfTracePoint, TracePoint};
+use lxcmon_common::{MAP_EXCLUDED_DEVS, PROG_BIO_QUEUE, PROG_BIO_QUEUE_BTF, PROG_DIRTY_FOLIO};
+use tracing::debug;
+
+const TP_DIRTY: &str = "writeback_dirty_folio";
+const LINK_BIO_CLASSIC: &str = "block_bio_queue";
+const LINK_BIO_BTF: &str = "block_bio_queue_btf";
+const LINK_DIRTY: &str = "writeback_dirty_folio";
+
+/// How block I/O is counted (see [`BpfCollector::io_mode`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoMode {
+    /// Bios submitted by the container's tasks (reads, direct I/O, and writeback the tasks do
+    /// themselves such as fsync); buffered writes flushed by kernel threads are not counted.
+    /// The string says why the dirtied-bytes mode is not in use.
+    BiosOnly(String),
+    /// Reads and direct writes from bios; buffered writes as page-cache bytes dirtied by the
+    /// container's tasks (counted once, when a page turns dirty), whoever writes them back.
+    BiosAndDirtied,
+    /// No block program could be loaded (5.10's verifier lacks the ancestor-cgroup helper for
+    /// tracepoints): the network programs run alone and block I/O is left to the file readers.
+    /// The string is the kernel's reason.
+    Files(String),
+}
+
+impl IoMode {
+    /// Whether the programs count block I/O at all.
+    pub fn counts_io(&self) -> bool {
+        !matches!(self, IoMode::Files(_))
+    }
+}
+
+impl BpfCollector {
+    /// How block I/O is counted on this kernel.
+    pub fn io_mode(&self) -> &IoMode {
+        &self.io_mode
+    }
+
+    /// Attaches the best block programs the kernel takes; `offsets` is whether the kernel
+    /// struct offsets for the BTF programs were resolved (else why not).
+    pub(crate) fn attach_block(&mut self, offsets: Result<(), String>) -> IoMode {
+        match offsets.and_then(|()| self.attach_btf_io()) {
+            Ok(()) => {
+                let _ = self.links.remove(LINK_BIO_CLASSIC);
+                IoMode::BiosAndDirtied
+            }
+            Err(why) => {
+                let _ = self.links.remove(LINK_BIO_BTF);
+                let _ = self.links.remove(LINK_DIRTY);
+                match self.attach_classic_io() {
+                    Ok(()) => IoMode::BiosOnly(why),
+                    Err(e) => {
+                        let _ = self.links.remove(LINK_BIO_CLASSIC);
+                        IoMode::Files(Chain(&e).to_string())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads and attaches the BTF block and dirtied-page programs, keeping the attachments of
+    /// an earlier agent. Errors are the reason to fall back to the classic one.
+    fn attach_btf_io(&mut self) -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
+        for (name, tp) in [(PROG_BIO_QUEUE_BTF, TP_NAME), (PROG_DIRTY_FOLIO, TP_DIRTY)] {
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            prog.load(tp, &btf)
+                .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
+        }
+        for (name, link_name) in [
+            (PROG_BIO_QUEUE_BTF, LINK_BIO_BTF),
+            (PROG_DIRTY_FOLIO, LINK_DIRTY),
+        ] {
+            if self.links.has(link_name) {
+                continue;
+            }
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            let fail =
+                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
+            let id = prog.attach().map_err(|e| fail(&e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
+            if let Err(e) = self.links.put(link_name, link) {
+                // Do not leave one of the pair counting alone.
+                let _ = self.links.remove(LINK_BIO_BTF);
+                let _ = self.links.remove(LINK_DIRTY);
+                return Err(format!("pinning {link_name}: {}", Chain(e.as_ref())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads and attaches the classic `block/block_bio_queue` program.
+    fn attach_classic_io(&mut self) -> Result<(), BpfError> {
+        let tp: &mut TracePoint = program_mut(&mut self.ebpf, PROG_BIO_QUEUE)?;
+        tp.load().map_err(|source| BpfError::Program {
+            program: PROG_BIO_QUEUE,
+            source,
+        })?;
+        if self.links.has(LINK_BIO_CLASSIC) {
+            debug!("keeping the pinned block tracepoint attachment");
+            return Ok(());
+        }
+        let attach_err = |source: Cause| BpfError::AttachTracepoint {
+            program: PROG_BIO_QUEUE,
+            tracepoint: format!("{TP_CATEGORY}/{TP_NAME}"),
+            source,
+        };
+        let id = tp
+            .attach(TP_CATEGORY, TP_NAME)
+            .map_err(|e| attach_err(e.into()))?;
+        let link = tp.take_link(id).map_err(|e| attach_err(e.into()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| attach_err(e.into()))?;
+        self.links.put(LINK_BIO_CLASSIC, fd).map_err(attach_err)
+    }
+
+    /// Replaces the excluded-device set.
+    pub fn set_excluded_devices(&mut self, devs: &[u32]) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_DEVS)?)
+                .map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for k in old.iter().filter(|k| !devs.contains(k)) {
+            map.remove(k).map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        }
+        for d in devs {
+            map.insert(d, 1, 0).map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! Loading: bpffs and tracefs mounted, the embedded object loaded with its globals (the
+//! `block_bio_queue` record offsets from tracefs, kernel struct offsets from BTF), the pin
+//! directory locked, earlier pins reused.
+
+use super::block::IoMode;
+use super::error::BpfError;
+use super::pins::{Links, PinLock};
+use super::{btf, format, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
+use aya::maps::Map;
+use aya::programs::{CgroupSkb, Program, ProgramError};
+use aya::{Ebpf, EbpfLoader};
+use lxcmon_common::{
+    KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
+    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_KERNEL_OFFSETS, PROG_SKB_EGRESS,
+    PROG_SKB_INGRESS,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tracing::info;
+
+/// The BPF object built by `cargo xtask build-ebpf`; `build.rs` checks that it matches the
+/// sources and gives its path.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LXCMON_BPF_OBJECT"));
+
+pub(crate) const TP_CATEGORY: &str = "block";
+pub(crate) const TP_NAME: &str = "block_bio_queue";
+
+impl BpfCollector {
+    /// Mounts bpffs and tracefs when absent, locks the pin directory, loads the programs
+    /// (reusing pinned maps), attaches the block programs (or keeps the pinned attachments of
+    /// an earlier agent), and restores the set of tracked containers from the pinned map.
+    pub fn load(opts: &BpfOptions) -> Result<Self, BpfError> {
+        let mount_err = |fstype, path: &str| {
+            let path = PathBuf::from(path);
+            move |source| BpfError::Mount {
+                fstype,
+                path,
+                source,
+            }
+        };
+        sys::ensure_mounted("bpf", Path::new(BPF_FS), sys::BPF_FS_MAGIC)
+            .map_err(mount_err("bpf", BPF_FS))?;
+        let tracefs = Path::new(TRACEFS);
+        sys::ensure_mounted("tracefs", tracefs, sys::TRACEFS_MAGIC)
+            .map_err(mount_err("tracefs", TRACEFS))?;
+
+        // Ephemeral: maps declared as pinned are pinned by aya; pin them in a directory of
+        // this process and unpin them right after loading (the descriptors keep them).
+        let (lock, map_dir) = if opts.ephemeral {
+            let dir = Path::new(BPF_FS).join(format!("lxcmon-once-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|source| BpfError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+            (None, dir)
+        } else {
+            (Some(PinLock::acquire(&opts.pin_dir)?), opts.pin_dir.clone())
+        };
+        let links = if opts.ephemeral {
+            Links::Held(HashMap::new())
+        } else {
+            let dir = opts.pin_dir.join("links");
+            std::fs::create_dir_all(&dir).map_err(|source| BpfError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+            Links::Pinned(dir)
+        };
+
+        let (dev_off, nr_off, rwbs_off) = bio_queue_offsets(tracefs)?;
+        let koff = if opts.count_dirtied {
+            kernel_offsets()
+        } else {
+            Err("disabled by configuration".to_string())
+        };
+        let koff_value = koff.clone().unwrap_or_default();
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
+            .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
+            .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+            .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
+            .load(OBJECT);
+        if opts.ephemeral {
+            let _ = std::fs::remove_dir_all(&map_dir);
+        }
+        let mut ebpf = loaded.map_err(BpfError::Load)?;
+
+        for name in [PROG_SKB_INGRESS, PROG_SKB_EGRESS] {
+            let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(|source| BpfError::Program {
+                program: name,
+                source,
+            })?;
+        }
+        let ncpus =
+            aya::util::nr_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
+        let mut this = Self {
+            ebpf,
+            pin_dir: (!opts.ephemeral).then(|| opts.pin_dir.clone()),
+            links,
+            _lock: lock,
+            tracked: HashMap::new(),
+            values: HashMap::new(),
+            ncpus,
+            io_mode: IoMode::Files(String::new()),
+            network: opts.network,
+            batched: None,
+        };
+        this.io_mode = this.attach_block(koff.map(drop));
+        this.set_excluded_devices(&opts.excluded_devices)?;
+        this.restore_tracked()?;
+        info!(
+            pin_dir = ?this.pin_dir,
+            tracked = this.tracked.len(),
+            io_mode = ?this.io_mode,
+            "BPF collector loaded"
+        );
+        Ok(this)
+    }
+
+    pub(crate) fn map(&self, name: &'static str) -> Result<&Map, BpfError> {
+        self.ebpf.map(name).ok_or(BpfError::MissingMap(name))
+    }
+
+    pub(crate) fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, BpfError> {
+        self.ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))
+    }
+}
+
+/// A program of the object, as its type.
+pub(crate) fn program<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T, BpfError>
+where
+    &'a T: TryFrom<&'a Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .ok_or(BpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// A program of the object, as its type, for loading and attaching.
+pub(crate) fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Reads the record offsets of `block/block_bio_queue` from tracefs.
+fn bio_queue_offsets(tracefs: &Path) -> Result<(u32, u32, u32), BpfError> {
+    let path = tracefs
+        .join("events")
+        .join(TP_CATEGORY)
+        .join(TP_NAME)
+        .join("format");
+    let text = std::fs::read_to_string(&path).map_err(|source| BpfError::TraceFormat {
+        path: path.clone(),
+        source,
+    })?;
+    let fields = format::parse_format(&text);
+    let get = |name: &str, size: u32| {
+        fields
+            .get(name)
+            .filter(|f| f.size == size || (name == "rwbs" && f.size >= size))
+            .map(|f| f.offset)
+            .ok_or_else(|| BpfError::TraceField {
+                path: path.clone(),
+                reason: format!("no field `{name}` of {size} bytes"),
+            })
+    };
+    Ok((get("dev", 4)?, get("nr_sector", 4)?, get("rwbs", 2)?))
+}
+
+/// Resolves the struct offsets the BTF programs need from the running kernel's BTF. The error
+/// is the reason the dirtied-bytes mode is not used.
+fn kernel_offsets() -> Result<KernelOffsets, String> {
+    let btf = btf::Btf::from_sys_fs().map_err(|e| {
+        format!(
+            "reading /sys/kernel/btf/vmlinux: {}",
+            crate::logging::Chain(&e)
+        )
+    })?;
+    let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
+    // `folio_nr_pages`: `_nr_pages` (6.15+), `_folio_nr_pages` (5.18-6.14), else the order byte
+    // at the start of `_flags_1`.
+    let (folio_nr, folio_nr_mode) =
+        match m("folio", "_nr_pages").or_else(|_| m("folio", "_folio_nr_pages")) {
+            Ok(off) => (off, FOLIO_NR_PAGES_U32),
+            Err(_) => (m("folio", "_flags_1")?, FOLIO_NR_ORDER_BYTE),
+        };
+    let pg_head = btf
+        .enum_value("pageflags", "PG_head")
+        .map_err(|e| e.to_string())?;
+    Ok(KernelOffsets {
+        enabled: 1,
+        page_size: u32::try_from(rustix::param::page_size())
+            .map_err(|_| "bad page size".to_string())?,
+        folio_flags: m("folio", "flags")?,
+        folio_nr,
+        folio_nr_mode,
+        pg_head: u32::try_from(pg_head).map_err(|_| "bad PG_head".to_string())?,
+        folio_mapping: m("folio", "mapping")?,
+        as_host: m("address_space", "host")?,
+        inode_sb: m("inode", "i_sb")?,
+        sb_dev: m("super_block", "s_dev")?,
+        sb_bdi: m("super_block", "s_bdi")?,
+        bdi_caps: m("backing_dev_info", "capabilities")?,
+        bio_bdev: m("bio", "bi_bdev")?,
+        bio_opf: m("bio", "bi_opf")?,
+        bio_size: m("bio", "bi_iter.bi_size")?,
+        bio_idx: m("bio", "bi_iter.bi_idx")?,
+        bio_io_vec: m("bio", "bi_io_vec")?,
+        bdev_dev: m("block_device", "bd_dev")?,
+        bvec_page: m("bio_vec", "bv_page")?,
+        bvec_size: btf.struct_size("bio_vec").map_err(|e| e.to_string())?,
+    })
+}

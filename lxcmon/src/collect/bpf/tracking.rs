@@ -1,0 +1,226 @@
+//! Which containers are counted: the tracked map (cgroup id → counter slot and level), the
+//! levels mask the programs walk, the per-CPU counter slots, and reading them each cycle.
+
+use super::error::{map_err, BpfError};
+use super::{sys, BpfCollector, Counters};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use lxcmon_common::{
+    TrackedCgroup, MAP_COUNTERS, MAP_TRACKED, MAP_TRACKED_LEVELS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
+};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::path::Path;
+use tracing::debug;
+
+impl BpfCollector {
+    fn tracked_map(&mut self) -> Result<BpfHashMap<&mut MapData, u64, TrackedCgroup>, BpfError> {
+        BpfHashMap::try_from(self.map_mut(MAP_TRACKED)?).map_err(map_err(MAP_TRACKED))
+    }
+
+    /// Picks up containers tracked by an earlier agent (pinned map). Entries of containers
+    /// that stopped meanwhile go with the first [`Self::retain`].
+    pub(crate) fn restore_tracked(&mut self) -> Result<(), BpfError> {
+        let entries: Vec<(u64, TrackedCgroup)> = {
+            let map = self.tracked_map()?;
+            map.iter().filter_map(Result::ok).collect()
+        };
+        self.tracked.extend(entries);
+        self.write_levels()
+    }
+
+    fn write_levels(&mut self) -> Result<(), BpfError> {
+        let mask = self
+            .tracked
+            .values()
+            .fold(0u64, |m, t| m | (1u64 << t.level));
+        let mut levels: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(MAP_TRACKED_LEVELS)?)
+                .map_err(map_err(MAP_TRACKED_LEVELS))?;
+        levels.set(0, mask, 0).map_err(map_err(MAP_TRACKED_LEVELS))
+    }
+
+    /// Sets a slot's counters to `seed` (held by CPU 0; the others start at zero).
+    fn seed_slot(&mut self, slot: u32, seed: Counters) -> Result<(), BpfError> {
+        let ncpus = self.ncpus;
+        let mut counters: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.map_mut(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let mut values = vec![Counters::default(); ncpus];
+        if let Some(first) = values.first_mut() {
+            *first = seed;
+        }
+        let values = PerCpuValues::try_from(values).map_err(|e| BpfError::Map {
+            map: MAP_COUNTERS,
+            source: aya::maps::MapError::IoError(e),
+        })?;
+        counters.set(slot, values, 0).map_err(map_err(MAP_COUNTERS))
+    }
+
+    /// Ids of the tracked container cgroups (also those restored from pins).
+    pub fn tracked_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.tracked.keys().copied()
+    }
+
+    /// Starts counting a container: `cgroup_v2_dir` is its cgroup directory in the v2
+    /// hierarchy; its id (the directory's inode) is the key for [`Self::counters`]. Tracking an
+    /// already tracked cgroup keeps its counts. Returns the cgroup id.
+    pub fn track(&mut self, cgroup_v2_dir: &Path) -> Result<u64, BpfError> {
+        self.track_seeded(cgroup_v2_dir, Counters::default())
+    }
+
+    /// [`Self::track`], starting a newly tracked container's counters at `seed` (what the file
+    /// readers counted before the programs were attached), so both collectors report the same
+    /// cumulative figures. A container already tracked (also through pins) keeps its counts.
+    pub fn track_seeded(&mut self, cgroup_v2_dir: &Path, seed: Counters) -> Result<u64, BpfError> {
+        let cg = sys::cgroup_dir(cgroup_v2_dir).map_err(|source| BpfError::Cgroup {
+            path: cgroup_v2_dir.to_path_buf(),
+            source,
+        })?;
+        if cg.level >= MAX_TRACKED_LEVEL {
+            return Err(BpfError::TooDeep {
+                path: cg.path,
+                level: cg.level,
+                max: MAX_TRACKED_LEVEL - 1,
+            });
+        }
+        let known = self.tracked.get(&cg.id).copied();
+        if known.is_some() && (!self.network || self.skb_attached(cg.id)) {
+            return Ok(cg.id);
+        }
+        let entry = match known {
+            Some(entry) => entry,
+            None => {
+                let used: BTreeSet<u32> = self.tracked.values().map(|t| t.slot).collect();
+                let slot = (0..MAX_CONTAINERS)
+                    .find(|s| !used.contains(s))
+                    .ok_or(BpfError::Full(MAX_CONTAINERS))?;
+                self.seed_slot(slot, seed)?;
+                TrackedCgroup {
+                    slot,
+                    level: cg.level,
+                }
+            }
+        };
+        self.tracked_map()?
+            .insert(cg.id, entry, 0)
+            .map_err(map_err(MAP_TRACKED))?;
+        self.tracked.insert(cg.id, entry);
+        self.write_levels()?;
+        if self.network {
+            if let Err(e) = self.attach_skb(&cg) {
+                let _ = self.untrack(cg.id);
+                return Err(e);
+            }
+        }
+        debug!(cgroup = %cg.path.display(), id = cg.id, level = cg.level, slot = entry.slot, "tracking");
+        Ok(cg.id)
+    }
+
+    /// Stops counting a container: detaches its programs and deletes its map entries. An
+    /// unknown id is not an error.
+    pub fn untrack(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        let detached = self.detach_skb(cgroup_id);
+        let removed = match self.tracked_map()?.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_TRACKED)(e)),
+        };
+        self.tracked.remove(&cgroup_id);
+        self.values.remove(&cgroup_id);
+        self.write_levels()?;
+        detached.and(removed)
+    }
+
+    /// Untracks every tracked container whose id is not in `keep` (containers that stopped,
+    /// also while no agent ran). Returns the errors, per id, of those that failed.
+    pub fn retain(&mut self, keep: &HashSet<u64>) -> Vec<(u64, BpfError)> {
+        let gone: Vec<u64> = self.tracked_ids().filter(|id| !keep.contains(id)).collect();
+        gone.into_iter()
+            .filter_map(|id| self.untrack(id).err().map(|e| (id, e)))
+            .collect()
+    }
+
+    /// Reads all counters, in one batched map read where the kernel supports it.
+    pub fn refresh(&mut self) -> Result<(), BpfError> {
+        self.values.clear();
+        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
+            return Ok(());
+        };
+        let count = max_slot + 1;
+        let value_size = std::mem::size_of::<Counters>();
+        let stride = value_size.div_ceil(8) * 8;
+        let batch = match self.map(MAP_COUNTERS)? {
+            Map::PerCpuArray(data) if self.batched != Some(false) => {
+                match sys::percpu_array_lookup_batch(
+                    data.fd().as_fd(),
+                    count,
+                    value_size,
+                    self.ncpus,
+                ) {
+                    Ok(raw) => Some(raw),
+                    Err(e) => {
+                        debug!(error = %e, "batched map read refused: reading per container");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        self.batched = Some(batch.is_some());
+        let per_slot = stride * self.ncpus;
+        match batch {
+            Some(raw) if raw.len() >= per_slot * count as usize => {
+                for (id, t) in &self.tracked {
+                    let base = t.slot as usize * per_slot;
+                    let mut sum = Counters::default();
+                    for cpu in 0..self.ncpus {
+                        let off = base + cpu * stride;
+                        sum.add(&counters_from_bytes(&raw[off..off + value_size]));
+                    }
+                    self.values.insert(*id, sum);
+                }
+            }
+            _ => {
+                // Older kernels without batched array reads: one read per container.
+                let counters: PerCpuArray<&MapData, Counters> =
+                    PerCpuArray::try_from(self.map(MAP_COUNTERS)?)
+                        .map_err(map_err(MAP_COUNTERS))?;
+                let mut values = HashMap::new();
+                for (id, t) in &self.tracked {
+                    let per_cpu = counters.get(&t.slot, 0).map_err(map_err(MAP_COUNTERS))?;
+                    let mut sum = Counters::default();
+                    for c in per_cpu.iter() {
+                        sum.add(c);
+                    }
+                    values.insert(*id, sum);
+                }
+                self.values = values;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the last [`Self::refresh`] read all counters with batched map reads.
+    pub fn last_refresh_batched(&self) -> bool {
+        self.batched == Some(true)
+    }
+
+    /// Cumulative counters of a tracked container as of the last [`Self::refresh`].
+    pub fn counters(&self, cgroup_id: u64) -> Option<Counters> {
+        self.values.get(&cgroup_id).copied()
+    }
+}
+
+fn counters_from_bytes(b: &[u8]) -> Counters {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        if let Some(s) = b.get(i * 8..i * 8 + 8) {
+            w.copy_from_slice(s);
+        }
+        u64::from_ne_bytes(w)
+    };
+    Counters {
+        net_rx: word(0),
+        net_tx: word(1),
+        io_read: word(2),
+        io_write: word(3),
+    }
+}
