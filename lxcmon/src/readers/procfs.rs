@@ -1,6 +1,6 @@
 //! procfs readers: a container's init, its network counters, and host-wide figures.
 
-use crate::readers::kfile::{self, KFile, ReadError};
+use crate::readers::kfile::{self, KFile};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -144,12 +144,6 @@ pub struct HostMemory {
     pub swap_total: u64,
 }
 
-pub fn host_memory(root: &Path) -> Result<HostMemory, ReadError> {
-    let path = kfile::under(root, "/proc/meminfo");
-    parse_meminfo(&kfile::read_to_string(&path)?)
-        .ok_or_else(|| ReadError::parse(&path, "no MemTotal"))
-}
-
 pub fn parse_meminfo(text: &str) -> Option<HostMemory> {
     let kib = |key: &str| {
         text.lines()
@@ -275,16 +269,11 @@ Inter-|   Receive                                                |  Transmit
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("proc/sys/kernel")).unwrap();
         std::fs::write(
-            dir.path().join("proc/meminfo"),
-            "MemTotal:       16384 kB\nSwapTotal:    1024 kB\n",
-        )
-        .unwrap();
-        std::fs::write(
             dir.path().join("proc/sys/kernel/osrelease"),
             "6.18.44-fc-v782\n",
         )
         .unwrap();
-        let m = host_memory(dir.path()).unwrap();
+        let m = parse_meminfo("MemTotal:       16384 kB\nSwapTotal:    1024 kB\n").unwrap();
         assert_eq!((m.mem_total, m.swap_total), (16384 * 1024, 1024 * 1024));
         assert_eq!(kernel_version(dir.path()), Some((6, 18)));
     }

@@ -80,13 +80,6 @@ pub fn whole_disks(root: &Path) -> Result<Vec<Disk>, ReadError> {
     Ok(disks)
 }
 
-/// Number of online CPUs, from `/sys/devices/system/cpu/online`.
-pub fn online_cpus(root: &Path) -> Result<u32, ReadError> {
-    let path = kfile::under(root, "/sys/devices/system/cpu/online");
-    let text = kfile::read_to_string(&path)?;
-    crate::readers::parse::cpu_list_len(&text).ok_or_else(|| ReadError::parse(&path, text.trim()))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -143,9 +136,5 @@ pub(crate) mod tests {
                 }
             ]
         );
-        let cpu = dir.path().join("sys/devices/system/cpu");
-        std::fs::create_dir_all(&cpu).unwrap();
-        std::fs::write(cpu.join("online"), "0-1\n").unwrap();
-        assert_eq!(online_cpus(dir.path()).unwrap(), 2);
     }
 }

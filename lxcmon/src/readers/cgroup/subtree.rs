@@ -208,11 +208,8 @@ impl Subtree {
         }
     }
 
-    pub fn top(&self) -> &Path {
-        &self.top
-    }
-
     /// How many times the subtree was walked (listed and its files opened).
+    #[cfg(test)]
     pub fn walks(&self) -> u64 {
         self.walks
     }

@@ -5,7 +5,7 @@ use super::{read_io, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles}
 use crate::readers::kfile::{keyed_value, parse_u64_or_max, KFile, ReadError};
 use crate::readers::parse::{cpu_list_len, parse_dev};
 use crate::readers::sysfs::DeviceFilter;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Files held open across cycles: every one is a cgroup v2 seq_show or single-value file,
@@ -13,7 +13,6 @@ use std::sync::Arc;
 /// holding them is safe.
 #[derive(Debug)]
 pub struct Reader {
-    dir: PathBuf,
     shared: SharedFiles,
     limit_files: LimitFiles,
     cpu_stat: KFile,
@@ -49,14 +48,9 @@ impl Reader {
             },
             shared: SharedFiles::new(
                 opt("pids.current")?,
-                Subtree::new(dir.clone(), PidList::Held, watcher),
+                Subtree::new(dir, PidList::Held, watcher),
             ),
-            dir,
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Whether each controller's files are there (memory, io, pids).
