@@ -409,20 +409,21 @@ fn kill_all(sub: &str) -> Result<()> {
 /// The agent's cycles from its DEBUG `cycle` lines: (start, end), Unix seconds.
 fn agent_cycles(errlog: &str) -> Vec<(f64, f64)> {
     let text = std::fs::read_to_string(errlog).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let end = parse_ts(w.next()?)?;
-            if w.next()? != "DEBUG" || w.next()? != "cycle" {
-                return None;
-            }
-            let us: f64 = w
-                .find_map(|f| f.strip_prefix("duration_us="))?
-                .parse()
-                .ok()?;
-            Some((end - us / 1e6, end))
-        })
-        .collect()
+    text.lines().filter_map(cycle_line).collect()
+}
+
+/// `<end> DEBUG cycle duration_us=<n> ...` as (start, end).
+fn cycle_line(l: &str) -> Option<(f64, f64)> {
+    let mut w = l.split_whitespace();
+    let end = parse_ts(w.next()?)?;
+    if w.next()? != "DEBUG" || w.next()? != "cycle" {
+        return None;
+    }
+    let us: f64 = w
+        .find_map(|f| f.strip_prefix("duration_us="))?
+        .parse()
+        .ok()?;
+    Some((end - us / 1e6, end))
 }
 
 /// No agent cycle overlapped the time from `gone` to `back`.
@@ -695,17 +696,17 @@ impl Scenario<'_> {
         // Right after a cycle ended, if the next one (on the agent's fixed grid) is far
         // enough away; otherwise at the deadline, and the checks say so.
         let deadline = Instant::now() + Duration::from_secs_f64(self.interval * 10.0 + 2.0);
-        let mut seen = agent_cycles(&self.errlog).len();
+        // Only what the agent writes from now on is read, so that polling costs little.
+        let mut log = std::fs::File::open(&self.errlog)?;
+        std::io::Seek::seek(&mut log, std::io::SeekFrom::End(0))?;
+        let mut pending = String::new();
         let mut planned = false;
-        while Instant::now() < deadline {
-            let cycles = agent_cycles(&self.errlog);
-            if cycles.len() > seen {
-                seen = cycles.len();
-                if let Some(&(start, _)) = cycles.last() {
-                    if start + self.interval - now() >= RESTART_ROOM {
-                        planned = true;
-                        break;
-                    }
+        while !planned && Instant::now() < deadline {
+            std::io::Read::read_to_string(&mut log, &mut pending)?;
+            while let Some(nl) = pending.find('\n') {
+                let line: String = pending.drain(..=nl).collect();
+                if let Some((start, _)) = cycle_line(&line) {
+                    planned = start + self.interval - now() >= RESTART_ROOM;
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
