@@ -1018,16 +1018,17 @@ impl Scenario<'_> {
                 );
             }
         }
-        // Around the signal, cycles keep their cadence: no gap over two intervals.
+        // Around the signal, cycles keep their cadence: no gap of 2.5 intervals or more (one
+        // tick skipped by a late cycle on a loaded TCG host gives 2; a lost cycle more).
         for w in cycles.windows(2) {
             if w[1].ts >= t_hup - self.interval && w[0].ts <= t_hup + 3.0 * self.interval {
                 cat.cycles += 1;
                 let gap = w[1].ts - w[0].ts;
-                if gap > 2.0 * self.interval {
+                if gap >= 2.5 * self.interval {
                     cat.bad(
                         &w[1].stamp,
                         "gap to the previous cycle around SIGHUP",
-                        format!("<= {:.3} s", 2.0 * self.interval),
+                        format!("< {:.3} s", 2.5 * self.interval),
                         format!("{gap:.3} s"),
                     );
                 }
