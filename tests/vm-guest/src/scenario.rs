@@ -95,6 +95,8 @@ struct Burst {
 
 /// One restart of container 104 under the same VMID.
 struct Restart {
+    /// The old instance's final usage_usec: the bound for moments after its last poll.
+    last_usage_usec: Option<u64>,
     /// Started right after a cycle ended with [`RESTART_ROOM`] before the next one.
     planned: bool,
     /// The old instance had used little CPU (a known burn) and the new one starts a busy
@@ -311,9 +313,11 @@ fn make_cgroups() -> Result<()> {
 }
 
 /// Kills the container (SIGKILL to its init ends its PID namespace) and removes its cgroups.
-fn kill_ct(ct: &mut Container) -> Result<()> {
+/// Returns the instance's final `usage_usec` (its processes all gone).
+fn kill_ct(ct: &mut Container) -> Result<Option<u64>> {
     agent::kill(ct.init_pid, rustix::process::Signal::KILL)?;
     let _ = ct.monitor.wait();
+    let last = agent::cpu_usage_usec(BASE).ok();
     // Children first; a cgroup whose last task is still exiting answers EBUSY for a moment.
     let t0 = Instant::now();
     for sub in ["ns/work", "ns/hog", "ns/extra", "ns", ""] {
@@ -332,7 +336,7 @@ fn kill_ct(ct: &mut Container) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(last)
 }
 
 /// The end of the scenario: 104 goes for good, so that the later checks see three containers.
@@ -736,7 +740,7 @@ impl Scenario<'_> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let kill = now();
-        kill_ct(&mut self.ct)?;
+        let last_usage_usec = kill_ct(&mut self.ct)?;
         make_cgroups()?;
         let mkdir = now();
         self.ct = ct::start(VMID, HOSTNAME, ROOTFS_MIB, &format!("{BASE}/ns"), INDEX)?;
@@ -751,6 +755,7 @@ impl Scenario<'_> {
             self.ct.detach("", &["/bin/vm-guest", "wl", "spin"])?;
         }
         self.restarts.push(Restart {
+            last_usage_usec,
             planned,
             exposing,
             kill,
@@ -1171,7 +1176,11 @@ impl Scenario<'_> {
                 None if inst > 0 => 0.0,
                 None => return None,
             };
-            let hi = usec(reads.iter().find(|p| p.t >= a)?);
+            let hi = match reads.iter().find(|p| p.t >= a) {
+                Some(p) => usec(p),
+                // Killed before the next read: its final count bounds it.
+                None => self.restarts.get(inst)?.last_usage_usec? as f64 / 1e6,
+            };
             Some((lo, hi))
         };
         let usage_at = |t: f64, inst: usize| -> Option<f64> {
