@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// Ethernet + IPv4 + UDP headers: what the interface counters add to each datagram's payload.
-const UDP_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
+pub(crate) const UDP_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
 
 /// (vmid, hostname, rootfs MiB). Distinct sizes so that a mixed-up mapping shows.
 const CONTAINERS: [(u32, &str, u64); 3] = [
@@ -24,11 +24,11 @@ const CONTAINERS: [(u32, &str, u64); 3] = [
 
 /// Cumulative ground truth per container (index into CONTAINERS).
 #[derive(Default, Clone, Debug)]
-struct Truth {
+pub(crate) struct Truth {
     io_write: [u64; 3],
     io_read: [u64; 3],
     tx: [u64; 3],
-    rx: [u64; 3],
+    pub(crate) rx: [u64; 3],
 }
 
 pub fn drive(report: &mut Report) -> Result<()> {
@@ -67,6 +67,29 @@ fn drive_layout(report: &mut Report, cts: &[Container]) -> Result<()> {
             expect,
             no_caps,
         )?;
+    }
+    // One daemon per collector through the scripted scenario, every cycle checked.
+    for collector in ["files", "auto"] {
+        let expect = if collector == "files" {
+            "files"
+        } else {
+            expect_auto.as_str()
+        };
+        crate::scenario::run(
+            report,
+            cts,
+            &static_procs,
+            &mut truth,
+            collector,
+            expect,
+            0.2,
+        )?;
+    }
+    // At 1 s once (in the 6.1 case, to keep the matrix short): a same-VMID restart fits
+    // between two cycles there, which it does not at 0.2 s under TCG.
+    if cmdline("case").as_deref() == Some("6.1") {
+        let s = &static_procs;
+        crate::scenario::run(report, cts, s, &mut truth, "auto", &expect_auto, 1.0)?;
     }
     once_checks(report, cts, &static_procs, &truth, &expect_auto)?;
     Ok(())
@@ -138,11 +161,11 @@ fn online_cpus() -> usize {
 }
 
 /// Enables every wanted controller in `<rel>/cgroup.subtree_control` (cpuset when available).
-fn enable_controllers(rel: &str) -> Result<()> {
+pub(crate) fn enable_controllers(rel: &str) -> Result<()> {
     cgroups().enable_controllers(rel, &["cpu", "memory", "io", "pids", "cpuset"])
 }
 
-fn mkcg(rel: &str) -> Result<()> {
+pub(crate) fn mkcg(rel: &str) -> Result<()> {
     cgroups().create(rel).map(drop)
 }
 
@@ -206,18 +229,7 @@ fn network(cts: &[Container]) -> Result<()> {
     std::fs::write("/sys/class/net/br0/bridge/multicast_snooping", "0")?;
     sh(&["ip", "link", "set", "br0", "up"])?;
     for c in cts {
-        let host_if = format!("veth{}i0", c.vmid);
-        sh(&["ip", "link", "add", &host_if, "type", "veth"])?;
-        let peer = veth_peer(&host_if)?;
-        sh(&["ip", "link", "set", &peer, "netns", &c.init_pid.to_string()])?;
-        sh(&["ip", "link", "set", &host_if, "multicast", "off"])?;
-        sh(&["ip", "link", "set", &host_if, "master", "br0"])?;
-        sh(&["ip", "link", "set", &host_if, "up"])?;
-        c.net(&["ip", "link", "set", &peer, "name", "eth0"])?;
-        c.net(&["ip", "link", "set", "eth0", "address", &c.mac])?;
-        c.net(&["ip", "addr", "add", &format!("{}/24", c.ip), "dev", "eth0"])?;
-        c.net(&["ip", "link", "set", "eth0", "up"])?;
-        c.net(&["ip", "link", "set", "lo", "up"])?;
+        bridge_port(c)?;
     }
     // Static neighbours: no ARP traffic muddles the byte counts.
     for a in cts {
@@ -228,6 +240,22 @@ fn network(cts: &[Container]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The container's eth0: a veth whose host side `veth<vmid>i0` is a port of br0.
+pub(crate) fn bridge_port(c: &Container) -> Result<()> {
+    let host_if = format!("veth{}i0", c.vmid);
+    sh(&["ip", "link", "add", &host_if, "type", "veth"])?;
+    let peer = veth_peer(&host_if)?;
+    sh(&["ip", "link", "set", &peer, "netns", &c.init_pid.to_string()])?;
+    sh(&["ip", "link", "set", &host_if, "multicast", "off"])?;
+    sh(&["ip", "link", "set", &host_if, "master", "br0"])?;
+    sh(&["ip", "link", "set", &host_if, "up"])?;
+    c.net(&["ip", "link", "set", &peer, "name", "eth0"])?;
+    c.net(&["ip", "link", "set", "eth0", "address", &c.mac])?;
+    c.net(&["ip", "addr", "add", &format!("{}/24", c.ip), "dev", "eth0"])?;
+    c.net(&["ip", "link", "set", "eth0", "up"])?;
+    c.net(&["ip", "link", "set", "lo", "up"])
 }
 
 /// One broadcast datagram from each container, so that the bridge knows every MAC address
@@ -272,8 +300,8 @@ fn net_info(cts: &[Container], when: &str) {
 }
 
 /// Expected process count per container (index), fixed for the whole run.
-struct StaticProcs {
-    count: [u64; 3],
+pub(crate) struct StaticProcs {
+    pub(crate) count: [u64; 3],
 }
 
 fn start_static_processes(cts: &[Container]) -> Result<StaticProcs> {
@@ -287,7 +315,7 @@ fn start_static_processes(cts: &[Container]) -> Result<StaticProcs> {
 }
 
 /// Processes in a cgroup subtree, read from the cgroup files (the guest's own view).
-fn cgroup_procs(rel: &str) -> Result<Vec<u32>> {
+pub(crate) fn cgroup_procs(rel: &str) -> Result<Vec<u32>> {
     cgroups().subtree_procs(rel)
 }
 
@@ -358,7 +386,7 @@ fn verify_layout(report: &mut Report, cts: &[Container], sp: &StaticProcs) -> Re
     Ok(())
 }
 
-fn kill(pid: u32, sig: rustix::process::Signal) -> Result<()> {
+pub(crate) fn kill(pid: u32, sig: rustix::process::Signal) -> Result<()> {
     let p = rustix::process::Pid::from_raw(pid as i32).context("pid 0")?;
     rustix::process::kill_process(p, sig)?;
     Ok(())
@@ -773,7 +801,7 @@ fn near_opt(
     }
 }
 
-fn num(v: &Value, key: &str) -> Option<f64> {
+pub(crate) fn num(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
@@ -803,7 +831,7 @@ fn compact(cycle: &BTreeMap<String, Value>) -> String {
     serde_json::to_string(cycle).unwrap_or_default()
 }
 
-fn print_tail(path: &str) {
+pub(crate) fn print_tail(path: &str) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(40);
@@ -855,54 +883,77 @@ fn workloads(cts: &[Container], tag: &str) -> Result<Truth> {
         (1, 0, 5002, 400, 1200),
         (2, 0, 5003, 400, 64),
     ] {
-        let mut recv = cts[to]
-            .exec_cmd(
-                "",
-                "wait",
-                &[
-                    "/bin/vm-guest",
-                    "wl",
-                    "udp-recv",
-                    &port.to_string(),
-                    &count.to_string(),
-                ],
-            )
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the UDP receiver")?;
-        let stdout = recv.stdout.take().context("receiver stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(l)) if l.trim() == "READY" => {}
-            other => bail!("UDP receiver said {other:?}"),
-        }
-        let s = cts[from].run(
-            "",
-            &[
-                "/bin/vm-guest",
-                "wl",
-                "udp-send",
-                &cts[to].ip,
-                &port.to_string(),
-                &count.to_string(),
-                &size.to_string(),
-            ],
-        )?;
-        let sent = parse(&s, "SENT")?;
-        let got = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let _ = recv.wait();
-        let received = parse(&got, "RECEIVED")?;
-        if received != sent {
-            bail!(
-                "UDP {from}->{to}: {sent} datagrams sent, {received} received: ground truth unsure"
-            );
-        }
+        let sent = udp_transfer(&cts[from], &cts[to], port, count, size)?;
         let bytes = sent * (size + UDP_FRAME_OVERHEAD);
         d.tx[from] += bytes;
         d.rx[to] += bytes;
     }
     sh(&["sync"])?;
     Ok(d)
+}
+
+/// `count` UDP datagrams of `size` payload bytes from one container to a receiver in another,
+/// counted at both ends; returns how many were sent (all of them arrived).
+pub(crate) fn udp_transfer(
+    from: &Container,
+    to: &Container,
+    port: u16,
+    count: u64,
+    size: u64,
+) -> Result<u64> {
+    let parse = |out: &str, word: &str| -> Result<u64> {
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix(word)
+                    .and_then(|r| r.trim().split(' ').next()?.parse().ok())
+            })
+            .with_context(|| format!("no {word} in {out:?}"))
+    };
+    let mut recv = to
+        .exec_cmd(
+            "",
+            "wait",
+            &[
+                "/bin/vm-guest",
+                "wl",
+                "udp-recv",
+                &port.to_string(),
+                &count.to_string(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the UDP receiver")?;
+    let stdout = recv.stdout.take().context("receiver stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(l)) if l.trim() == "READY" => {}
+        other => bail!("UDP receiver said {other:?}"),
+    }
+    let s = from.run(
+        "",
+        &[
+            "/bin/vm-guest",
+            "wl",
+            "udp-send",
+            &to.ip,
+            &port.to_string(),
+            &count.to_string(),
+            &size.to_string(),
+        ],
+    )?;
+    let sent = parse(&s, "SENT")?;
+    let got = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    let _ = recv.wait();
+    let received = parse(&got, "RECEIVED")?;
+    if received != sent {
+        bail!(
+            "UDP {}->{}: {sent} datagrams sent, {received} received: ground truth unsure",
+            from.vmid,
+            to.vmid
+        );
+    }
+    Ok(sent)
 }
 
 fn write_config(collector: &str, format: &str, export: &str) -> Result<String> {
@@ -916,12 +967,12 @@ fn write_config(collector: &str, format: &str, export: &str) -> Result<String> {
     Ok(path)
 }
 
-struct Agent {
-    child: Child,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
 }
 
 impl Agent {
-    fn start(cfg: &str, errlog: &str, drop_bpf_caps: bool) -> Result<Self> {
+    pub(crate) fn start(cfg: &str, errlog: &str, drop_bpf_caps: bool) -> Result<Self> {
         let err = std::fs::File::create(errlog)?;
         let mut cmd = Command::new("/lxcmon");
         cmd.env("NO_COLOR", "1")
@@ -936,12 +987,12 @@ impl Agent {
         Ok(Self { child })
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM: the agent must flush and exit 0.
-    fn stop(&mut self, report: &mut Report, tag: &str) {
+    pub(crate) fn stop(&mut self, report: &mut Report, tag: &str) {
         if let Some(st) = self.exited() {
             report.check(
                 &format!("{tag}/agent-running"),
@@ -986,7 +1037,7 @@ impl Drop for Agent {
 }
 
 /// The records export as cycles (grouped by timestamp), each container id -> record.
-fn read_cycles(path: &str) -> Vec<BTreeMap<String, Value>> {
+pub(crate) fn read_cycles(path: &str) -> Vec<BTreeMap<String, Value>> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
@@ -1019,7 +1070,7 @@ fn count_cycles(path: &str) -> usize {
     read_cycles(path).len()
 }
 
-fn wait_cycles(
+pub(crate) fn wait_cycles(
     path: &str,
     min: usize,
     ids: &[String],
@@ -1398,7 +1449,7 @@ fn cap_eff(pid: u32) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-fn cpu_usage_usec(rel: &str) -> Result<u64> {
+pub(crate) fn cpu_usage_usec(rel: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("{CGROOT}/{rel}/cpu.stat"))?;
     text.lines()
         .find_map(|l| {

@@ -9,6 +9,7 @@
 
 mod agent;
 mod ct;
+mod scenario;
 mod wl;
 
 use anyhow::{bail, Context, Result};

@@ -61,6 +61,7 @@ pub fn main(args: &[String]) -> Result<()> {
         }
         ["mem", mib, ready] => mem(mib.parse()?, ready),
         ["spin"] => spin(),
+        ["burn", ms] => burn(ms.parse()?),
         _ => bail!("unknown workload {a:?}"),
     }
 }
@@ -157,6 +158,24 @@ fn mem(mib: usize, ready: &str) -> Result<()> {
         std::thread::sleep(Duration::from_secs(3600));
         std::hint::black_box(&v);
     }
+}
+
+/// Burns `ms` milliseconds of CPU time (the process's own clock), then exits: a known amount
+/// of `usage_usec` for the cgroup.
+fn burn(ms: u64) -> Result<()> {
+    let target = Duration::from_millis(ms);
+    let mut x: u64 = 0;
+    loop {
+        for _ in 0..100_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+        if Duration::new(t.tv_sec as u64, t.tv_nsec as u32) >= target {
+            break;
+        }
+    }
+    println!("BURNT {ms}");
+    Ok(())
 }
 
 fn spin() -> Result<()> {
