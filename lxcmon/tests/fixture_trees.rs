@@ -232,7 +232,7 @@ fn v1_io_counting_is_switched_on_for_non_excluded_disks_on_new_kernels() {
         let rules = t.path("sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
         let mut cfg = config(0.1, ExportFormat::Records);
         cfg.monitoring.enable_v1_io_accounting = enabled;
-        lxcmon::collect::Collector::new(&cfg, t.root()).unwrap();
+        lxcmon::daemon::Pipeline::new(&cfg, t.root()).unwrap();
         assert_eq!(
             std::fs::read_to_string(&rules).ok().as_deref(),
             expect,
@@ -253,7 +253,7 @@ fn v1_io_counting_keeps_an_existing_throttle_rule() {
         "sys/fs/cgroup/blkio/blkio.throttle.write_bps_device",
         "254:0 1048576\n",
     );
-    lxcmon::collect::Collector::new(&config(0.1, ExportFormat::Records), t.root()).unwrap();
+    lxcmon::daemon::Pipeline::new(&config(0.1, ExportFormat::Records), t.root()).unwrap();
     assert_eq!(
         std::fs::read_to_string(&rules).unwrap(),
         "254:0 1048576\n",
@@ -414,7 +414,7 @@ fn cpu_time_between_samples_shows_as_percent() {
     );
     let mut cfg = config(0.1, ExportFormat::Records);
     cfg.monitoring.parallel_processing = false;
-    let mut c = lxcmon::collect::Collector::new(&cfg, t.root()).unwrap();
+    let mut c = lxcmon::daemon::Pipeline::new(&cfg, t.root()).unwrap();
     assert!(
         c.cycle().unwrap().metrics.is_empty(),
         "first sample: baseline only"
@@ -437,7 +437,7 @@ fn malformed_file_fails_that_container_only() {
     t.file("sys/fs/cgroup/lxc/101/memory.current", "");
     let mut cfg = config(0.1, ExportFormat::Records);
     cfg.monitoring.retry_limit = 2;
-    let mut c = lxcmon::collect::Collector::new(&cfg, t.root()).unwrap();
+    let mut c = lxcmon::daemon::Pipeline::new(&cfg, t.root()).unwrap();
     c.cycle().unwrap();
     let cycle = c.cycle().unwrap();
     let ids: Vec<_> = cycle.metrics.iter().map(|m| m.id.as_str()).collect();

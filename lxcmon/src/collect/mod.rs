@@ -1,26 +1,26 @@
 //! Collection: every cycle, [`discovery`] finds the running containers, [`sample`] reads their
-//! raw counters through the readers, the BPF collector ([`bpf`], feature `ebpf`) supplies
-//! network and block I/O bytes counted in the kernel, and [`crate::derive`] turns the samples
-//! into the cycle's figures.
+//! raw counters through the readers, and the BPF collector ([`bpf`], feature `ebpf`) supplies
+//! network and block I/O bytes counted in the kernel. What a cycle collected ([`Collected`])
+//! goes on to [`crate::derive`]; nothing here looks further down the flow.
 
 #[cfg(feature = "ebpf")]
 pub mod bpf;
 pub mod discovery;
-mod host;
+pub mod host;
 pub mod sample;
 mod v1_io;
 
 #[cfg(not(feature = "ebpf"))]
 use crate::config::CollectorChoice;
 use crate::config::Config;
-use crate::derive::{Cycle, Deriver, Rebase};
 use crate::readers::cgroup::{Layout, LayoutError, Mode};
 use crate::readers::kfile::ReadError;
 use crate::readers::sysfs::DeviceFilter;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use discovery::Discovered;
 use discovery::{Discovery, DiscoveryError};
-use host::HostFiles;
-use sample::{Options, Sampler};
+use host::{HostFacts, HostFiles};
+use sample::{ContainerSample, Options, Sampler};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +76,29 @@ pub fn cleanup_bpf(extra: Option<&Path>) -> Result<Vec<std::path::PathBuf>, std:
     Ok(removed)
 }
 
+/// Everything one cycle collected, raw: the input of [`crate::derive`].
+#[derive(Debug)]
+pub struct Collected {
+    pub started: DateTime<Utc>,
+    /// Every container found running, sampled or not.
+    pub discovered: Vec<Discovered>,
+    pub samples: Vec<ContainerSample>,
+    pub host: HostFacts,
+    /// Containers that vanished or were not yet running at read time.
+    pub skipped: usize,
+    /// Containers left out after their retries failed.
+    pub failed: usize,
+    pub collector: &'static str,
+    /// Host-wide CPU busy percent over the last interval.
+    pub host_cpu_percent: f64,
+    pub agent_rss_bytes: u64,
+    /// Timestamps carry sub-second digits (intervals under a second).
+    pub subsecond: bool,
+}
+
 pub struct Collector {
     discovery: Discovery,
     sampler: Sampler,
-    deriver: Deriver,
     host: HostFiles,
     #[cfg(feature = "ebpf")]
     kernel: Option<bpf::counters::KernelCounters>,
@@ -151,11 +170,6 @@ impl Collector {
         Ok(Self {
             discovery: Discovery::new(root, &hierarchy),
             sampler: Sampler::new(root, layout, devices, sample_options(cfg, files)),
-            deriver: {
-                let mut d = Deriver::default();
-                d.set_network(m.enable_network);
-                d
-            },
             host: HostFiles::open(root)?,
             #[cfg(feature = "ebpf")]
             kernel,
@@ -165,21 +179,15 @@ impl Collector {
     }
 
     /// Applies a reloaded configuration for the next cycle, keeping what must survive: each
-    /// container instance's state (CPU baselines, the bytes of interfaces that have gone, the
-    /// reported counters), discovery, the BPF programs and their counts. The collector choice
-    /// itself takes effect on restart.
+    /// container instance's files and state (the bytes of interfaces that have gone),
+    /// discovery, the BPF programs and their counts. The collector choice itself takes effect
+    /// on restart.
     pub fn reconfigure(&mut self, old: &Config, new: &Config) {
         let m = &new.monitoring;
         self.sampler.reconfigure(
             DeviceFilter::new(&self.root, &m.excluded_devices),
             sample_options(new, self.files_supply()),
         );
-        // Sums over other devices or none: the next values are new bases, not growth.
-        self.deriver.rebase(Rebase {
-            io: old.monitoring.excluded_devices != m.excluded_devices,
-            net: old.monitoring.enable_network != m.enable_network,
-        });
-        self.deriver.set_network(m.enable_network);
         self.subsecond = m.check_interval < std::time::Duration::from_secs(1);
         #[cfg(feature = "ebpf")]
         if let Some(kernel) = &mut self.kernel {
@@ -209,9 +217,8 @@ impl Collector {
         "files"
     }
 
-    /// Runs one cycle. Containers seen for the first time set their baseline and are exported
-    /// from the next cycle on.
-    pub fn cycle(&mut self) -> Result<Cycle, CollectError> {
+    /// Collects one cycle: discovery, the host's figures and every container's raw counters.
+    pub fn collect(&mut self) -> Result<Collected, CollectError> {
         let started = Utc::now();
         let discovered = self.discovery.scan()?;
         let host = self.host.facts()?;
@@ -232,22 +239,13 @@ impl Collector {
                 }
             }
         }
-        let metrics = self.deriver.derive(&sampled.containers, &discovered, host);
-        let ended = Utc::now();
-        tracing::debug!(
-            duration_us = (ended - started).num_microseconds().unwrap_or(0),
-            found = discovered.len(),
-            exported = metrics.len(),
-            skipped = sampled.skipped,
-            failed = sampled.failed,
-            "cycle"
-        );
-        Ok(Cycle {
+        Ok(Collected {
             started,
-            ended,
-            metrics,
-            total_containers: discovered.len(),
-            failed_containers: sampled.failed,
+            discovered,
+            samples: sampled.containers,
+            host,
+            skipped: sampled.skipped,
+            failed: sampled.failed,
             collector: self.collector_name(),
             host_cpu_percent: self.host.cpu_percent(),
             agent_rss_bytes: self.host.rss(),

@@ -5,7 +5,6 @@
 //! take priority over the ticker; systemd hears readiness after the first cycle and watchdog
 //! pings from the loop between cycles.
 
-use crate::collect::Collector;
 use crate::config::Config;
 use crate::export::prometheus::Exposition;
 use crate::export::{self, Exporter};
@@ -20,7 +19,10 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use writer::{ExportWriter, WriterMsg};
 
+mod pipeline;
 mod writer;
+
+pub use pipeline::Pipeline;
 
 /// Gap between the two samples of `--once`, and before the daemon's first export.
 pub fn first_gap(cfg: &Config) -> Duration {
@@ -29,7 +31,7 @@ pub fn first_gap(cfg: &Config) -> Duration {
 
 /// One cycle with a CPU delta, as the export document of the configured format.
 pub fn once(cfg: &Config, root: &Path) -> Result<Vec<u8>> {
-    let mut collector = Collector::once(cfg, root).context("starting the collector")?;
+    let mut collector = Pipeline::once(cfg, root).context("starting the collector")?;
     collector.cycle().context("first sample")?;
     std::thread::sleep(first_gap(cfg));
     let cycle = collector.cycle().context("second sample")?;
@@ -124,7 +126,7 @@ impl Startup {
             tracing::info!("{sig} during start-up: stopping");
             return Ok(());
         }
-        let collector = Collector::new(&cfg, root).context("starting the collector")?;
+        let collector = Pipeline::new(&cfg, root).context("starting the collector")?;
         if let Some(sig) = self.stop_requested() {
             tracing::info!("{sig} during start-up: stopping");
             return Ok(());
@@ -183,7 +185,7 @@ struct Daemon {
 impl Daemon {
     async fn run_loop(
         &mut self,
-        mut collector: Collector,
+        mut collector: Pipeline,
         signals: &mut Signals,
         mut reloaded: mpsc::UnboundedReceiver<Result<Config>>,
     ) -> Result<()> {
@@ -265,7 +267,7 @@ impl Daemon {
     }
 
     /// Runs one cycle off the runtime thread; a failed cycle is logged and counted.
-    async fn cycle(&self, mut collector: Collector) -> Result<Collector> {
+    async fn cycle(&self, mut collector: Pipeline) -> Result<Pipeline> {
         let (collector, cycle) = tokio::task::spawn_blocking(move || {
             let cycle = collector.cycle();
             (collector, cycle)
@@ -309,7 +311,7 @@ impl Daemon {
 
     /// Applies a reloaded configuration. An invalid one is rejected with its reason and the
     /// old one stays in force. Returns whether the interval changed.
-    fn reload(&mut self, new: Result<Config>, collector: &mut Collector) -> bool {
+    fn reload(&mut self, new: Result<Config>, collector: &mut Pipeline) -> bool {
         let new = match new {
             Ok(c) => c,
             Err(e) => {

@@ -8,7 +8,10 @@
 //! the file readers and the BPF programs): [`Deriver`] enforces it.
 
 use crate::collect::discovery::Discovered;
+use crate::collect::host::HostFacts;
 use crate::collect::sample::{ContainerSample, CounterSource, FsUsage};
+use crate::collect::Collected;
+use crate::config::Config;
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -57,14 +60,6 @@ pub struct Cycle {
     pub agent_rss_bytes: u64,
     /// Timestamps carry sub-second digits (intervals under a second).
     pub subsecond: bool,
-}
-
-/// Host facts the derivation needs each cycle.
-#[derive(Debug, Clone, Copy)]
-pub struct HostFacts {
-    pub online_cpus: u32,
-    pub mem_total: u64,
-    pub swap_total: u64,
 }
 
 /// The cumulative counters kept monotonic, in [`Counters`] order.
@@ -215,6 +210,34 @@ impl Deriver {
         self.previous
             .retain(|id, p| live.contains(&(id.as_str(), p.instance)));
         out
+    }
+
+    /// The cycle's figures from what was collected: containers seen for the first time set
+    /// their baseline and are exported from the next cycle on.
+    pub fn cycle(&mut self, c: Collected) -> Cycle {
+        let metrics = self.derive(&c.samples, &c.discovered, c.host);
+        Cycle {
+            started: c.started,
+            ended: Utc::now(),
+            metrics,
+            total_containers: c.discovered.len(),
+            failed_containers: c.failed,
+            collector: c.collector,
+            host_cpu_percent: c.host_cpu_percent,
+            agent_rss_bytes: c.agent_rss_bytes,
+            subsecond: c.subsecond,
+        }
+    }
+
+    /// A reloaded configuration: sums over other devices or interfaces make the next values new
+    /// bases, not growth; `enable_network` switches the network figures.
+    pub fn reconfigure(&mut self, old: &Config, new: &Config) {
+        let (o, n) = (&old.monitoring, &new.monitoring);
+        self.rebase(Rebase {
+            io: o.excluded_devices != n.excluded_devices,
+            net: o.enable_network != n.enable_network,
+        });
+        self.set_network(n.enable_network);
     }
 
     pub fn set_network(&mut self, enabled: bool) {

@@ -178,7 +178,7 @@ impl Agent {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info,lxcmon::collect=debug")
+            .env("RUST_LOG", "info,lxcmon::daemon::pipeline=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(dir.join("stderr.log")).context("agent stderr file")?)
