@@ -183,11 +183,7 @@ fn failed_write_keeps_the_old_file_and_history() {
 #[test]
 fn rewrite_keeps_mode_owner_and_group() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.json");
-    let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
-    e.push(&cycle(0, &["a"]));
-    e.write().unwrap();
+    let (_dir, path, mut e) = one_cycle_written();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
     // Group 4 (adm on Debian) when we may change it, else our own group: either way the
     // test sees whether the rewrite kept what was there.
@@ -371,11 +367,7 @@ fn a_foreign_layout_is_continued_from_its_own_bytes() {
 
 #[test]
 fn a_file_truncated_in_place_restarts_the_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.json");
-    let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
-    e.push(&cycle(0, &["a"]));
-    e.write().unwrap();
+    let (_dir, path, mut e) = one_cycle_written();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -397,4 +389,14 @@ fn document_of_one_cycle() {
     let empty: serde_json::Value =
         serde_json::from_slice(&document(ExportFormat::AutoscaleMl, &cycle(0, &[]))).unwrap();
     assert_eq!(empty, serde_json::json!([]));
+}
+
+/// A records export in a temporary directory with one cycle written.
+fn one_cycle_written() -> (tempfile::TempDir, PathBuf, Exporter) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.json");
+    let mut e = Exporter::open(&path, ExportFormat::Records, 10).unwrap();
+    e.push(&cycle(0, &["a"]));
+    e.write().unwrap();
+    (dir, path, e)
 }
