@@ -4,12 +4,14 @@
 #![cfg(feature = "ebpf")]
 
 use anyhow::{ensure, Context, Result};
-use lxcmon_testkit::agent::{run_once, AgentConfig};
+use lxcmon_testkit::agent::{run_once, AgentConfig, Daemon};
 use lxcmon_testkit::contract::{check_records, get_str, get_u64};
+use lxcmon_testkit::proc::poll;
 use lxcmon_testkit::{Container, ContainerSpec, Lab};
 use serde_json::{Map, Value};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -37,6 +39,45 @@ fn once(dir: &Path, collector: &str) -> Result<Vec<Map<String, Value>>> {
         );
     }
     Ok(records)
+}
+
+/// The records of the newest cycle of a running daemon's `records` export that started after
+/// this call, so it holds everything done before it; checks the collector the daemon runs.
+fn latest(cfg: &AgentConfig) -> Result<Vec<Map<String, Value>>> {
+    let since = chrono::Utc::now();
+    let stamp = |r: &Value| {
+        r.get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let newest = poll(Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(cfg.export_file()).unwrap_or_default();
+        let Ok(Value::Array(all)) = serde_json::from_str::<Value>(&text) else {
+            return Ok(None);
+        };
+        let Some(last) = all.iter().filter_map(stamp).max() else {
+            return Ok(None);
+        };
+        if last <= since {
+            return Ok(None);
+        }
+        Ok(Some(
+            all.iter()
+                .filter(|r| stamp(r) == Some(last))
+                .filter_map(|r| r.as_object().cloned())
+                .collect::<Vec<_>>(),
+        ))
+    })?
+    .context("no new cycle in the daemon's export within 15 s")?;
+    for r in &newest {
+        let got = get_str(r, "collector", "record")?;
+        ensure!(
+            got == cfg.collector,
+            "asked for {}, ran {got}",
+            cfg.collector
+        );
+    }
+    Ok(newest)
 }
 
 fn field(records: &[Map<String, Value>], c: &Container, key: &str) -> Result<u64> {
@@ -91,11 +132,26 @@ fn both_collectors_match_ground_truth_and_each_other() -> Result<()> {
     let a = lab.container("cmp-a", &ContainerSpec::default())?;
     let b = lab.container("cmp-b", &ContainerSpec::default())?;
 
-    // Warm-up: switches v1 I/O counting on and attaches the programs (seeded from files).
+    // The file readers through `--once` (their counters are the kernel's own, whoever reads
+    // them); the BPF programs as users run them: in a daemon, counting while the workloads run
+    // (a `--once` run holds its programs only while it runs).
     once(dir.path(), "files")?;
-    once(dir.path(), "ebpf")?;
+    let daemon_dir = dir.path().join("ebpf-daemon");
+    std::fs::create_dir_all(&daemon_dir)?;
+    let mut daemon_cfg = AgentConfig::new(&daemon_dir, "records");
+    daemon_cfg.collector = "ebpf".into();
+    daemon_cfg.check_interval = 0.5;
+    let daemon = Daemon::start(bin(), &daemon_cfg)?;
+    // Its first cycle only sets each container's baseline: wait for one that exports `a`.
+    poll(Duration::from_secs(15), || {
+        Ok(latest(&daemon_cfg)?
+            .iter()
+            .any(|r| r.get("container_id").and_then(Value::as_str) == Some(a.name.as_str()))
+            .then_some(()))
+    })?
+    .context("the ebpf daemon never exported the container")?;
     let files0 = once(dir.path(), "files")?;
-    let ebpf0 = once(dir.path(), "ebpf")?;
+    let ebpf0 = latest(&daemon_cfg)?;
 
     let written = a.dd_write_direct("/direct", 32)?;
     let read = a.dd_read_direct("/direct")?;
@@ -105,7 +161,7 @@ fn both_collectors_match_ground_truth_and_each_other() -> Result<()> {
     a.sh("nc -l -p 7000 >/dev/null & sleep 0.3; dd if=/dev/zero bs=1M count=8 2>/dev/null | nc 127.0.0.1 7000; wait")?;
 
     let files1 = once(dir.path(), "files")?;
-    let ebpf1 = once(dir.path(), "ebpf")?;
+    let ebpf1 = latest(&daemon_cfg)?;
     let f = deltas(&files0, &files1, &a)?;
     let e = deltas(&ebpf0, &ebpf1, &a)?;
 
@@ -148,15 +204,17 @@ fn both_collectors_match_ground_truth_and_each_other() -> Result<()> {
     // Buffered writes flushed later by the kernel: BPF charges them to the container when the
     // pages are dirtied. (On cgroup v1 the kernel charges writeback to the root, so the file
     // readers cannot see them; on v2 they can: the VM tests cover that.)
-    let e2 = once(dir.path(), "ebpf")?;
+    let e2 = latest(&daemon_cfg)?;
     a.sh("dd if=/dev/zero of=/buffered bs=1M count=32 2>/dev/null; sync")?;
-    let e3 = once(dir.path(), "ebpf")?;
+    let e3 = latest(&daemon_cfg)?;
     near(
         "ebpf buffered io_write_bytes",
         deltas(&e2, &e3, &a)?.io_write,
         32 * MIB,
         0.05,
     )?;
+    let out = daemon.terminate(Duration::from_secs(10))?;
+    ensure!(out.status.success(), "the ebpf daemon: {}", out.stderr);
     Ok(())
 }
 
