@@ -55,6 +55,7 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
         total_containers: containers,
         failed_containers: 0,
         collector: "files",
+        bpf_fallback: Default::default(),
         host_cpu_percent: 12.5,
         agent_rss_bytes: 9 << 20,
         subsecond: false,

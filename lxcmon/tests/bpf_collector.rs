@@ -894,6 +894,11 @@ fn a_container_that_cannot_be_tracked_runs_on_files_the_others_stay_on_bpf() {
         vec!["deep"],
         "the sampler reads it from files"
     );
+    assert_eq!(
+        k.failures(),
+        1,
+        "one tracking failure counted (errors_total)"
+    );
 
     // Next cycles: the files count on for `deep`; `ok` stays on BPF.
     for (cycle, deep_bytes) in [(2u64, 3000u64), (3, 3500)] {
@@ -911,6 +916,7 @@ fn a_container_that_cannot_be_tracked_runs_on_files_the_others_stay_on_bpf() {
         assert_eq!(d.net_source, CounterSource::Files, "cycle {cycle}");
         assert_eq!(d.net_rx, deep_bytes, "cycle {cycle}");
     }
+    assert_eq!(k.failures(), 1, "not tried again until its sample is fresh");
 }
 
 /// `enable_network: false` attaches no network program to a tracked container (its block I/O

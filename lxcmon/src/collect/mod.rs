@@ -89,11 +89,22 @@ pub struct Collected {
     /// Containers left out after their retries failed.
     pub failed: usize,
     pub collector: &'static str,
+    /// The BPF collector's own view: containers it cannot count, read from files instead, and
+    /// its per-container tracking failures since start (both 0 without it).
+    pub bpf_fallback: BpfFallback,
     /// Host-wide CPU busy percent over the last interval.
     pub host_cpu_percent: f64,
     pub agent_rss_bytes: u64,
     /// Timestamps carry sub-second digits (intervals under a second).
     pub subsecond: bool,
+}
+
+/// Containers the BPF programs cannot count (each runs on the file readers alone), now and
+/// since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BpfFallback {
+    pub containers: usize,
+    pub failures_total: u64,
 }
 
 pub struct Collector {
@@ -208,6 +219,17 @@ impl Collector {
         files
     }
 
+    fn bpf_fallback(&self) -> BpfFallback {
+        #[cfg(feature = "ebpf")]
+        if let Some(k) = &self.kernel {
+            return BpfFallback {
+                containers: k.untracked().len(),
+                failures_total: k.failures(),
+            };
+        }
+        BpfFallback::default()
+    }
+
     /// `ebpf` when network and I/O bytes come from the BPF programs, `files` otherwise.
     pub fn collector_name(&self) -> &'static str {
         #[cfg(feature = "ebpf")]
@@ -247,6 +269,7 @@ impl Collector {
             skipped: sampled.skipped,
             failed: sampled.failed,
             collector: self.collector_name(),
+            bpf_fallback: self.bpf_fallback(),
             host_cpu_percent: self.host.cpu_percent(),
             agent_rss_bytes: self.host.rss(),
             subsecond: self.subsecond,

@@ -10,7 +10,7 @@
 use crate::collect::discovery::Discovered;
 use crate::collect::host::HostFacts;
 use crate::collect::sample::{ContainerSample, CounterSource, FsUsage};
-use crate::collect::Collected;
+use crate::collect::{BpfFallback, Collected};
 use crate::config::Config;
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
@@ -55,6 +55,8 @@ pub struct Cycle {
     /// Containers left out after their retries failed.
     pub failed_containers: usize,
     pub collector: &'static str,
+    /// Containers the BPF programs cannot count, and their tracking failures since start.
+    pub bpf_fallback: BpfFallback,
     /// Host-wide CPU busy percent over the last interval.
     pub host_cpu_percent: f64,
     pub agent_rss_bytes: u64,
@@ -223,6 +225,7 @@ impl Deriver {
             total_containers: c.discovered.len(),
             failed_containers: c.failed,
             collector: c.collector,
+            bpf_fallback: c.bpf_fallback,
             host_cpu_percent: c.host_cpu_percent,
             agent_rss_bytes: c.agent_rss_bytes,
             subsecond: c.subsecond,

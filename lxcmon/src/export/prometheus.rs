@@ -334,17 +334,26 @@ fn render(cycle: Option<&Cycle>, collector: &str, stats: &Exposition, openmetric
         Kind::Counter,
         "Errors by kind since start.",
     );
-    for (kind, counter) in [
-        ("container", &stats.container_errors),
-        ("cycle", &stats.cycle_errors),
-        ("bpf", &stats.bpf_errors),
+    let fallback = cycle.map(|c| c.bpf_fallback).unwrap_or_default();
+    for (kind, count) in [
+        ("container", stats.container_errors.load(Ordering::Relaxed)),
+        ("cycle", stats.cycle_errors.load(Ordering::Relaxed)),
+        ("bpf", stats.bpf_errors.load(Ordering::Relaxed)),
+        // A container the BPF programs could not count (it runs on the file readers).
+        ("bpf_container", fallback.failures_total),
     ] {
-        w.sample(
-            "lxcmon_errors_total",
-            &[("kind", kind)],
-            counter.load(Ordering::Relaxed) as f64,
-        );
+        w.sample("lxcmon_errors_total", &[("kind", kind)], count as f64);
     }
+    w.family(
+        "lxcmon_bpf_fallback_containers",
+        Kind::Gauge,
+        "Containers the BPF programs cannot count: their network and I/O bytes come from the file readers.",
+    );
+    w.sample(
+        "lxcmon_bpf_fallback_containers",
+        &[],
+        fallback.containers as f64,
+    );
     for (name, help, counter) in [
         (
             "lxcmon_export_write_failures_total",
@@ -544,5 +553,28 @@ mod tests {
             "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
         ))));
         assert!(!wants_openmetrics(None));
+    }
+
+    #[test]
+    fn containers_the_bpf_programs_cannot_count_are_shown() {
+        let shared = Exposition::new("ebpf", Duration::from_millis(10));
+        let prom = shared.render(false);
+        assert!(prom.contains("lxcmon_errors_total{kind=\"bpf_container\"} 0\n"));
+        assert!(prom.contains("lxcmon_bpf_fallback_containers 0\n"));
+        let mut c = cycle(0, &["a", "b"]);
+        c.bpf_fallback = crate::collect::BpfFallback {
+            containers: 1,
+            failures_total: 3,
+        };
+        shared.publish(Arc::new(c));
+        let prom = shared.render(false);
+        assert!(
+            prom.contains("lxcmon_errors_total{kind=\"bpf_container\"} 3\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("lxcmon_bpf_fallback_containers 1\n"),
+            "{prom}"
+        );
     }
 }

@@ -47,6 +47,7 @@ pub fn cycle(secs: i64, ids: &[&str]) -> Cycle {
         total_containers: ids.len() + 1,
         failed_containers: 0,
         collector: "files",
+        bpf_fallback: Default::default(),
         host_cpu_percent: 3.5,
         agent_rss_bytes: 8 * 1024 * 1024,
         subsecond: false,

@@ -46,6 +46,8 @@ pub struct KernelCounters {
     ids: HashMap<String, u64>,
     /// Containers the kernel side cannot count (warned once): the file readers count them.
     untracked: HashSet<String>,
+    /// Per-container tracking failures since start (each try: a new or restarted container).
+    failures: u64,
     /// `enable_network`: when false network bytes stay 0, as with the file readers.
     network: bool,
 }
@@ -179,6 +181,7 @@ impl KernelCounters {
             unified,
             ids: HashMap::new(),
             untracked: HashSet::new(),
+            failures: 0,
             network,
         }
     }
@@ -191,6 +194,11 @@ impl KernelCounters {
     /// Containers whose network and I/O bytes the file readers count every cycle.
     pub fn untracked(&self) -> &HashSet<String> {
         &self.untracked
+    }
+
+    /// Per-container tracking failures since start.
+    pub fn failures(&self) -> u64 {
+        self.failures
     }
 
     pub fn reconfigure(&mut self, m: &MonitoringConfig) {
@@ -243,6 +251,7 @@ impl KernelCounters {
                     dropped.insert(s.id.clone());
                 }
                 Err(e) if e.is_per_container() => {
+                    self.failures += 1;
                     self.ids.remove(&s.id);
                     if self.untracked.insert(s.id.clone()) {
                         tracing::warn!(container = %s.id, error = %Chain(&e), "the BPF programs cannot count this container: its network and I/O bytes come from the file readers");
