@@ -1072,7 +1072,7 @@ impl Scenario<'_> {
         let id = VMID.to_string();
         let mut premise = Cat::default();
         let logged = agent_cycles(&self.errlog);
-        let (mut landed, mut room) = (false, false);
+        let mut landed = false;
         for (k, r) in self.restarts.iter().enumerate() {
             premise.cycles += 1;
             let Some(up) = r.populated else {
@@ -1092,10 +1092,11 @@ impl Scenario<'_> {
                 if r.planned { "right after" } else { "at a deadline, not right after" },
             ));
             landed |= ok && r.exposing;
-            room |= r.planned;
         }
         if !landed {
-            if room || self.interval >= 1.0 {
+            // Under TCG on a busy host a sub-second interval may leave the restart no room
+            // even where a gap was planned; the premise is held strictly in the run at 1 s.
+            if self.interval >= 1.0 {
                 premise.bad(
                     "-",
                     "a restart with no cycle overlapping the time 104 was gone",
@@ -1150,8 +1151,9 @@ impl Scenario<'_> {
         let mut cpu = Cat::default();
         // The bounds below hold the poll's granularity; the slack is for a vCPU preempted
         // by the host between the agent's clock read and its cpu.stat read (TCG on a loaded
-        // host), which shifts its figure by that time: up to 20 ms.
-        let tol = 2.0 + 2.0 / self.interval.max(0.1);
+        // host), which shifts its figure by that time: up to 40 ms (26 ms seen with a soak
+        // running beside the matrix).
+        let tol = 2.0 + 4.0 / self.interval.max(0.1);
         // Reads of one instance, in time order (polls between a kill and the new mkdir
         // left out: they may have read either cgroup).
         let of = |inst: usize| -> Vec<&Poll> {
