@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 /// One plain-LXC container `name` on a hybrid (v1) tree, init `pid` with `net_dev` as its view.
@@ -75,17 +74,7 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Running(
-            agent(&[
-                "--config",
-                cfg.to_str().unwrap(),
-                "--root",
-                t.root().to_str().unwrap(),
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        );
+        let child = daemon_on(&cfg, t.root());
         Self {
             child,
             export,

@@ -501,17 +501,7 @@ fn daemon_exports_cycles_follows_churn_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     let read = || -> Vec<Value> {
         std::fs::read(&export)
             .ok()
@@ -578,17 +568,7 @@ fn log_file_rotates_by_size_and_keeps_backup_count() {
         ),
     )
     .unwrap();
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     let rotated = |n: u32| dir.path().join(format!("agent.log.{n}"));
     for _ in 0..100 {
         if rotated(2).exists() {

@@ -120,17 +120,7 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
         dir.path(),
         &format!("  prometheus_listen: 127.0.0.1:{port}\n"),
     );
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     wait_until("a scrape with container figures", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
             && get(port, "/metrics", None)
@@ -218,17 +208,7 @@ fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
     let cfg = dir.path().join("cfg.yaml");
     write_config(&cfg, dir.path(), "  max_metrics_entries: 50\n");
     let export = dir.path().join("metrics.json");
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     let records = || -> Vec<Value> {
         std::fs::read(&export)
             .ok()
@@ -835,17 +815,7 @@ fn idle_connections_are_bounded_and_timed_out() {
         &format!("  prometheus_listen: 127.0.0.1:{port}\n"),
     );
     let export = dir.path().join("metrics.json");
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     wait_until("/metrics answering", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
             && get(port, "/metrics", None).0.contains("200")
@@ -927,17 +897,7 @@ fn export_interval_writes_the_cycles_together_and_loses_none() {
     let cfg = dir.path().join("cfg.yaml");
     write_config(&cfg, dir.path(), "  export_interval: 1\n");
     let export = dir.path().join("metrics.json");
-    let mut child = Running(
-        agent(&[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--root",
-            t.root().to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut child = daemon_on(&cfg, t.root());
     wait_until("a first export", || export.exists());
     // Watch the file for 3.5 s: every rewrite is a new file (a freed inode number can come
     // back, so the inode and its change time together tell one rewrite from the next).

@@ -146,6 +146,21 @@ pub fn agent(args: &[&str]) -> Command {
     cmd
 }
 
+/// The daemon on config `cfg` reading the fixture tree at `root`, its stderr dropped.
+pub fn daemon_on(cfg: &Path, root: &Path) -> Running {
+    Running(
+        agent(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    )
+}
+
 /// A spawned agent that is killed if the test fails before stopping it.
 pub struct Running(pub std::process::Child);
 
