@@ -25,7 +25,7 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     crate::lxc::ensure_lxc_test_deps()?;
     // The agent is built with its BPF programs, as `cargo xtask test` builds it.
     crate::ebpf::build(&crate::ebpf::BuildArgs { debug: false })?;
-    deps::exec(
+    let result = deps::exec(
         deps::cargo_test(
             "lxcmon",
             true,
@@ -43,5 +43,15 @@ pub fn run(args: &SoakArgs) -> Result<()> {
         // A lab site of its own (lock, names, bridge, pin directory): the suite can run meanwhile.
         .env("LXCMON_LAB_SITE", "soak")
         .env("LXCMON_TEST_COLLECTOR", &args.collector),
-    )
+    );
+    // The soak's daemon pinned its counters in the soak site's own directory; its containers
+    // are gone, so nothing of it stays attached once the pins are removed.
+    if let Some(dir) = std::path::Path::new(lxcmon_testkit::lab::SOAK.pin_dir).parent() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("xtask soak: removing {}: {e}", dir.display());
+            }
+        }
+    }
+    result
 }
