@@ -359,9 +359,18 @@ fn install_checks(root: &Path, deb: &Path) -> Result<()> {
          collector: {}\n{log}",
         out.status
     );
+    // `--once` holds its programs only while it runs: it leaves no pin directory behind.
+    let left: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("lxcmon-once-"))
+                .collect()
+        })
+        .unwrap_or_default();
     ensure!(
-        exists(PIN_ROOT),
-        "{PIN_ROOT} missing after a BPF run of the installed agent"
+        left.is_empty(),
+        "--once of the installed agent left BPF pins: {left:?}"
     );
     daemon_checks(&dir, &caps)
 }
