@@ -30,22 +30,56 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// A plain HTTP/1.1 GET over loopback; returns (status line, headers, body).
-fn get(port: u16, path: &str, accept: Option<&str>) -> (String, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+fn try_get(
+    port: u16,
+    path: &str,
+    accept: Option<&str>,
+) -> std::io::Result<(String, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let accept = accept
         .map(|a| format!("Accept: {a}\r\n"))
         .unwrap_or_default();
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_string(), headers.to_lowercase(), body.to_string())
+    Ok((status.to_string(), headers.to_lowercase(), body.to_string()))
+}
+
+/// Whether the agent still runs and the end of its log and stderr: what a failed scrape needs
+/// to say (it is either a server bug or an agent that died).
+fn agent_state(agent: &Running, log: &Path) -> String {
+    let alive = Path::new(&format!("/proc/{}/status", agent.id())).exists();
+    let text = std::fs::read_to_string(log).unwrap_or_default()
+        + &std::fs::read_to_string(log.with_extension("stderr")).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(30).collect();
+    tail.reverse();
+    format!(
+        "agent process alive: {alive}; its log ends:\n{}",
+        tail.join("\n")
+    )
+}
+
+/// [`try_get`] that fails the test with [`agent_state`].
+fn get_from(
+    agent: &Running,
+    log: &Path,
+    port: u16,
+    path: &str,
+    accept: Option<&str>,
+) -> (String, String, String) {
+    try_get(port, path, accept)
+        .unwrap_or_else(|e| panic!("GET {path}: {e}; {}", agent_state(agent, log)))
+}
+
+/// A GET that fails the test on any I/O error.
+fn get(port: u16, path: &str, accept: Option<&str>) -> (String, String, String) {
+    try_get(port, path, accept).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 fn free_port() -> u16 {
@@ -120,15 +154,27 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
         dir.path(),
         &format!("  prometheus_listen: 127.0.0.1:{port}\n"),
     );
-    let mut child = daemon_on(&cfg, t.root());
+    let log = dir.path().join("agent.log");
+    let mut child = Running(
+        agent(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--root",
+            t.root().to_str().unwrap(),
+        ])
+        .stderr(std::fs::File::create(log.with_extension("stderr")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let get = |path: &str, accept: Option<&str>| get_from(&child, &log, port, path, accept);
     wait_until("a scrape with container figures", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && get(port, "/metrics", None)
+            && get("/metrics", None)
                 .2
                 .contains("lxcmon_container_memory_bytes{")
     });
 
-    let (status, headers, body) = get(port, "/metrics", None);
+    let (status, headers, body) = get("/metrics", None);
     assert!(status.contains("200"), "{status}");
     assert!(
         headers.contains("content-type: text/plain; version=0.0.4"),
@@ -166,7 +212,6 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
         .any(|(n, _, v)| n == "lxcmon_containers_running" && *v == 3.0));
 
     let (_, headers, body) = get(
-        port,
         "/metrics",
         Some("application/openmetrics-text; version=1.0.0"),
     );
@@ -184,19 +229,31 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
         "db \"primary\" \\ eu"
     );
 
-    let (status, _, body) = get(port, "/healthz", None);
+    let (status, _, body) = get("/healthz", None);
     assert!(status.contains("200") && body == "ok\n", "{status} {body}");
-    assert!(get(port, "/nope", None).0.contains("404"));
+    assert!(get("/nope", None).0.contains("404"));
 
     // Concurrent scrapes while the loop runs at 0.1 s.
     let handles: Vec<_> = (0..8)
         .map(|_| {
             std::thread::spawn(move || {
-                (0..5).all(|_| get(port, "/metrics", None).0.contains("200"))
+                (0..5)
+                    .map(|_| try_get(port, "/metrics", None).map(|r| r.0))
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    assert!(handles.into_iter().all(|h| h.join().unwrap()));
+    for h in handles {
+        for r in h.join().unwrap() {
+            match r {
+                Ok(status) => assert!(status.contains("200"), "{status}"),
+                Err(e) => panic!(
+                    "concurrent GET /metrics: {e}; {}",
+                    agent_state(&child, &log)
+                ),
+            }
+        }
+    }
     signal(&child, rustix::process::Signal::TERM);
     assert!(child.wait().unwrap().success());
 }
