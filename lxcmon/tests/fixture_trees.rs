@@ -404,6 +404,33 @@ fn plain_lxc_on_hybrid_v1() {
     assert_eq!(db["memory_usage"], 80.0);
 }
 
+/// On a hybrid host the processes are read from the container's cgroup in the unified tree
+/// (its `cgroup.procs` is not cached, so it stays open); v1 only where that cgroup is missing.
+#[test]
+fn hybrid_host_counts_processes_in_the_unified_tree() {
+    let t = plain_lxc_hybrid();
+    t.file(
+        "sys/fs/cgroup/unified/lxc.payload.web/cgroup.procs",
+        "3001\n",
+    );
+    t.file(
+        "sys/fs/cgroup/unified/lxc.payload.web/init.scope/cgroup.procs",
+        "3002\n3003\n3005\n",
+    );
+    t.process(3005, "3005\t4", None);
+    let records = once(&t, ExportFormat::Records);
+    assert_eq!(
+        by_id(&records, "web")["process_count"],
+        4,
+        "unified subtree"
+    );
+    assert_eq!(
+        by_id(&records, "db")["process_count"],
+        3,
+        "v1: no unified cgroup"
+    );
+}
+
 #[test]
 fn cpu_time_between_samples_shows_as_percent() {
     let t = plain_lxc_hybrid();

@@ -13,7 +13,8 @@ const UNLIMITED: u64 = 1 << 62;
 
 /// Files held open across cycles; each line says why a held descriptor stays current (all
 /// checked on this host by holding the file, changing the cgroup, and reading at offset 0).
-/// `cgroup.procs` is the exception: see [`PidList::Reopen`].
+/// `cgroup.procs` is the exception: read from the unified tree where the container has a
+/// cgroup there (hybrid hosts), re-opened for each read otherwise (see [`PidList::Reopen`]).
 #[derive(Debug)]
 pub struct Reader {
     shared: SharedFiles,
@@ -58,10 +59,24 @@ impl Reader {
         };
         let cpuacct = dir("cpuacct")
             .ok_or_else(|| ReadError::parse(rel, "the cpuacct controller is not mounted"))?;
-        let procs_dir = ["pids", "memory", "cpuacct"]
-            .iter()
-            .find_map(|c| dir(c))
-            .unwrap_or_else(|| cpuacct.clone());
+        // The processes: on a hybrid host from the container's cgroup in the unified tree,
+        // whose `cgroup.procs` is generated afresh by each read and so can stay open (LXC puts
+        // a container in every hierarchy); elsewhere from v1, re-opened at every read.
+        let unified = layout
+            .unified
+            .as_ref()
+            .map(|u| u.join(rel))
+            .filter(|d| d.join("cgroup.procs").exists());
+        let pid_list = match unified {
+            Some(d) => (d, PidList::Held),
+            None => (
+                ["pids", "memory", "cpuacct"]
+                    .iter()
+                    .find_map(|c| dir(c))
+                    .unwrap_or_else(|| cpuacct.clone()),
+                PidList::Reopen,
+            ),
+        };
         let cpuset = match opt("cpuset", "cpuset.effective_cpus")? {
             Some(f) => Some(f),
             None => opt("cpuset", "cpuset.cpus")?,
@@ -81,7 +96,7 @@ impl Reader {
             },
             shared: SharedFiles::new(
                 opt("pids", "pids.current")?,
-                Subtree::new(procs_dir, PidList::Reopen, watcher),
+                Subtree::new(pid_list.0, pid_list.1, watcher),
             ),
         })
     }
