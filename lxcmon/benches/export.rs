@@ -49,6 +49,12 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
                     },
                     processes: 12,
                     threads: 30,
+                    runtime: lxcmon::collect::discovery::Runtime::Proxmox,
+                    project: None,
+                    limits: Default::default(),
+                    details: Default::default(),
+                    interfaces: Vec::new(),
+                    mounts: Vec::new(),
                 }
             })
             .collect(),

@@ -136,6 +136,18 @@ pub struct MonitoringConfig {
     pub enable_swap: bool,
     pub enable_network: bool,
     pub enable_filesystem: bool,
+    /// PSI stall time (cpu, memory, io) per container.
+    pub enable_pressure: bool,
+    /// CFS periods, throttled periods and time, quota and period.
+    pub enable_throttling: bool,
+    /// Memory events (limit hits, OOM kills), the memory breakdown and the extra limits.
+    pub enable_memory_details: bool,
+    /// Block I/O per device.
+    pub enable_per_device: bool,
+    /// Network counters per interface.
+    pub enable_per_interface: bool,
+    /// Size, use and inodes of every filesystem mounted in a container.
+    pub enable_per_mount: bool,
     pub parallel_processing: bool,
     #[serde(deserialize_with = "max_workers")]
     pub max_workers: usize,
@@ -173,6 +185,12 @@ impl Default for MonitoringConfig {
             enable_swap: true,
             enable_network: true,
             enable_filesystem: true,
+            enable_pressure: true,
+            enable_throttling: true,
+            enable_memory_details: true,
+            enable_per_device: true,
+            enable_per_interface: true,
+            enable_per_mount: true,
             parallel_processing: true,
             max_workers: 8,
             excluded_devices: vec!["loop".into(), "dm-".into()],

@@ -9,7 +9,7 @@ use lxcmon::collect::bpf::counters::{KernelCounters, Purpose};
 use lxcmon::collect::bpf::{
     cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode,
 };
-use lxcmon::collect::discovery::{Discovered, Flavor};
+use lxcmon::collect::discovery::{Discovered, Flavor, Runtime};
 use lxcmon::collect::sample::{ContainerSample, CounterSource};
 use lxcmon::config::{CollectorChoice, MonitoringConfig};
 use lxcmon::readers::cgroup::Layout;
@@ -807,6 +807,10 @@ fn file_sample(id: &str, fresh: bool, net: u64, io: u64) -> ContainerSample {
         net_rx: net,
         net_tx: net,
         fs: Default::default(),
+        interfaces: Vec::new(),
+        mounts: Vec::new(),
+        runtime: Runtime::Lxc,
+        project: None,
         fresh,
         net_source: CounterSource::Files,
         io_source: CounterSource::Files,
@@ -843,6 +847,8 @@ fn a_container_that_cannot_be_tracked_runs_on_files_the_others_stay_on_bpf() {
                 .expect("below v2")
                 .to_path_buf(),
             flavor: Flavor::Lxc,
+            runtime: Runtime::Lxc,
+            project: None,
             instance: 1,
         },
         Discovered {
@@ -850,6 +856,8 @@ fn a_container_that_cannot_be_tracked_runs_on_files_the_others_stay_on_bpf() {
             name: "deep".into(),
             rel: deep_rel,
             flavor: Flavor::Lxc,
+            runtime: Runtime::Lxc,
+            project: None,
             instance: 2,
         },
     ];

@@ -24,6 +24,26 @@ pub enum Flavor {
     Lxc,
 }
 
+/// What runs the container, for the info series and dashboards' joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Proxmox,
+    Lxc,
+    Incus,
+    Lxd,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proxmox => "proxmox",
+            Self::Lxc => "lxc",
+            Self::Incus => "incus",
+            Self::Lxd => "lxd",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discovered {
     /// VMID on Proxmox, the container name on plain LXC.
@@ -33,6 +53,9 @@ pub struct Discovered {
     /// The container's cgroup below each hierarchy's root.
     pub rel: PathBuf,
     pub flavor: Flavor,
+    pub runtime: Runtime,
+    /// The Incus/LXD project, for containers outside the default one.
+    pub project: Option<String>,
     /// Which instance of the container this is: the inode of its cgroup directory in the
     /// scanned hierarchy (the cgroup id on v2). A container restarted under the same id has a
     /// new one, and its figures start afresh.
@@ -126,6 +149,11 @@ impl Discovery {
                     name,
                     rel,
                     flavor,
+                    runtime: match flavor {
+                        Flavor::Proxmox => Runtime::Proxmox,
+                        Flavor::Lxc => Runtime::Lxc,
+                    },
+                    project: None,
                     instance,
                 }
             })

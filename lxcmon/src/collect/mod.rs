@@ -13,6 +13,7 @@ mod v1_io;
 #[cfg(not(feature = "ebpf"))]
 use crate::config::CollectorChoice;
 use crate::config::Config;
+use crate::readers::cgroup::details::DetailOptions;
 use crate::readers::cgroup::{Layout, LayoutError, Mode};
 use crate::readers::kfile::ReadError;
 use crate::readers::sysfs::DeviceFilter;
@@ -130,6 +131,14 @@ fn sample_options(cfg: &Config, (net_files, io_files): (bool, bool)) -> Options 
         swap: m.enable_swap,
         network: m.enable_network,
         filesystem: m.enable_filesystem,
+        per_interface: m.enable_per_interface,
+        per_mount: m.enable_per_mount,
+        details: DetailOptions {
+            pressure: m.enable_pressure,
+            throttling: m.enable_throttling,
+            memory_details: m.enable_memory_details,
+            per_device: m.enable_per_device,
+        },
         workers: cfg.workers(),
         retry_limit: m.retry_limit,
         retry_delay: m.retry_delay,

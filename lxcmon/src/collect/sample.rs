@@ -1,7 +1,7 @@
 //! Sampling: one reading of every discovered container's raw counters, files held open
 //! across cycles, containers spread over the configured number of workers.
 
-use crate::collect::discovery::Discovered;
+use crate::collect::discovery::{Discovered, Runtime};
 use crate::logging::Chain;
 use crate::readers::cgroup::subtree::Watcher;
 use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout, Scratch};
@@ -38,6 +38,12 @@ pub struct ContainerSample {
     pub net_rx: u64,
     pub net_tx: u64,
     pub fs: FsUsage,
+    /// Per interface, loopback excluded (empty when per-interface figures are off).
+    pub interfaces: Vec<procfs::InterfaceCounters>,
+    /// Every filesystem of the container (empty when per-mount figures are off).
+    pub mounts: Vec<crate::readers::mounts::MountUsage>,
+    pub runtime: Runtime,
+    pub project: Option<String>,
     /// The container's files were (re)opened for this sample: it is new, or it restarted.
     pub fresh: bool,
     /// Who counted `net_rx`/`net_tx` in this sample. A change of source must not make a
@@ -73,6 +79,12 @@ pub struct Options {
     pub swap: bool,
     pub network: bool,
     pub filesystem: bool,
+    /// Network counters per interface.
+    pub per_interface: bool,
+    /// Every filesystem of the container.
+    pub per_mount: bool,
+    /// The cgroup figures beyond the seed's.
+    pub details: crate::readers::cgroup::details::DetailOptions,
     pub workers: usize,
     pub retry_limit: u32,
     pub retry_delay: Duration,
@@ -387,6 +399,10 @@ impl Ctx<'_> {
             net_rx: st.net.rx(),
             net_tx: st.net.tx(),
             fs,
+            interfaces: Vec::new(),
+            mounts: Vec::new(),
+            runtime: d.runtime,
+            project: d.project.clone(),
             fresh,
             net_source: CounterSource::Files,
             io_source: CounterSource::Files,
@@ -479,6 +495,9 @@ mod tests {
             swap: false,
             network: false,
             filesystem: false,
+            per_interface: false,
+            per_mount: false,
+            details: crate::readers::cgroup::details::DetailOptions::NONE,
             workers: 1,
             retry_limit: 0,
             retry_delay: Duration::ZERO,
@@ -492,6 +511,8 @@ mod tests {
             name: "a".into(),
             rel: "lxc.payload.a".into(),
             flavor: Flavor::Lxc,
+            runtime: crate::collect::discovery::Runtime::Lxc,
+            project: None,
             instance,
         };
         let stale = sampler.sample(&[found(ino + 1)]);

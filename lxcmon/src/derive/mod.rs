@@ -7,11 +7,15 @@
 //! only grows, whatever its source does (a reload, a re-read after an error, a switch between
 //! the file readers and the BPF programs): [`Deriver`] enforces it.
 
-use crate::collect::discovery::Discovered;
+use crate::collect::discovery::{Discovered, Runtime};
 use crate::collect::host::HostFacts;
 use crate::collect::sample::{ContainerSample, CounterSource, FsUsage};
 use crate::collect::{BpfFallback, Collected};
 use crate::config::Config;
+use crate::readers::cgroup::details::Details;
+use crate::readers::cgroup::Limits;
+use crate::readers::mounts::MountUsage;
+use crate::readers::procfs::InterfaceCounters;
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -42,6 +46,16 @@ pub struct ContainerMetrics {
     pub fs: FsUsage,
     pub processes: u64,
     pub threads: u64,
+    pub runtime: Runtime,
+    /// The Incus/LXD project outside the default one.
+    pub project: Option<String>,
+    /// The limits as configured (`None`: unlimited at the container's level).
+    pub limits: Limits,
+    /// Pressure, throttling, memory events and breakdown, per-device I/O: the kernel's own
+    /// counters for this instance's cgroup, passed through.
+    pub details: Details,
+    pub interfaces: Vec<InterfaceCounters>,
+    pub mounts: Vec<MountUsage>,
 }
 
 /// Everything one cycle exports.
@@ -320,13 +334,23 @@ fn metrics(
         fs: s.fs,
         processes: s.cgroup.processes,
         threads: s.cgroup.threads,
+        runtime: s.runtime,
+        project: s.project.clone(),
+        limits,
+        details: s.cgroup.details.clone(),
+        interfaces: if network_off {
+            Vec::new()
+        } else {
+            s.interfaces.clone()
+        },
+        mounts: s.mounts.clone(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::readers::cgroup::{CgroupSample, Limits};
+    use crate::readers::cgroup::CgroupSample;
     use std::time::Duration;
 
     const HOST: HostFacts = HostFacts {
@@ -350,6 +374,10 @@ mod tests {
             net_rx: 0,
             net_tx: 0,
             fs: FsUsage::default(),
+            interfaces: Vec::new(),
+            mounts: Vec::new(),
+            runtime: Runtime::Lxc,
+            project: None,
             fresh: false,
             net_source: Default::default(),
             io_source: Default::default(),
@@ -389,6 +417,7 @@ mod tests {
             cpuset_cpus: Some(2),
             memory_bytes: Some(1 << 30),
             swap_bytes: Some(u64::MAX),
+            ..Limits::default()
         };
         d.derive(&[sample("q", t0, 0, quota)], &[], HOST);
         let m = d.derive(
@@ -471,6 +500,8 @@ mod tests {
             name: "a".into(),
             rel: "lxc.payload.a".into(),
             flavor: crate::collect::discovery::Flavor::Lxc,
+            runtime: crate::collect::discovery::Runtime::Lxc,
+            project: None,
             instance: 7,
         };
         // Running, but its read failed this cycle.

@@ -28,6 +28,12 @@ pub fn metrics(id: &str, seed: u64) -> ContainerMetrics {
         },
         processes: 7,
         threads: 9,
+        runtime: crate::collect::discovery::Runtime::Lxc,
+        project: None,
+        limits: Default::default(),
+        details: Default::default(),
+        interfaces: Vec::new(),
+        mounts: Vec::new(),
     }
 }
 

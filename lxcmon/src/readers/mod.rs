@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod kfile;
+pub mod mounts;
 pub mod parse;
 pub mod procfs;
 pub mod sysfs;

@@ -24,6 +24,20 @@ pub fn find_init(root: &Path, pids: &[u32], buf: &mut Vec<u8>) -> Option<u32> {
     })
 }
 
+/// One interface's counters from `/proc/<pid>/net/dev`, as the container sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_drops: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_drops: u64,
+}
+
 /// Cumulative bytes over the non-loopback interfaces of one network namespace.
 ///
 /// Interface counters vanish with their interface; the last values of a vanished interface

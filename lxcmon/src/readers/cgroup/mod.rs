@@ -4,6 +4,7 @@
 //! hybrid hosts (Proxmox VE 6, plain LXC on older systemd, this project's CI host) the figures
 //! come from the v1 controllers, and the v2 tree, where mounted, only names the cgroup for BPF.
 
+pub mod details;
 pub mod subtree;
 pub mod v1;
 pub mod v2;
@@ -187,6 +188,13 @@ pub struct Limits {
     pub cpuset_cpus: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub swap_bytes: Option<u64>,
+    /// The CFS quota and period as configured (µs); the quota `None` when unlimited.
+    pub cpu_quota_us: Option<u64>,
+    pub cpu_period_us: Option<u64>,
+    /// v2 `memory.high` (throttling threshold below `memory.max`); `None` when `max`.
+    pub memory_high_bytes: Option<u64>,
+    /// `pids.max`; `None` when `max`.
+    pub pids_max: Option<u64>,
 }
 
 /// What reading a cgroup gives.
@@ -205,6 +213,7 @@ pub struct CgroupSample {
     /// Processes in the subtree.
     pub processes: u64,
     pub limits: Limits,
+    pub details: details::Details,
 }
 
 /// Buffers a reader reuses from one container to the next: the text of the last file read,
@@ -280,6 +289,7 @@ impl SharedFiles {
             threads,
             processes: pids.len() as u64,
             limits,
+            details: details::Details::default(),
         })
     }
 }

@@ -166,6 +166,7 @@ impl LimitFiles {
             },
             memory_bytes: memory_limit,
             swap_bytes: swap_limit,
+            ..Limits::default()
         })
     }
 }

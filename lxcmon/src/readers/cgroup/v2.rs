@@ -107,6 +107,7 @@ impl LimitFiles {
             },
             memory_bytes: read_max(self.memory_max.as_ref(), buf)?,
             swap_bytes: read_max(self.swap_max.as_ref(), buf)?,
+            ..Limits::default()
         })
     }
 }
