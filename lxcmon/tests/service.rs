@@ -210,6 +210,12 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
     assert!(samples
         .iter()
         .any(|(n, _, v)| n == "lxcmon_containers_running" && *v == 3.0));
+    // The identity to join on, in pve-exporter's form.
+    let info = find(&samples, "lxcmon_container_info", "100");
+    assert_eq!(
+        (info.1["runtime"].as_str(), info.1["id"].as_str(), info.2),
+        (Some("proxmox"), Some("lxc/100"), 1.0)
+    );
 
     let (_, headers, body) = get(
         "/metrics",
@@ -227,6 +233,11 @@ fn metrics_endpoint_parses_in_both_formats_with_odd_names() {
     assert_eq!(
         find(&om, "lxcmon_container_processes", "101").1["container_name"],
         "db \"primary\" \\ eu"
+    );
+    assert_eq!(
+        find(&om, "lxcmon_container_info", "101").1["id"],
+        "lxc/101",
+        "an info family in OpenMetrics"
     );
 
     let (status, _, body) = get("/healthz", None);

@@ -37,6 +37,105 @@ pub fn metrics(id: &str, seed: u64) -> ContainerMetrics {
     }
 }
 
+/// A container with every figure of the details present: pressure (cpu without `full`),
+/// throttling, limits, events, breakdown, two interfaces, one device, two mounts.
+pub fn metrics_full(id: &str) -> ContainerMetrics {
+    use crate::readers::cgroup::details::*;
+    use crate::readers::cgroup::Limits;
+    use crate::readers::mounts::MountUsage;
+    use crate::readers::procfs::InterfaceCounters;
+    let mut m = metrics(id, 1);
+    m.runtime = crate::collect::discovery::Runtime::Incus;
+    m.project = Some("p2".into());
+    m.limits = Limits {
+        cpu_quota_cores: Some(0.5),
+        cpuset_cpus: Some(2),
+        memory_bytes: Some(64 << 20),
+        swap_bytes: None,
+        cpu_quota_us: Some(50_000),
+        cpu_period_us: Some(100_000),
+        memory_high_bytes: None,
+        pids_max: Some(512),
+    };
+    m.details = Details {
+        pressure: Pressure {
+            cpu: Some(Stall {
+                some_us: 2_500_000,
+                full_us: None,
+            }),
+            memory: Some(Stall {
+                some_us: 1_000,
+                full_us: Some(500),
+            }),
+            io: None,
+        },
+        throttling: Some(Throttling {
+            periods: 100,
+            throttled_periods: 50,
+            throttled_ns: 2_000_000_000,
+        }),
+        memory_events: MemoryEvents {
+            max: Some(7),
+            oom: Some(2),
+            oom_kill: Some(2),
+            ..Default::default()
+        },
+        memory: MemoryBreakdown {
+            anon_bytes: Some(1 << 20),
+            file_bytes: Some(2 << 20),
+            workingset_refaults: Some(3),
+            ..Default::default()
+        },
+        devices: vec![DeviceIo {
+            dev: (8, 0),
+            name: "sda".into(),
+            read_bytes: 4096,
+            write_bytes: 8192,
+            reads: 1,
+            writes: 2,
+        }],
+    };
+    m.interfaces = ["eth0", "eth1"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| InterfaceCounters {
+            name: (*n).into(),
+            rx_bytes: 1000 * (i as u64 + 1),
+            rx_packets: 10,
+            tx_bytes: 500,
+            tx_packets: 5,
+            ..Default::default()
+        })
+        .collect();
+    m.mounts = vec![
+        MountUsage {
+            mountpoint: "/".into(),
+            fstype: "ext4".into(),
+            source: "/dev/sda1".into(),
+            dev: (8, 1),
+            size_bytes: 10 << 30,
+            used_bytes: 1 << 30,
+            avail_bytes: 8 << 30,
+            inodes: 1000,
+            inodes_free: 900,
+            shared: true,
+        },
+        MountUsage {
+            mountpoint: "/mnt/data \"quoted\"".into(),
+            fstype: "ext4".into(),
+            source: "/dev/loop3".into(),
+            dev: (7, 3),
+            size_bytes: 64 << 20,
+            used_bytes: 1 << 20,
+            avail_bytes: 60 << 20,
+            inodes: 128,
+            inodes_free: 117,
+            shared: false,
+        },
+    ];
+    m
+}
+
 pub fn cycle(secs: i64, ids: &[&str]) -> Cycle {
     let t = Utc
         .timestamp_opt(1_700_000_000 + secs, 123_456_000)

@@ -4,6 +4,9 @@
 //! never waits for one. Counters are cumulative (CPU seconds, bytes); rates are the
 //! scraper's business, so no percentage is exported here.
 
+mod containers;
+mod text;
+
 use crate::derive::Cycle;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -14,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use text::{Kind, Writer};
 
 const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -105,185 +109,13 @@ impl Exposition {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Counter,
-    Gauge,
-}
-
-/// Writes metric families in either text format.
-struct Writer {
-    out: String,
-    openmetrics: bool,
-}
-
-impl Writer {
-    /// Starts a family; `name` is the sample name (counters end in `_total`).
-    fn family(&mut self, name: &str, kind: Kind, help: &str) {
-        let (family, ty) = match kind {
-            Kind::Counter if self.openmetrics => (name.trim_end_matches("_total"), "counter"),
-            Kind::Counter => (name, "counter"),
-            Kind::Gauge => (name, "gauge"),
-        };
-        let _ = writeln!(self.out, "# HELP {family} {help}");
-        let _ = writeln!(self.out, "# TYPE {family} {ty}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"");
-                escape_label(&mut self.out, v);
-                self.out.push('"');
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {}", number(value));
-    }
-}
-
-fn number(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v}")
-    } else {
-        "0".into()
-    }
-}
-
-/// Label values escape backslash, double quote and newline, in both formats.
-fn escape_label(out: &mut String, v: &str) {
-    for ch in v.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-type Field = fn(&crate::derive::ContainerMetrics) -> f64;
-
-const CONTAINER_FAMILIES: &[(&str, Kind, &str, Field)] = &[
-    (
-        "lxcmon_container_start_time_seconds",
-        Kind::Gauge,
-        "When this instance of the container started (Unix time); counters restart with it.",
-        |m| m.started.timestamp() as f64,
-    ),
-    (
-        "lxcmon_container_cpu_seconds_total",
-        Kind::Counter,
-        "CPU time used by the container's cgroup.",
-        |m| m.cpu_usage_ns as f64 / 1e9,
-    ),
-    (
-        "lxcmon_container_cpu_cores_allowed",
-        Kind::Gauge,
-        "CPUs the container may use: the smallest of its quota, its cpuset and the host's CPUs.",
-        |m| m.cpu_cores_allowed,
-    ),
-    (
-        "lxcmon_container_memory_bytes",
-        Kind::Gauge,
-        "Memory in use, page cache excluded.",
-        |m| m.memory_bytes as f64,
-    ),
-    (
-        "lxcmon_container_memory_limit_bytes",
-        Kind::Gauge,
-        "Memory limit (the host's memory when unlimited).",
-        |m| m.memory_limit_bytes as f64,
-    ),
-    (
-        "lxcmon_container_swap_bytes",
-        Kind::Gauge,
-        "Swap in use.",
-        |m| m.swap_bytes as f64,
-    ),
-    (
-        "lxcmon_container_swap_limit_bytes",
-        Kind::Gauge,
-        "Swap the container may use, capped by the host's swap.",
-        |m| m.swap_limit_bytes as f64,
-    ),
-    (
-        "lxcmon_container_io_read_bytes_total",
-        Kind::Counter,
-        "Bytes read from block devices not excluded.",
-        |m| m.io_read_bytes as f64,
-    ),
-    (
-        "lxcmon_container_io_written_bytes_total",
-        Kind::Counter,
-        "Bytes written to block devices not excluded.",
-        |m| m.io_write_bytes as f64,
-    ),
-    (
-        "lxcmon_container_network_receive_bytes_total",
-        Kind::Counter,
-        "Bytes received on the container's non-loopback interfaces.",
-        |m| m.net_rx_bytes as f64,
-    ),
-    (
-        "lxcmon_container_network_transmit_bytes_total",
-        Kind::Counter,
-        "Bytes sent on the container's non-loopback interfaces.",
-        |m| m.net_tx_bytes as f64,
-    ),
-    (
-        "lxcmon_container_filesystem_size_bytes",
-        Kind::Gauge,
-        "Size of the container's root filesystem.",
-        |m| m.fs.total as f64,
-    ),
-    (
-        "lxcmon_container_filesystem_used_bytes",
-        Kind::Gauge,
-        "Used bytes of the container's root filesystem.",
-        |m| m.fs.used as f64,
-    ),
-    (
-        "lxcmon_container_filesystem_avail_bytes",
-        Kind::Gauge,
-        "Bytes of the root filesystem available to unprivileged users.",
-        |m| m.fs.free as f64,
-    ),
-    (
-        "lxcmon_container_processes",
-        Kind::Gauge,
-        "Processes in the container's cgroup subtree.",
-        |m| m.processes as f64,
-    ),
-    (
-        "lxcmon_container_threads",
-        Kind::Gauge,
-        "Threads (tasks) in the container's cgroup subtree.",
-        |m| m.threads as f64,
-    ),
-];
-
 fn render(cycle: Option<&Cycle>, collector: &str, stats: &Exposition, openmetrics: bool) -> String {
     let mut w = Writer {
         out: String::with_capacity(256 + cycle.map_or(0, |c| c.metrics.len() * 1800)),
         openmetrics,
     };
     if let Some(cycle) = cycle {
-        for (name, kind, help, field) in CONTAINER_FAMILIES {
-            w.family(name, *kind, help);
-            for m in &cycle.metrics {
-                w.sample(
-                    name,
-                    &[("container_id", &m.id), ("container_name", &m.name)],
-                    field(m),
-                );
-            }
-        }
+        containers::render(&mut w, &cycle.metrics);
         w.family(
             "lxcmon_cycle_duration_seconds",
             Kind::Gauge,
@@ -508,6 +340,7 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Exposition>) -> std::io::Result
 mod tests {
     use super::*;
     use crate::export::tests::cycle;
+    use containers::CONTAINER_FAMILIES;
 
     #[test]
     fn both_formats_carry_every_family_with_escaped_labels() {
@@ -534,6 +367,64 @@ mod tests {
         for (name, ..) in CONTAINER_FAMILIES {
             assert_eq!(prom.matches(&format!("\n{name}{{")).count(), 2, "{name}");
         }
+    }
+
+    /// The details' families in both formats: labelled per interface, device, mount and
+    /// event; a family nobody has is left out; an absent figure has no sample.
+    #[test]
+    fn detail_families_carry_their_labels_and_leave_absent_figures_out() {
+        let shared = Exposition::new("files", Duration::from_secs(1));
+        let plain = shared.render(false);
+        shared.publish(Arc::new(cycle(0, &["plain"])));
+        let only_plain = shared.render(false);
+        assert!(
+            !only_plain.contains("lxcmon_container_pressure"),
+            "{only_plain}"
+        );
+        assert!(!only_plain.contains("lxcmon_container_mount_"));
+        assert!(!plain.contains("lxcmon_container_info"));
+        let mut c = cycle(0, &["plain"]);
+        c.metrics.push(crate::export::tests::metrics_full("full"));
+        shared.publish(Arc::new(c));
+        let prom = shared.render(false);
+        let ids = "container_id=\"full\",container_name=\"full-name\"";
+        for line in [
+            "lxcmon_container_info{container_id=\"plain\",container_name=\"plain-name\",runtime=\"lxc\",project=\"\",id=\"\"} 1".to_string(),
+            format!("lxcmon_container_info{{{ids},runtime=\"incus\",project=\"p2\",id=\"\"}} 1"),
+            format!("lxcmon_container_pressure_cpu_waiting_seconds_total{{{ids}}} 2.5"),
+            format!("lxcmon_container_pressure_memory_stalled_seconds_total{{{ids}}} 0.0005"),
+            format!("lxcmon_container_cpu_cfs_throttled_periods_total{{{ids}}} 50"),
+            format!("lxcmon_container_cpu_cfs_throttled_seconds_total{{{ids}}} 2"),
+            format!("lxcmon_container_cpu_cfs_quota_seconds{{{ids}}} 0.05"),
+            format!("lxcmon_container_oom_kills_total{{{ids}}} 2"),
+            format!("lxcmon_container_memory_events_total{{{ids},event=\"max\"}} 7"),
+            format!("lxcmon_container_memory_workingset_refaults_total{{{ids}}} 3"),
+            format!("lxcmon_container_pids_limit{{{ids}}} 512"),
+            format!("lxcmon_container_interface_receive_bytes_total{{{ids},interface=\"eth1\"}} 2000"),
+            format!("lxcmon_container_device_writes_total{{{ids},device=\"sda\"}} 2"),
+            format!("lxcmon_container_mount_files_free{{{ids},mountpoint=\"/mnt/data \\\"quoted\\\"\",fstype=\"ext4\",shared=\"false\"}} 117"),
+            format!("lxcmon_container_mount_size_bytes{{{ids},mountpoint=\"/\",fstype=\"ext4\",shared=\"true\"}} 10737418240"),
+        ] {
+            assert!(prom.contains(&format!("\n{line}\n")), "{line} missing:\n{prom}");
+        }
+        for absent in [
+            "lxcmon_container_pressure_cpu_stalled_seconds_total{",
+            "lxcmon_container_pressure_io_waiting_seconds_total{",
+            "lxcmon_container_memory_high_bytes{",
+            "event=\"high\"",
+        ] {
+            assert!(!prom.contains(absent), "{absent} present");
+        }
+        assert_eq!(
+            prom.matches("# TYPE lxcmon_container_interface_receive_bytes_total counter")
+                .count(),
+            1
+        );
+        let om = shared.render(true);
+        assert!(om.contains("# TYPE lxcmon_container info\n"));
+        assert!(om.contains("# TYPE lxcmon_container_oom_kills counter\n"));
+        assert!(om.contains(&format!("lxcmon_container_oom_kills_total{{{ids}}} 2\n")));
+        assert!(om.ends_with("# EOF\n"));
     }
 
     #[test]
