@@ -32,6 +32,15 @@ METRICS = {
     "lxcmon_last_cycle_timestamp_seconds", "lxcmon_containers_running",
     "lxcmon_containers_exported", "lxcmon_collector_info", "lxcmon_errors_total",
     "lxcmon_export_write_failures_total",
+    "lxcmon_container_pressure_cpu_waiting_seconds_total",
+    "lxcmon_container_pressure_memory_waiting_seconds_total",
+    "lxcmon_container_pressure_memory_stalled_seconds_total",
+    "lxcmon_container_pressure_io_waiting_seconds_total",
+    "lxcmon_container_cpu_cfs_periods_total", "lxcmon_container_cpu_cfs_throttled_periods_total",
+    "lxcmon_container_cpu_cfs_throttled_seconds_total", "lxcmon_container_oom_kills_total",
+    "lxcmon_container_mount_size_bytes", "lxcmon_container_mount_used_bytes",
+    "lxcmon_container_mount_avail_bytes", "lxcmon_container_mount_files",
+    "lxcmon_container_mount_files_free",
 }
 # PromQL words that are not metric names.
 KEYWORDS = {
@@ -42,7 +51,8 @@ KEYWORDS = {
     "scalar", "time", "sort", "sort_desc", "max_over_time", "min_over_time", "avg_over_time",
     "last_over_time", "histogram_quantile", "round", "absent", "changes", "resets",
 }
-LABELS = {"instance", "container_name", "container_id", "collector", "kind", "job"}
+LABELS = {"instance", "container_name", "container_id", "collector", "kind", "job", "mountpoint",
+          "fstype", "shared", "event", "device", "interface"}
 VARS = {"$instance": ".*", "$container": ".*", "$rate_window": "2m"}
 
 failures = []
@@ -201,7 +211,24 @@ SERIES = """
         values: '8000000000x100'
       - series: 'lxcmon_container_filesystem_used_bytes{instance="pve1:9273",container_id="101",container_name="web"}'
         values: '2000000000x100'
+      - series: 'lxcmon_container_pressure_cpu_waiting_seconds_total{instance="pve1:9273",container_id="101",container_name="web"}'
+        values: '0+5x100'
+      - series: 'lxcmon_container_cpu_cfs_periods_total{instance="pve1:9273",container_id="101",container_name="web"}'
+        values: '0+100x100'
+      - series: 'lxcmon_container_cpu_cfs_throttled_periods_total{instance="pve1:9273",container_id="101",container_name="web"}'
+        values: '0+40x100'
+      - series: 'lxcmon_container_oom_kills_total{instance="pve1:9273",container_id="101",container_name="web"}'
+        values: '0+1x100'
+      - series: 'lxcmon_container_mount_size_bytes{instance="pve1:9273",container_id="101",container_name="web",mountpoint="/mnt/data",fstype="ext4",shared="false"}'
+        values: '1000x100'
+      - series: 'lxcmon_container_mount_used_bytes{instance="pve1:9273",container_id="101",container_name="web",mountpoint="/mnt/data",fstype="ext4",shared="false"}'
+        values: '750x100'
+      - series: 'lxcmon_container_mount_files{instance="pve1:9273",container_id="101",container_name="web",mountpoint="/mnt/data",fstype="ext4",shared="false"}'
+        values: '200x100'
+      - series: 'lxcmon_container_mount_files_free{instance="pve1:9273",container_id="101",container_name="web",mountpoint="/mnt/data",fstype="ext4",shared="false"}'
+        values: '150x100'
 """
+MOUNT = '{container_id="101",container_name="web",fstype="ext4",instance="pve1:9273",mountpoint="/mnt/data",shared="false"}'
 WEB = '{container_id="101",container_name="web",instance="pve1:9273"}'
 DB = '{container_id="200",container_name="db",instance="pve2:9273"}'
 
@@ -243,6 +270,12 @@ def promtool_checks(exprs):
             (find([e for e in exprs if "+" not in e], "rate(lxcmon_container_network_transmit_bytes_total"), [(WEB, 512)]),
             (find(exprs, "topk(10, rate(lxcmon_container_io_read"), [(WEB, 5120)]),
             (find(exprs, "topk(10, rate(lxcmon_container_network_receive"), [(WEB, 2560)]),
+            # 5 s of waiting per 10 s; 40 of 100 periods throttled; a kill every 10 s: 12 in the 2 min window.
+            (find(exprs, "rate(lxcmon_container_pressure_cpu_waiting"), [(WEB, 0.5)]),
+            (find(exprs, "cpu_cfs_throttled_periods_total", "cpu_cfs_periods_total"), [(WEB, 40)]),
+            (find(exprs, "increase(lxcmon_container_oom_kills_total"), [(WEB, 12)]),
+            (find(exprs, "lxcmon_container_mount_used_bytes", "mount_size_bytes"), [(MOUNT, 75)]),
+            (find(exprs, "lxcmon_container_mount_files_free"), [(MOUNT, 25)]),
         ]
         lines = ["rule_files: []", "evaluation_interval: 10s", "tests:", "  - interval: 10s",
                  "    input_series:" + SERIES.rstrip("\n"), "    promql_expr_test:"]

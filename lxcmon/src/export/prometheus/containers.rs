@@ -260,7 +260,8 @@ pub const OPTIONAL_FAMILIES: &[(&str, Kind, &str, Optional)] = &[
     ),
 ];
 
-/// Renders every per-container family; families without a sample are left out.
+/// Renders every per-container family. Each family is declared even without a sample (no
+/// container, or the figure absent everywhere), so a scrape always lists what the agent serves.
 pub fn render(w: &mut Writer, metrics: &[ContainerMetrics]) {
     info(w, metrics);
     for (name, kind, help, field) in CONTAINER_FAMILIES {
@@ -270,12 +271,9 @@ pub fn render(w: &mut Writer, metrics: &[ContainerMetrics]) {
         }
     }
     for (name, kind, help, field) in OPTIONAL_FAMILIES {
-        let mut started = false;
+        w.family(name, *kind, help);
         for m in metrics {
             if let Some(v) = field(m) {
-                if !std::mem::replace(&mut started, true) {
-                    w.family(name, *kind, help);
-                }
                 w.sample(name, &ids(m), v);
             }
         }
@@ -292,9 +290,6 @@ fn ids(m: &ContainerMetrics) -> [(&'static str, &str); 2] {
 
 /// `lxcmon_container_info`: what to join other series on (pve-exporter's `id="lxc/<vmid>"`).
 fn info(w: &mut Writer, metrics: &[ContainerMetrics]) {
-    if metrics.is_empty() {
-        return;
-    }
     let help =
         "The container's identity: runtime, Incus project, and pve-exporter's id on Proxmox.";
     if w.openmetrics {
@@ -327,7 +322,11 @@ fn info(w: &mut Writer, metrics: &[ContainerMetrics]) {
 /// Limit hits by kind; OOM kills have a family of their own.
 fn memory_events(w: &mut Writer, metrics: &[ContainerMetrics]) {
     const NAME: &str = "lxcmon_container_memory_events_total";
-    let mut started = false;
+    w.family(
+        NAME,
+        Kind::Counter,
+        "Memory events of the container's cgroup: high (reclaim forced by memory.high), max (the limit reached), oom (the OOM killer invoked), ...",
+    );
     for m in metrics {
         let e = &m.details.memory_events;
         for (event, v) in [
@@ -340,13 +339,6 @@ fn memory_events(w: &mut Writer, metrics: &[ContainerMetrics]) {
             ("swap_fail", e.swap_fail),
         ] {
             let Some(v) = v else { continue };
-            if !std::mem::replace(&mut started, true) {
-                w.family(
-                    NAME,
-                    Kind::Counter,
-                    "Memory events of the container's cgroup: high (reclaim forced by memory.high), max (the limit reached), oom (the OOM killer invoked), ...",
-                );
-            }
             let [id, name] = ids(m);
             w.sample(NAME, &[id, name, ("event", event)], v as f64);
         }
@@ -367,9 +359,6 @@ fn per_item<'m, const L: usize, const N: usize>(
 ) {
     let rows: Vec<(&ContainerMetrics, Items<L, N>)> =
         metrics.iter().map(|m| (m, items(m))).collect();
-    if rows.iter().all(|(_, r)| r.is_empty()) {
-        return;
-    }
     for (i, (name, kind, help)) in figures.iter().enumerate() {
         w.family(name, *kind, help);
         for (m, items) in &rows {

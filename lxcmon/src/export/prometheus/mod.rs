@@ -370,19 +370,34 @@ mod tests {
     }
 
     /// The details' families in both formats: labelled per interface, device, mount and
-    /// event; a family nobody has is left out; an absent figure has no sample.
+    /// event; every family declared, an absent figure without a sample.
     #[test]
     fn detail_families_carry_their_labels_and_leave_absent_figures_out() {
         let shared = Exposition::new("files", Duration::from_secs(1));
-        let plain = shared.render(false);
+        assert!(
+            !shared.render(false).contains("lxcmon_container_info"),
+            "no cycle yet"
+        );
         shared.publish(Arc::new(cycle(0, &["plain"])));
         let only_plain = shared.render(false);
-        assert!(
-            !only_plain.contains("lxcmon_container_pressure"),
-            "{only_plain}"
-        );
-        assert!(!only_plain.contains("lxcmon_container_mount_"));
-        assert!(!plain.contains("lxcmon_container_info"));
+        for name in super::containers::OPTIONAL_FAMILIES
+            .iter()
+            .map(|f| f.0)
+            .chain([
+                "lxcmon_container_memory_events_total",
+                "lxcmon_container_interface_receive_bytes_total",
+                "lxcmon_container_mount_size_bytes",
+            ])
+        {
+            assert!(
+                only_plain.contains(&format!("# TYPE {name} ")),
+                "{name} undeclared"
+            );
+            assert!(
+                !only_plain.contains(&format!("\n{name}{{")),
+                "{name} has a sample"
+            );
+        }
         let mut c = cycle(0, &["plain"]);
         c.metrics.push(crate::export::tests::metrics_full("full"));
         shared.publish(Arc::new(c));
