@@ -274,6 +274,14 @@ impl Fleet {
             .map(|h| h.mount.join(rel))
     }
 
+    /// The container's cgroup in the unified (cgroup2) tree, where one is mounted.
+    pub fn unified_dir(&self, rel: &Path) -> Option<PathBuf> {
+        self.hierarchies
+            .iter()
+            .find(|h| h.mount.join("cgroup.controllers").exists())
+            .map(|h| h.mount.join(rel))
+    }
+
     pub fn teardown(&mut self) -> Result<()> {
         if self.torn_down {
             return Ok(());

@@ -415,7 +415,16 @@ impl Floor {
             ];
             for (ctrl, name, procs) in per {
                 let rel = if procs { &c.procs_rel } else { &c.rel };
-                if let Some(d) = fleet.dir(ctrl, rel) {
+                // The processes as the agent reads them: from the unified tree where the
+                // container has a cgroup there (hybrid hosts), else from v1.
+                let dir = match procs {
+                    true => fleet
+                        .unified_dir(rel)
+                        .filter(|d| d.join(name).exists())
+                        .or_else(|| fleet.dir(ctrl, rel)),
+                    false => fleet.dir(ctrl, rel),
+                };
+                if let Some(d) = dir {
                     let p = d.join(name);
                     if p.exists() {
                         files.push((name, open(p)?));
