@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// Leave the README's summary table (between its bench markers) as it is.
     #[arg(long)]
     no_readme: bool,
+    /// Only the seed's figures: every `enable_*` group beyond them off (pressure, throttling,
+    /// memory details, per device, per interface, per mount), in the agent and the floor; for
+    /// comparisons with runs made before those groups existed.
+    #[arg(long)]
+    seed_only: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub workers: usize,
     pub max_entries: usize,
     pub format: &'static str,
+    /// The figures beyond the seed's (`enable_pressure`, ...): all on, or all off.
+    pub signals: bool,
 }
 
 pub struct Agent {
@@ -162,7 +164,7 @@ impl Agent {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).context("creating the agent's temp dir")?;
         let config = format!(
-            "logging:\n  log_file: {d}/lxcmon.log\n  log_level: INFO\nmonitoring:\n  export_file: {d}/export.json\n  check_interval: {i}\n  collector: {c}\n  parallel_processing: {p}\n  max_workers: {w}\n  max_metrics_entries: {m}\n  export_format: {f}\n",
+            "logging:\n  log_file: {d}/lxcmon.log\n  log_level: INFO\nmonitoring:\n  export_file: {d}/export.json\n  check_interval: {i}\n  collector: {c}\n  parallel_processing: {p}\n  max_workers: {w}\n  max_metrics_entries: {m}\n  export_format: {f}\n{s}",
             d = dir.display(),
             i = cfg.interval,
             c = cfg.collector,
@@ -170,6 +172,16 @@ impl Agent {
             w = cfg.workers.max(1),
             m = cfg.max_entries,
             f = cfg.format,
+            s = [
+                "enable_pressure",
+                "enable_throttling",
+                "enable_memory_details",
+                "enable_per_device",
+                "enable_per_interface",
+                "enable_per_mount",
+            ]
+            .map(|k| format!("  {k}: {}\n", cfg.signals))
+            .concat(),
         );
         let config_path = dir.join("lxcmon.yaml");
         fs::write(&config_path, config).context("writing the agent config")?;

@@ -41,6 +41,7 @@ fn agent_config(args: &BenchArgs, collector: &str, interval: f64) -> AgentConfig
         // one cycle so the figures are the collection's.
         max_entries: 1,
         format: "records",
+        signals: !args.seed_only,
     }
 }
 
