@@ -14,9 +14,62 @@ use lxcmon::config::ExportFormat;
 use lxcmon::derive::ContainerMetrics;
 use lxcmon::derive::Cycle;
 use lxcmon::export::{document, Exporter, Written};
+use lxcmon::readers::cgroup::details::*;
+use lxcmon::readers::mounts::MountUsage;
+use lxcmon::readers::procfs::InterfaceCounters;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
+
+/// What a v2 host with every group on gives a container: pressure, throttling, events, the
+/// memory breakdown and one disk.
+fn details(s: u64) -> Details {
+    let stall = Some(Stall {
+        some_us: s * 1000,
+        full_us: Some(s * 100),
+    });
+    Details {
+        pressure: Pressure {
+            cpu: stall,
+            memory: stall,
+            io: stall,
+        },
+        throttling: Some(Throttling {
+            periods: s * 10,
+            throttled_periods: s,
+            throttled_ns: s * 1_000_000,
+        }),
+        memory_events: MemoryEvents {
+            high: Some(0),
+            max: Some(s % 7),
+            oom: Some(0),
+            oom_kill: Some(0),
+            oom_group_kill: Some(0),
+            swap_high: Some(0),
+            swap_max: Some(0),
+            swap_fail: Some(0),
+        },
+        memory: MemoryBreakdown {
+            anon_bytes: Some(150 << 20),
+            file_bytes: Some(50 << 20),
+            kernel_bytes: Some(8 << 20),
+            slab_bytes: Some(4 << 20),
+            shmem_bytes: Some(1 << 20),
+            dirty_bytes: Some(s * 4096),
+            writeback_bytes: Some(0),
+            workingset_refaults: Some(s),
+            major_faults: Some(s / 3),
+        },
+        devices: vec![DeviceIo {
+            dev: (8, 0),
+            name: "sda".into(),
+            read_bytes: s * 65536,
+            write_bytes: s * 131072,
+            reads: s * 16,
+            writes: s * 32,
+        }],
+    }
+}
 
 /// Cycle `seq` of a 60 s interval: each has its own timestamp, as the agent's do.
 fn cycle(seq: u64, containers: usize) -> Cycle {
@@ -52,9 +105,27 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
                     runtime: lxcmon::collect::discovery::Runtime::Proxmox,
                     project: None,
                     limits: Default::default(),
-                    details: Default::default(),
-                    interfaces: Vec::new(),
-                    mounts: Vec::new(),
+                    details: details(s),
+                    interfaces: vec![InterfaceCounters {
+                        name: "eth0".into(),
+                        rx_bytes: s * 1500,
+                        rx_packets: s,
+                        tx_bytes: s * 900,
+                        tx_packets: s,
+                        ..Default::default()
+                    }],
+                    mounts: vec![MountUsage {
+                        mountpoint: "/".into(),
+                        fstype: "ext4".into(),
+                        source: format!("/dev/mapper/pve-vm--{}--disk--0", 100 + i),
+                        dev: (253, i as u32),
+                        size_bytes: 8 << 30,
+                        used_bytes: (3 << 30) + s * 4096,
+                        avail_bytes: (5 << 30) - s * 4096,
+                        inodes: 524288,
+                        inodes_free: 400000,
+                        shared: false,
+                    }],
                 }
             })
             .collect(),
