@@ -466,27 +466,37 @@ impl Floor {
         })
     }
 
+    /// The files read every cycle.
+    fn per_cycle(&self) -> Vec<&File> {
+        self.files
+            .iter()
+            .filter(|(k, _)| self.per_cycle.contains(k))
+            .map(|(_, f)| f)
+            .collect()
+    }
+
+    /// One cycle's reads over the whole fleet, as the agent makes them.
+    fn pass(&self, per_cycle: &[&File], buf: &mut [u8]) -> Result<()> {
+        for f in per_cycle {
+            f.read_at(buf, 0).context("floor pread")?;
+        }
+        for r in &self.roots {
+            statvfs_fd(r)?;
+        }
+        Ok(())
+    }
+
     /// The per-cycle files read once per `interval`, `passes` times: CPU per container per
     /// pass (median), what the agent's cycle costs at best when it reads the same files.
     pub fn run_paced(&self, passes: usize, interval: std::time::Duration) -> Result<f64> {
         let n = self.roots.len().max(1);
         let mut buf = vec![0u8; 4096];
-        let per_cycle: Vec<&File> = self
-            .files
-            .iter()
-            .filter(|(k, _)| self.per_cycle.contains(k))
-            .map(|(_, f)| f)
-            .collect();
+        let per_cycle = self.per_cycle();
         let mut samples = Vec::with_capacity(passes);
         for _ in 0..passes {
             std::thread::sleep(interval);
             let t0 = thread_cpu_ns();
-            for f in &per_cycle {
-                f.read_at(&mut buf, 0).context("floor pread")?;
-            }
-            for r in &self.roots {
-                statvfs_fd(r)?;
-            }
+            self.pass(&per_cycle, &mut buf)?;
             samples.push(thread_cpu_ns().saturating_sub(t0) as f64 / 1e3 / n as f64);
         }
         Ok(median(samples))
@@ -495,21 +505,10 @@ impl Floor {
     pub fn run(&self, rounds: usize) -> Result<FloorResult> {
         let n = self.roots.len().max(1);
         let mut buf = vec![0u8; 4096];
-        let statvfs = statvfs_fd;
-        let per_cycle: Vec<&File> = self
-            .files
-            .iter()
-            .filter(|(k, _)| self.per_cycle.contains(k))
-            .map(|(_, f)| f)
-            .collect();
+        let per_cycle = self.per_cycle();
         let t0 = thread_cpu_ns();
         for _ in 0..rounds {
-            for f in &per_cycle {
-                f.read_at(&mut buf, 0).context("floor pread")?;
-            }
-            for r in &self.roots {
-                statvfs(r)?;
-            }
+            self.pass(&per_cycle, &mut buf)?;
         }
         let ns = thread_cpu_ns().saturating_sub(t0);
         // The same, one kind of file at a time.
@@ -533,7 +532,7 @@ impl Floor {
         let t = thread_cpu_ns();
         for _ in 0..rounds {
             for r in &self.roots {
-                statvfs(r)?;
+                statvfs_fd(r)?;
             }
         }
         per_file_us.push((
