@@ -6,6 +6,12 @@
 //!
 //! Monitor cgroups (`lxc.monitor.<name>`, `lxc.monitor/<vmid>`) hold no container.
 //!
+//! Incus and LXD run their containers through liblxc, so their cgroups are plain LXC's; what
+//! tells them apart is the daemon's own directory for the instance
+//! (`/var/lib/incus/containers/<cgroup name>`, LXD's under `/var/lib/lxd` or the snap's). They
+//! name a container of project `p2` `p2_peer3` (an instance name cannot contain `_`): its id
+//! stays `p2_peer3` (unique across projects), its name is `peer3`, its project `p2`.
+//!
 //! A cgroup name that is not valid UTF-8 (LXC accepts any bytes but `/`) is still a running
 //! container: it is exported under an id with each invalid byte written `\xNN` (one warning
 //! per container), and read through its real path.
@@ -73,8 +79,8 @@ pub struct DiscoveryError {
 pub struct Discovery {
     root: PathBuf,
     hierarchy: PathBuf,
-    /// Display names, read once per container appearance.
-    names: HashMap<String, String>,
+    /// Name, runtime and project, found once per container appearance (keyed by id).
+    idents: HashMap<String, Identity>,
     /// Containers already warned about for a non-UTF-8 cgroup name.
     warned: HashSet<String>,
 }
@@ -85,7 +91,7 @@ impl Discovery {
         Self {
             root: root.to_path_buf(),
             hierarchy: hierarchy.to_path_buf(),
-            names: HashMap::new(),
+            idents: HashMap::new(),
             warned: HashSet::new(),
         }
     }
@@ -131,29 +137,26 @@ impl Discovery {
         }
         found.sort_by(|a, b| id_order(&a.0, &b.0));
         let ids: std::collections::HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
-        self.names.retain(|id, _| ids.contains(id.as_str()));
+        self.idents.retain(|id, _| ids.contains(id.as_str()));
         self.warned.retain(|id| ids.contains(id.as_str()));
         Ok(found
             .into_iter()
             .map(|(id, rel, flavor, instance)| {
-                let name = match self.names.get(&id) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let n = self.display_name(&id, flavor);
-                        self.names.insert(id.clone(), n.clone());
-                        n
+                let ident = match self.idents.get(&id) {
+                    Some(known) if known.instance == instance => known,
+                    _ => {
+                        let found = self.identify(&id, &rel, flavor, instance);
+                        self.idents.insert(id.clone(), found);
+                        &self.idents[&id]
                     }
                 };
                 Discovered {
+                    name: ident.name.clone(),
+                    runtime: ident.runtime,
+                    project: ident.project.clone(),
                     id,
-                    name,
                     rel,
                     flavor,
-                    runtime: match flavor {
-                        Flavor::Proxmox => Runtime::Proxmox,
-                        Flavor::Lxc => Runtime::Lxc,
-                    },
-                    project: None,
                     instance,
                 }
             })
@@ -177,16 +180,68 @@ impl Discovery {
         kfile::under(&self.root, &format!("/etc/pve/lxc/{vmid}.conf"))
     }
 
-    fn display_name(&self, id: &str, flavor: Flavor) -> String {
+    /// Name, runtime and project of a container that just appeared (or restarted): Proxmox
+    /// from its config, Incus/LXD from their instance directory, else plain LXC.
+    fn identify(&self, id: &str, rel: &Path, flavor: Flavor, instance: u64) -> Identity {
+        let plain = |runtime| Identity {
+            instance,
+            name: id.to_string(),
+            runtime,
+            project: None,
+        };
         if flavor == Flavor::Proxmox {
-            if let Ok(conf) = std::fs::read_to_string(self.pve_conf(id)) {
-                if let Some(host) = pve_hostname(&conf) {
-                    return host.to_string();
-                }
-            }
+            let name = std::fs::read_to_string(self.pve_conf(id))
+                .ok()
+                .and_then(|conf| pve_hostname(&conf).map(str::to_string))
+                .unwrap_or_else(|| id.to_string());
+            return Identity {
+                name,
+                ..plain(Runtime::Proxmox)
+            };
         }
-        id.to_string()
+        // The cgroup's own name (raw bytes: `id` may be escaped), without `lxc.payload.`.
+        let Some(raw) = rel.file_name().map(OsStr::as_bytes) else {
+            return plain(Runtime::Lxc);
+        };
+        let raw = OsStr::from_bytes(raw.strip_prefix(b"lxc.payload.").unwrap_or(raw));
+        let Some(runtime) = INSTANCE_DIRS
+            .iter()
+            .find(|(dir, _)| {
+                // Not followed: Incus's entry is a symlink into its storage pool, whose
+                // path is the daemon's and need not resolve under `root`.
+                std::fs::symlink_metadata(kfile::under(&self.root, dir).join(raw)).is_ok()
+            })
+            .map(|&(_, runtime)| runtime)
+        else {
+            return plain(Runtime::Lxc);
+        };
+        match id.split_once('_') {
+            Some((project, name)) if !project.is_empty() && !name.is_empty() => Identity {
+                instance,
+                name: name.to_string(),
+                runtime,
+                project: Some(project.to_string()),
+            },
+            _ => plain(runtime),
+        }
     }
+}
+
+/// Where Incus and LXD keep a container's directory, named as its cgroup without
+/// `lxc.payload.` (`<project>_<name>` outside the default project).
+const INSTANCE_DIRS: &[(&str, Runtime)] = &[
+    ("/var/lib/incus/containers", Runtime::Incus),
+    ("/var/lib/lxd/containers", Runtime::Lxd),
+    ("/var/snap/lxd/common/lxd/containers", Runtime::Lxd),
+];
+
+/// What discovery found out about one appearance of a container.
+#[derive(Debug)]
+struct Identity {
+    instance: u64,
+    name: String,
+    runtime: Runtime,
+    project: Option<String>,
 }
 
 /// The `hostname:` of the current configuration (snapshot sections `[name]` come after it).
@@ -365,6 +420,133 @@ mod tests {
         assert_eq!(got, vec!["\\xff1", "caf\\xe9"]);
         assert!(found.iter().all(|d| h.join(&d.rel).is_dir()));
         assert_eq!(escape_invalid(b"plain"), ("plain".to_string(), false));
+    }
+
+    /// A fixture host: `cgroups` under its hierarchy, `instances` (paths from the root) made.
+    fn host(cgroups: &[&str], instances: &[&str]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("sys/fs/cgroup");
+        mkdirs(&h, cgroups);
+        mkdirs(dir.path(), instances);
+        (dir, h)
+    }
+
+    fn idents(found: &[Discovered]) -> Vec<(&str, &str, Runtime, Option<&str>)> {
+        found
+            .iter()
+            .map(|d| {
+                let project = d.project.as_deref();
+                (d.id.as_str(), d.name.as_str(), d.runtime, project)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incus_containers_in_default_and_other_projects() {
+        let (dir, h) = host(
+            &[
+                "lxc.payload.web",
+                "lxc.payload.p2_peer3",
+                "lxc.monitor.web",
+                "lxc.monitor.p2_peer3",
+                "lxc.payload.plain_one",
+            ],
+            &[
+                "var/lib/incus/containers/web",
+                "var/lib/incus/containers/p2_peer3",
+            ],
+        );
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        assert_eq!(
+            idents(&found),
+            vec![
+                ("p2_peer3", "peer3", Runtime::Incus, Some("p2")),
+                // Not Incus's: an underscore in a plain LXC name is part of the name.
+                ("plain_one", "plain_one", Runtime::Lxc, None),
+                ("web", "web", Runtime::Incus, None),
+            ]
+        );
+        assert_eq!(found[0].rel, PathBuf::from("lxc.payload.p2_peer3"));
+        assert!(found.iter().all(|d| d.flavor == Flavor::Lxc));
+    }
+
+    #[test]
+    fn incus_instance_entry_is_a_symlink_that_need_not_resolve() {
+        // On a real host the entry points into the storage pool by the daemon's path.
+        let (dir, h) = host(&["lxc.payload.p2_c1"], &["var/lib/incus/containers"]);
+        std::os::unix::fs::symlink(
+            "/var/lib/incus/storage-pools/default/containers/p2_c1",
+            dir.path().join("var/lib/incus/containers/p2_c1"),
+        )
+        .unwrap();
+        let found = Discovery::new(&dir.path().join("."), &h).scan().unwrap();
+        assert_eq!(
+            idents(&found),
+            vec![("p2_c1", "c1", Runtime::Incus, Some("p2"))]
+        );
+    }
+
+    #[test]
+    fn lxd_deb_and_snap_layouts() {
+        let (dir, h) = host(
+            &["lxc.payload.a", "lxc.payload.proj_b", "lxc.payload.c"],
+            &[
+                "var/lib/lxd/containers/a",
+                "var/snap/lxd/common/lxd/containers/proj_b",
+            ],
+        );
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        assert_eq!(
+            idents(&found),
+            vec![
+                ("a", "a", Runtime::Lxd, None),
+                ("c", "c", Runtime::Lxc, None),
+                ("proj_b", "b", Runtime::Lxd, Some("proj")),
+            ]
+        );
+    }
+
+    #[test]
+    fn proxmox_stays_proxmox_beside_incus() {
+        let (dir, h) = host(
+            &["lxc/100/ns", "lxc.payload.ct"],
+            &[
+                "var/lib/incus/containers/100",
+                "var/lib/incus/containers/ct",
+            ],
+        );
+        let pve = dir.path().join("etc/pve/lxc");
+        std::fs::create_dir_all(&pve).unwrap();
+        std::fs::write(pve.join("100.conf"), "hostname: pve_web\n").unwrap();
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        assert_eq!(
+            idents(&found),
+            vec![
+                ("100", "pve_web", Runtime::Proxmox, None),
+                ("ct", "ct", Runtime::Incus, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn runtime_is_found_once_per_appearance() {
+        let (dir, h) = host(&["lxc.payload.p_x"], &[]);
+        let mut d = Discovery::new(dir.path(), &h);
+        assert_eq!(idents(&d.scan().unwrap())[0].2, Runtime::Lxc);
+        // Not looked up again while the same cgroup lives.
+        mkdirs(dir.path(), &["var/lib/incus/containers/p_x"]);
+        assert_eq!(
+            idents(&d.scan().unwrap()),
+            vec![("p_x", "p_x", Runtime::Lxc, None)]
+        );
+        // A new appearance (restart: a new cgroup directory) is.
+        mkdirs(&h, &["new"]);
+        std::fs::remove_dir(h.join("lxc.payload.p_x")).unwrap();
+        std::fs::rename(h.join("new"), h.join("lxc.payload.p_x")).unwrap();
+        assert_eq!(
+            idents(&d.scan().unwrap()),
+            vec![("p_x", "x", Runtime::Incus, Some("p"))]
+        );
     }
 
     #[test]
