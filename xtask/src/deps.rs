@@ -48,7 +48,7 @@ pub fn cargo_test(pkg: &str, ebpf: bool, args: &[&str]) -> Command {
     cmd
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
+pub fn dpkg_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()

@@ -38,6 +38,7 @@ pub fn ensure_root() -> Result<()> {
 pub fn run_lxc_tests() -> Result<()> {
     ensure_root()?;
     ensure_lxc_test_deps()?;
+    crate::incus::ensure_incus()?;
     deps::exec(&mut deps::cargo_test(
         "lxcmon-testkit",
         false,

@@ -5,6 +5,7 @@ mod bench;
 mod deb;
 mod deps;
 mod ebpf;
+mod incus;
 mod lxc;
 mod soak;
 mod test;
