@@ -1,7 +1,8 @@
 //! The real-container tests: what they need on the machine, and running them.
 //!
 //! They are `#[ignore]`d in the normal test run (they need root and create LXC containers, a
-//! bridge `lxcmonbr0` and 10.213.77.0/24 on it); `cargo xtask test` runs them explicitly.
+//! bridge `lxcmonbr0` and 10.213.77.0/24 on it; the Incus test an Incus network `lxcmonbr2`
+//! on 10.213.79.0/24); `cargo xtask test` runs them explicitly.
 
 use crate::deps;
 use anyhow::{ensure, Result};
@@ -69,6 +70,14 @@ pub fn run_lxc_tests() -> Result<()> {
         "lxcmon",
         true,
         &[&["--test", "collectors"], deps::ROOT_TESTS].concat(),
+    ))?;
+    // Incus as a third runtime: discovery in a non-default project, and the figures side
+    // by side with Incus's own /1.0/metrics (file readers, as Incus reads the same files).
+    eprintln!("xtask: real Incus containers against Incus's own metrics");
+    deps::exec(&mut deps::cargo_test(
+        "lxcmon",
+        true,
+        &[&["--test", "incus_host"], deps::ROOT_TESTS].concat(),
     ))?;
     // Pinned BPF state of the containers the tests made and removed.
     deps::cargo(&[

@@ -123,6 +123,9 @@ pub struct Container {
     /// The host's address on the lab's bridge.
     pub host_ip: Ipv4Addr,
     rootfs: PathBuf,
+    /// LXC's directory of containers it belongs to (`-P` of the lxc tools): the lab's, or
+    /// Incus's `/var/lib/incus/containers`, whose containers liblxc runs as well.
+    lxcpath: PathBuf,
 }
 
 fn lxc(tool: &str) -> Command {
@@ -155,7 +158,7 @@ fn destroy(name: &str) {
 /// `--once` leaves the host as it is. The lab makes the host a daemon would have made, so the
 /// `--once` tests see I/O: an unlimited rule (`maj:min 0`, which limits nothing) for each whole
 /// disk that has no rule yet.
-fn v1_io_counting_on() -> Result<()> {
+pub(crate) fn v1_io_counting_on() -> Result<()> {
     let rules_path = Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
     if !rules_path.exists() {
         return Ok(());
@@ -193,7 +196,7 @@ fn remove_bridge(bridge: &str) {
     }
 }
 
-const MEMHOG_C: &str = r#"
+pub(crate) const MEMHOG_C: &str = r#"
 /* Holds argv[1] MiB of anonymous memory (every page written), creates the file argv[2] when
  * it is all resident, then sleeps until killed. Built static: the container has no libc. */
 #include <fcntl.h>
@@ -214,7 +217,7 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn build_memhog(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn build_memhog(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let src = dir.join("memhog.c");
     let bin = dir.join("lxcmon-memhog");
@@ -366,6 +369,7 @@ impl Lab {
             layout: self.layout,
             host_ip,
             rootfs,
+            lxcpath: self.lxcpath.clone(),
         };
         let ready = poll(Duration::from_secs(20), || {
             if c.init_pid().is_err() {
@@ -481,6 +485,25 @@ impl Drop for Lab {
 }
 
 impl Container {
+    /// A running container of another manager that liblxc runs (Incus): `name` is its LXC
+    /// name (and cgroup name part), `lxcpath` where its LXC config lives.
+    pub(crate) fn attached(
+        name: String,
+        ip: Ipv4Addr,
+        host_ip: Ipv4Addr,
+        rootfs: PathBuf,
+        lxcpath: PathBuf,
+    ) -> Result<Self> {
+        Ok(Self {
+            name,
+            ip,
+            layout: CgroupLayout::detect()?,
+            host_ip,
+            rootfs,
+            lxcpath,
+        })
+    }
+
     /// The container's cgroup directory for a v1 controller (ignored on v2).
     pub fn cgroup_dir(&self, controller: &str) -> PathBuf {
         let leaf = crate::ct::Flavor::Lxc.cgroup(&self.name);
@@ -498,7 +521,10 @@ impl Container {
     /// Host pid of the container's init.
     pub fn init_pid(&self) -> Result<u32> {
         let out = run_ok(
-            lxc("lxc-info").args(["-n", &self.name, "-p", "-H"]),
+            lxc("lxc-info")
+                .arg("-P")
+                .arg(&self.lxcpath)
+                .args(["-n", &self.name, "-p", "-H"]),
             CMD_TIMEOUT,
         )?;
         out.stdout
@@ -509,7 +535,7 @@ impl Container {
 
     fn attach_cmd(&self, script: &str) -> Command {
         let mut cmd = lxc("lxc-attach");
-        cmd.args([
+        cmd.arg("-P").arg(&self.lxcpath).args([
             "-n",
             &self.name,
             "--clear-env",
@@ -537,7 +563,13 @@ impl Container {
 
     /// Stops the container (the lab still destroys it at the end).
     pub fn stop(&self) -> Result<()> {
-        run_ok(lxc("lxc-stop").args(["-k", "-n", &self.name]), CMD_TIMEOUT)?;
+        run_ok(
+            lxc("lxc-stop")
+                .arg("-P")
+                .arg(&self.lxcpath)
+                .args(["-k", "-n", &self.name]),
+            CMD_TIMEOUT,
+        )?;
         Ok(())
     }
 

@@ -6,6 +6,8 @@
 //!   whose size the test knows exactly, and tears everything down (also leftovers of a crashed
 //!   earlier run).
 //! - [`agent`]: writes an lxcmon config and runs the agent (`--once` or as a daemon).
+//! - [`incus`]: real Incus containers (daemon, network, pool, a local busybox image) and
+//!   Incus's own `/1.0/metrics`.
 //! - [`contract`]: checks an export against `shared/spec/export-formats.md`, field by field.
 //! - [`workload`]: ground truth read fresh from the kernel, and steps whose effect is known.
 //! - [`scenario`]: one daemon held to that truth on every cycle through a timeline of phases.
@@ -15,6 +17,7 @@
 pub mod agent;
 pub mod contract;
 pub mod ct;
+pub mod incus;
 pub mod lab;
 pub mod proc;
 pub mod scenario;
