@@ -91,8 +91,9 @@ fn project_args(project: Option<&str>) -> Vec<String> {
 
 pub struct IncusLab {
     _lock: File,
-    /// The daemon this lab started (stopped on drop); `None` when it ran already.
-    daemon: Option<Child>,
+    /// The daemon this lab (or a crashed earlier run) started, stopped on drop; `None` when
+    /// it was someone else's.
+    daemon: Option<Ours>,
     created_network: bool,
     created_pool: bool,
     projects: Vec<String>,
@@ -134,9 +135,12 @@ impl IncusLab {
             image: String::new(),
             next_host: 10,
         };
-        if !daemon_ready(1) {
-            lab.daemon = Some(start_daemon()?);
-        }
+        lab.daemon = if daemon_ready(1) {
+            // Left running by an earlier run that crashed: still the suite's to stop.
+            leftover_daemon().map(Ours::Leftover)
+        } else {
+            Some(Ours::Child(start_daemon()?))
+        };
         for (project, name) in leftovers {
             let mut args = vec!["delete".to_string(), "--force".into(), name.to_string()];
             args.extend(project_args(*project));
@@ -303,10 +307,26 @@ impl Drop for IncusLab {
                 eprintln!("testkit: deleting Incus pool {POOL}: {e:#}");
             }
         }
-        if let Some(mut child) = self.daemon.take() {
-            stop_daemon(&mut child);
+        if let Some(ours) = self.daemon.take() {
+            stop_daemon(ours);
         }
     }
+}
+
+/// An incusd the suite started: this run's child, or an earlier run's (by its pid file).
+enum Ours {
+    Child(Child),
+    Leftover(i32),
+}
+
+/// The pid of the incusd the suite started, while it runs (it is stopped at the end of a
+/// run; a file left by a crash names it so the next run stops it).
+const PID_FILE: &str = "/run/lxcmon-testkit-incusd.pid";
+
+fn leftover_daemon() -> Option<i32> {
+    let pid: i32 = fs::read_to_string(PID_FILE).ok()?.trim().parse().ok()?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    (exe == Path::new(INCUSD)).then_some(pid)
 }
 
 /// Starts incusd as the packaged `startup` script would (its log in /var/log/incus).
@@ -329,23 +349,40 @@ fn start_daemon() -> Result<Child> {
         let _ = child.wait();
         bail!("incusd did not get ready in 30 s (see /var/log/incus/incus.log)");
     }
+    fs::write(PID_FILE, child.id().to_string()).with_context(|| format!("writing {PID_FILE}"))?;
     Ok(child)
 }
 
 /// `incusd shutdown` (it stops its instances and exits), then a kill if it has not.
-fn stop_daemon(child: &mut Child) {
+fn stop_daemon(ours: Ours) {
     let _ = run_timeout(
         Command::new(INCUSD).args(["shutdown", "--timeout=30"]),
         Duration::from_secs(40),
     );
-    let gone = poll(Duration::from_secs(10), || {
-        Ok(child.try_wait().ok().flatten().map(|_| ()))
-    });
-    if !matches!(gone, Ok(Some(()))) {
-        eprintln!("testkit: incusd did not exit after `incusd shutdown`: killing it");
-        let _ = child.kill();
-        let _ = child.wait();
+    match ours {
+        Ours::Child(mut child) => {
+            let gone = poll(Duration::from_secs(10), || {
+                Ok(child.try_wait().ok().flatten().map(|_| ()))
+            });
+            if !matches!(gone, Ok(Some(()))) {
+                eprintln!("testkit: incusd did not exit after `incusd shutdown`: killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        Ours::Leftover(pid) => {
+            let proc_dir = format!("/proc/{pid}");
+            let gone = poll(Duration::from_secs(10), || {
+                Ok((!Path::new(&proc_dir).exists()).then_some(()))
+            });
+            if !matches!(gone, Ok(Some(()))) {
+                if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+        }
     }
+    let _ = fs::remove_file(PID_FILE);
 }
 
 /// FNV-1a: a stable hash of the image's recipe (std's hasher may change between releases).
