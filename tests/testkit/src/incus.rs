@@ -206,6 +206,11 @@ impl IncusLab {
         Ok(())
     }
 
+    /// Whether the lab started incusd (then no other client shares its metrics cache).
+    pub fn started_daemon(&self) -> bool {
+        self.daemon.is_some()
+    }
+
     /// Whether the lab made the network (and removes it, with its bridge, when dropped).
     pub fn created_network(&self) -> bool {
         self.created_network
