@@ -274,6 +274,32 @@ impl IncusLab {
             "ip link set eth0 up && ip addr add {ip}/24 dev eth0 && ip -4 addr show eth0"
         ))
         .with_context(|| format!("configuring {ip} in {lxc}"))?;
+        // Permanent neighbour entries on both sides: no ARP probes after the workloads, so
+        // the counters hold still while Incus and lxcmon read them.
+        let br_mac = fs::read_to_string(format!("/sys/class/net/{BRIDGE}/address"))
+            .with_context(|| format!("reading {BRIDGE}'s address"))?;
+        let ct_mac = ct.sh("cat /sys/class/net/eth0/address")?;
+        ct.sh(&format!(
+            "arp -i eth0 -s {}.{}.{}.1 {}",
+            a,
+            b,
+            c,
+            br_mac.trim()
+        ))?;
+        run_ok(
+            Command::new("ip").args([
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                ct_mac.trim(),
+                "dev",
+                BRIDGE,
+                "nud",
+                "permanent",
+            ]),
+            CMD_TIMEOUT,
+        )?;
         Ok(Instance {
             project: project.map(str::to_string),
             name: name.to_string(),
