@@ -6,7 +6,9 @@
 //! Root, a v1 `pids` and `cpuacct` hierarchy (this host is hybrid); run under the lab's lock:
 //! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --test v1_pid_list_host -- --ignored`.
 
+use lxcmon::readers::cgroup::details::DetailOptions;
 use lxcmon::readers::cgroup::{CgroupReader, Layout, Mode};
+use lxcmon::readers::sysfs::DeviceFilter;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -59,9 +61,9 @@ fn v1_process_count_follows_every_read_at_a_short_interval() {
         lab.dirs.push(dir);
     }
     let procs = pids_root.join(&rel).join("cgroup.procs");
-    let mut reader = CgroupReader::open(&layout, &rel, None).unwrap();
+    let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::NONE).unwrap();
     let mut scratch = lxcmon::readers::cgroup::Scratch::default();
-    let mut read = || reader.sample(None, &mut scratch).unwrap().processes;
+    let mut read = || reader.sample(&DeviceFilter::none(), false, &mut scratch).unwrap().processes;
     assert_eq!(read(), 0);
 
     // (step, processes live in the cgroup after it); each read 0.2 s after the previous one,

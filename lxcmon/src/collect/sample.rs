@@ -189,6 +189,18 @@ impl Sampler {
     pub fn reconfigure(&mut self, devices: DeviceFilter, options: Options) {
         let init_files = (options.network, options.filesystem)
             != (self.options.network, self.options.filesystem);
+        if options.details != self.options.details {
+            for st in self.states.values_mut() {
+                let Some(files) = st.files.as_mut() else {
+                    continue;
+                };
+                if let Err(e) = files.cgroup.set_details(options.details) {
+                    // Opened afresh at the next sample, as after a failed read.
+                    tracing::debug!(error = %Chain(&e), "reopening a container's files");
+                    st.files = None;
+                }
+            }
+        }
         self.devices = devices;
         self.options = options;
         if init_files {
@@ -362,7 +374,7 @@ impl Ctx<'_> {
         let net = self.options.net_files || fresh || always;
         let mut cgroup = files
             .cgroup
-            .sample(io.then_some(self.devices), scratch)
+            .sample(self.devices, io, scratch)
             .map_err(SampleError::from_read)?;
         if !self.options.swap {
             cgroup.swap_bytes = 0;
@@ -412,8 +424,13 @@ impl Ctx<'_> {
     /// Opens the container's cgroup files, then checks they belong to the instance discovery
     /// saw: a container restarted in between has a new cgroup directory.
     fn open_files(&self, d: &Discovered) -> Result<Files, SampleError> {
-        let cgroup = CgroupReader::open(self.layout, &d.rel, self.watcher.cloned())
-            .map_err(SampleError::from_read)?;
+        let cgroup = CgroupReader::open(
+            self.layout,
+            &d.rel,
+            self.watcher.cloned(),
+            self.options.details,
+        )
+        .map_err(SampleError::from_read)?;
         if let Some(primary) = self.layout.primary() {
             let dir = primary.join(&d.rel);
             let meta = std::fs::metadata(&dir)

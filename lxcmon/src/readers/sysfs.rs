@@ -12,6 +12,8 @@ pub struct DeviceFilter {
     dev_block: PathBuf,
     prefixes: Vec<String>,
     verdicts: RwLock<HashMap<(u32, u32), bool>>,
+    /// Names for the per-device figures, resolved once per device like the verdicts.
+    labels: RwLock<HashMap<(u32, u32), String>>,
 }
 
 impl DeviceFilter {
@@ -20,6 +22,7 @@ impl DeviceFilter {
             dev_block: kfile::under(root, "/sys/dev/block"),
             prefixes: prefixes.iter().filter(|p| !p.is_empty()).cloned().collect(),
             verdicts: RwLock::new(HashMap::new()),
+            labels: RwLock::new(HashMap::new()),
         }
     }
 
@@ -48,6 +51,21 @@ impl DeviceFilter {
     pub fn name(&self, (major, minor): (u32, u32)) -> Option<String> {
         let link = std::fs::read_link(self.dev_block.join(format!("{major}:{minor}"))).ok()?;
         link.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// The device's name for its per-device figures (cached), `major:minor` where
+    /// `/sys/dev/block` has none.
+    pub fn label(&self, dev: (u32, u32)) -> String {
+        if let Some(l) = self.labels.read().ok().and_then(|m| m.get(&dev).cloned()) {
+            return l;
+        }
+        let label = self
+            .name(dev)
+            .unwrap_or_else(|| format!("{}:{}", dev.0, dev.1));
+        if let Ok(mut m) = self.labels.write() {
+            m.insert(dev, label.clone());
+        }
+        label
     }
 
     pub fn excludes_name(&self, name: &str) -> bool {
@@ -112,6 +130,11 @@ pub(crate) mod tests {
         assert!(!f.is_excluded((254, 0)));
         assert!(!f.is_excluded((8, 16)), "unknown devices are counted");
         assert_eq!(f.name((254, 0)).as_deref(), Some("vda"));
+        assert_eq!(f.label((254, 0)), "vda");
+        assert_eq!(f.label((8, 16)), "8:16", "no name: the numbers");
+        // Cached: a link removed later does not change the name given.
+        std::fs::remove_file(dir.path().join("sys/dev/block/254:0")).unwrap();
+        assert_eq!(f.label((254, 0)), "vda");
         assert!(!DeviceFilter::none().is_excluded((7, 0)));
     }
 
