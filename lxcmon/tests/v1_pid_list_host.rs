@@ -63,7 +63,12 @@ fn v1_process_count_follows_every_read_at_a_short_interval() {
     let procs = pids_root.join(&rel).join("cgroup.procs");
     let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::NONE).unwrap();
     let mut scratch = lxcmon::readers::cgroup::Scratch::default();
-    let mut read = || reader.sample(&DeviceFilter::none(), false, &mut scratch).unwrap().processes;
+    let mut read = || {
+        reader
+            .sample(&DeviceFilter::none(), false, &mut scratch)
+            .unwrap()
+            .processes
+    };
     assert_eq!(read(), 0);
 
     // (step, processes live in the cgroup after it); each read 0.2 s after the previous one,

@@ -5,6 +5,8 @@
 //! come from the v1 controllers, and the v2 tree, where mounted, only names the cgroup for BPF.
 
 pub mod details;
+#[cfg(test)]
+mod fixture_tests;
 pub mod subtree;
 pub mod v1;
 pub mod v2;

@@ -2,8 +2,8 @@
 //! details: `*.pressure`, `memory.events`, `memory.swap.events`.
 
 use super::details::{
-    self, first_time, v2_breakdown, v2_memory_events, v2_swap_events, DetailOptions, Details, DeviceIo,
-    PressureFiles, Throttling, V2_STAT_KEYS,
+    self, first_time, v2_breakdown, v2_memory_events, v2_swap_events, DetailOptions, Details,
+    DeviceIo, PressureFiles, Throttling, V2_STAT_KEYS,
 };
 use super::subtree::{PidList, Subtree, Watcher};
 use super::{read_io, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
@@ -148,8 +148,10 @@ impl Reader {
         let mut details = Details::default();
         let buf = &mut scratch.buf;
         let cpu = self.cpu_stat.read(buf)?;
-        let [usage, periods, throttled, throttled_us] =
-            keyed_values(cpu, ["usage_usec", "nr_periods", "nr_throttled", "throttled_usec"]);
+        let [usage, periods, throttled, throttled_us] = keyed_values(
+            cpu,
+            ["usage_usec", "nr_periods", "nr_throttled", "throttled_usec"],
+        );
         let cpu_usage_ns = usage
             .ok_or_else(|| ReadError::parse(self.cpu_stat.path(), "no usage_usec"))?
             .saturating_mul(1000);
@@ -202,9 +204,8 @@ impl Reader {
         )?;
         let own = OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io);
         let limit_files = &self.limit_files;
-        self.shared.finish(own, details, scratch, |buf| {
-            limit_files.read(buf, options)
-        })
+        self.shared
+            .finish(own, details, scratch, |buf| limit_files.read(buf, options))
     }
 }
 
@@ -349,6 +350,9 @@ mod tests {
                 write: 8194
             }
         );
-        assert_eq!(parse_io_stat("", &DeviceFilter::none(), None), IoBytes::default());
+        assert_eq!(
+            parse_io_stat("", &DeviceFilter::none(), None),
+            IoBytes::default()
+        );
     }
 }
