@@ -6,7 +6,7 @@ use super::LIMITS_TTL;
 use crate::readers::kfile::{keyed_values, KFile, ReadError};
 use crate::readers::sysfs::DeviceFilter;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 /// Cumulative stall time of one resource: the `total=` fields of its `*.pressure` file, in
@@ -44,8 +44,9 @@ pub struct Throttling {
 pub struct MemoryEvents {
     /// v2 `high`: times reclaim was forced by `memory.high`.
     pub high: Option<u64>,
-    /// v2 `max`: times usage was about to exceed `memory.max`; v1 `memory.failcnt` (times
-    /// a charge hit the limit).
+    /// v2 `max`: times usage was about to exceed `memory.max`; v1 `memory.failcnt` +
+    /// `memory.memsw.failcnt` (times a charge hit the memory or the memory+swap limit: a
+    /// container without swap has both limits equal, and its hits land on memsw).
     pub max: Option<u64>,
     /// v2 `oom`: times the OOM killer was invoked (allocation failing at the limit).
     pub oom: Option<u64>,
@@ -130,17 +131,25 @@ pub struct Details {
     pub devices: Vec<DeviceIo>,
 }
 
-/// Says once per agent (not per cycle, not per container) why a figure is absent: `key`
-/// names the reason; the first caller for it gets `true`.
-pub(super) fn first_time(key: &'static str) -> bool {
-    static SAID: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
-    if said.contains(&key) {
-        false
-    } else {
-        said.push(key);
-        true
-    }
+/// Why a figure is absent, said once per agent (not per cycle, not per container).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Absent {
+    PsiNoUnified,
+    PsiFiles,
+    PsiLost,
+    V1Throttling,
+    V1Kmem,
+    V1OomKill,
+    V2MemoryEvents,
+    V2Throttling,
+}
+
+/// `true` the first time `why` is asked about: the caller logs then. One relaxed load on
+/// the paths that ask every cycle.
+pub(super) fn first_time(why: Absent) -> bool {
+    static SAID: AtomicU32 = AtomicU32::new(0);
+    let bit = 1u32 << why as u32;
+    SAID.load(Ordering::Relaxed) & bit == 0 && SAID.fetch_or(bit, Ordering::Relaxed) & bit == 0
 }
 
 /// The error and its cause in one line (readers log without the agent's `Chain`).
@@ -195,7 +204,7 @@ impl PressureFiles {
     /// `psi=0`, a cgroup with `cgroup.pressure` 0, no cgroup in the unified tree).
     pub(super) fn open(dir: Option<PathBuf>) -> Result<Option<Self>, ReadError> {
         let Some(dir) = dir else {
-            if first_time("psi-no-unified") {
+            if first_time(Absent::PsiNoUnified) {
                 tracing::info!("pressure (PSI) figures are absent: no cgroup v2 tree for the containers (pure cgroup v1)");
             }
             return Ok(None);
@@ -205,7 +214,7 @@ impl PressureFiles {
             *slot = KFile::open_optional(dir.join(name))?;
         }
         if files.iter().all(Option::is_none) {
-            if first_time("psi-absent") {
+            if first_time(Absent::PsiFiles) {
                 tracing::info!(dir = %dir.display(), "pressure (PSI) figures are absent: no *.pressure files (kernel without PSI, booted with psi=0, cgroup.pressure 0, or no cgroup in the v2 tree)");
             }
             return Ok(None);
@@ -240,7 +249,7 @@ impl PressureFiles {
             match f.read(buf) {
                 Ok(text) => out[i] = parse_pressure(text),
                 Err(e) => {
-                    if first_time("psi-lost") {
+                    if first_time(Absent::PsiLost) {
                         tracing::info!(error = %why(&e), "a pressure (PSI) file stopped reading (cgroup.pressure set to 0?): that figure is absent until it reads again");
                     }
                     *slot = None;

@@ -191,12 +191,16 @@ pub struct Limits {
     pub cpuset_cpus: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub swap_bytes: Option<u64>,
-    /// The CFS quota and period as configured (µs); the quota `None` when unlimited.
+    /// The CFS quota and period as configured (µs; v2 `cpu.max`, v1 `cpu.cfs_quota_us` and
+    /// `cpu.cfs_period_us`); the quota `None` when unlimited. Both `None` with the throttling
+    /// figures off.
     pub cpu_quota_us: Option<u64>,
     pub cpu_period_us: Option<u64>,
-    /// v2 `memory.high` (throttling threshold below `memory.max`); `None` when `max`.
+    /// v2 `memory.high` (throttling threshold below `memory.max`); `None` when `max`, on v1,
+    /// or with the memory details off.
     pub memory_high_bytes: Option<u64>,
-    /// `pids.max`; `None` when `max`.
+    /// `pids.max`; `None` when `max` or with the memory details off (`enable_memory_details`
+    /// covers the extra limits).
     pub pids_max: Option<u64>,
 }
 

@@ -2,8 +2,8 @@
 //! pressure (PSI) from the container's directory in the unified tree on hybrid hosts.
 
 use super::details::{
-    self, first_time, v1_breakdown, DetailOptions, Details, DeviceIo, MemoryEvents, PressureFiles,
-    Throttling, V1_STAT_KEYS,
+    self, first_time, v1_breakdown, Absent, DetailOptions, Details, DeviceIo, MemoryEvents,
+    PressureFiles, Throttling, V1_STAT_KEYS,
 };
 use super::subtree::{PidList, Subtree, Watcher};
 use super::{read_io, IoBytes, Layout, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
@@ -103,13 +103,13 @@ impl DetailFiles {
             false => None,
         };
         let cpu_stat = open_in(&dirs.cpu, options.throttling, "cpu.stat")?;
-        if options.throttling && cpu_stat.is_none() && first_time("v1-throttling") {
+        if options.throttling && cpu_stat.is_none() && first_time(Absent::V1Throttling) {
             tracing::info!(
                 "CPU throttling figures are absent: no cpu.stat in the v1 cpu controller"
             );
         }
         let kmem_usage = open_in(&dirs.memory, mem, "memory.kmem.usage_in_bytes")?;
-        if mem && dirs.memory.is_some() && kmem_usage.is_none() && first_time("v1-kmem") {
+        if mem && dirs.memory.is_some() && kmem_usage.is_none() && first_time(Absent::V1Kmem) {
             tracing::info!("kernel memory is absent: no memory.kmem.usage_in_bytes (v1 kernel memory accounting off)");
         }
         Ok(Self {
@@ -134,7 +134,7 @@ impl DetailFiles {
         let oom_kill = match &self.oom_control {
             Some(f) => {
                 let v = keyed_value(f.read(buf)?, "oom_kill");
-                if v.is_none() && first_time("v1-oom-kill") {
+                if v.is_none() && first_time(Absent::V1OomKill) {
                     tracing::info!("the OOM kill count is absent: memory.oom_control has no oom_kill line (kernel before 4.13)");
                 }
                 v

@@ -2,8 +2,8 @@
 //! details: `*.pressure`, `memory.events`, `memory.swap.events`.
 
 use super::details::{
-    self, first_time, v2_breakdown, v2_memory_events, v2_swap_events, DetailOptions, Details,
-    DeviceIo, PressureFiles, Throttling, V2_STAT_KEYS,
+    self, first_time, v2_breakdown, v2_memory_events, v2_swap_events, Absent, DetailOptions,
+    Details, DeviceIo, PressureFiles, Throttling, V2_STAT_KEYS,
 };
 use super::subtree::{PidList, Subtree, Watcher};
 use super::{read_io, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
@@ -65,7 +65,7 @@ impl DetailFiles {
             false => None,
         };
         let memory_events = opt(options.memory_details, "memory.events")?;
-        if options.memory_details && memory_events.is_none() && first_time("v2-memory-events") {
+        if options.memory_details && memory_events.is_none() && first_time(Absent::V2MemoryEvents) {
             tracing::info!(dir = %dir.display(), "memory events (limit hits, OOM kills) are absent: no memory.events (memory controller not enabled for the container)");
         }
         Ok(Self {
@@ -157,7 +157,7 @@ impl Reader {
             .saturating_mul(1000);
         if options.throttling {
             details.throttling = throttling(periods, throttled, throttled_us);
-            if details.throttling.is_none() && first_time("v2-throttling") {
+            if details.throttling.is_none() && first_time(Absent::V2Throttling) {
                 tracing::info!(file = %self.cpu_stat.path().display(), "CPU throttling figures are absent: cpu.stat has no nr_periods (cpu controller not enabled for the container)");
             }
         }
