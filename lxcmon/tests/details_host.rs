@@ -104,6 +104,19 @@ fn details_on_the_real_kernel() {
     let status = Command::new("sh").arg("-c").arg(&script).status().unwrap();
     assert!(status.success());
     let after = reader.sample(&devices, true, &mut scratch).unwrap();
+    // What this kernel's files hold, for the README.
+    for f in [
+        memory.join("memory.failcnt"),
+        memory.join("memory.memsw.failcnt"),
+        memory.join("memory.oom_control"),
+        memory.join("memory.kmem.usage_in_bytes"),
+        cpu.join("cpu.stat"),
+        udir.join("cpu.pressure"),
+        udir.join("memory.pressure"),
+        udir.join("io.pressure"),
+    ] {
+        println!("{}: {:?}", f.display(), std::fs::read_to_string(&f));
+    }
     println!("after: {:#?}\n{:#?}", after.details, after.limits);
 
     let (b, a) = (&before.details, &after.details);

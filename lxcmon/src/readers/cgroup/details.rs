@@ -197,6 +197,8 @@ pub(super) struct PressureFiles {
     /// lost file is opened again, at most every [`LIMITS_TTL`].
     lost: [bool; 3],
     lost_at: Option<Instant>,
+    /// How long a lost file waits to be opened again ([`LIMITS_TTL`]).
+    retry: std::time::Duration,
 }
 
 impl PressureFiles {
@@ -224,13 +226,14 @@ impl PressureFiles {
             files,
             lost: [false; 3],
             lost_at: None,
+            retry: LIMITS_TTL,
         }))
     }
 
     /// A file that fails to read gives `None` for its resource, never an error for the
     /// container (the other figures of the cgroup say whether it is gone).
     pub(super) fn read(&mut self, buf: &mut Vec<u8>) -> Pressure {
-        if self.lost_at.is_some_and(|at| at.elapsed() >= LIMITS_TTL) {
+        if self.lost_at.is_some_and(|at| at.elapsed() >= self.retry) {
             self.lost_at = None;
             for ((slot, lost), name) in self.files.iter_mut().zip(&mut self.lost).zip(PSI) {
                 if *lost {
@@ -381,4 +384,56 @@ pub(super) fn device_entry<'a>(
         }
     };
     &mut devices[i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PSI file that stops reading (ENODEV on the real kernel when `cgroup.pressure` goes
+    /// to 0; a directory here, which fails any read) gives `None`, not an error, and is
+    /// opened again once it is back.
+    #[test]
+    fn lost_pressure_file_is_absent_then_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cpu.pressure")).unwrap();
+        std::fs::write(
+            dir.path().join("io.pressure"),
+            "some total=3\nfull total=1\n",
+        )
+        .unwrap();
+        let mut p = PressureFiles::open(Some(dir.path().to_path_buf()))
+            .unwrap()
+            .unwrap();
+        let mut buf = Vec::new();
+        let first = p.read(&mut buf);
+        assert_eq!((first.cpu, first.memory), (None, None));
+        assert_eq!(
+            first.io,
+            Some(Stall {
+                some_us: 3,
+                full_us: Some(1)
+            })
+        );
+        std::fs::remove_dir(dir.path().join("cpu.pressure")).unwrap();
+        std::fs::write(dir.path().join("cpu.pressure"), "some total=8\n").unwrap();
+        assert_eq!(p.read(&mut buf).cpu, None, "not before the retry time");
+        p.retry = std::time::Duration::ZERO;
+        assert_eq!(
+            p.read(&mut buf).cpu,
+            Some(Stall {
+                some_us: 8,
+                full_us: None
+            })
+        );
+        assert!(p.lost_at.is_none());
+        // memory.pressure was never there: not retried, still absent.
+        assert_eq!(p.read(&mut buf).memory, None);
+
+        let empty = tempfile::tempdir().unwrap();
+        assert!(PressureFiles::open(Some(empty.path().to_path_buf()))
+            .unwrap()
+            .is_none());
+        assert!(PressureFiles::open(None).unwrap().is_none());
+    }
 }
