@@ -140,8 +140,8 @@ fn details_on_the_real_kernel() {
         b.memory_events.oom_kill.unwrap() + 1,
         "one process killed"
     );
-    // With memory+swap at the memory limit the charge fails on memsw first, and this kernel
-    // (6.15+) keeps no failcnt for memsw: the limit hit is not counted anywhere in v1.
+    // With memory+swap at the memory limit the charge fails on memsw first, and recent
+    // kernels (6.18 here) keep no failcnt for memsw: the limit hit is not counted anywhere in v1.
     println!(
         "limit hits with memsw == memory limit: {:?} -> {:?}",
         b.memory_events.max, a.memory_events.max

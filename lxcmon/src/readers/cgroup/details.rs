@@ -45,8 +45,10 @@ pub struct MemoryEvents {
     /// v2 `high`: times reclaim was forced by `memory.high`.
     pub high: Option<u64>,
     /// v2 `max`: times usage was about to exceed `memory.max`; v1 `memory.failcnt` +
-    /// `memory.memsw.failcnt` (times a charge hit the memory or the memory+swap limit: a
-    /// container without swap has both limits equal, and its hits land on memsw).
+    /// `memory.memsw.failcnt` (times a charge hit the memory or the memory+swap limit). A v1
+    /// container without swap has both limits equal and its hits land on memsw, which recent
+    /// kernels no longer count (`track_failcnt` is off for memsw; seen on this host's 6.18):
+    /// there v1 under-reports, while `oom_kill` stays exact.
     pub max: Option<u64>,
     /// v2 `oom`: times the OOM killer was invoked (allocation failing at the limit).
     pub oom: Option<u64>,
