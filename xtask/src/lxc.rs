@@ -45,12 +45,15 @@ pub fn run_lxc_tests() -> Result<()> {
         false,
         &[&["--test", "harness"], deps::ROOT_TESTS].concat(),
     ))?;
-    // The v1 pid list read every 0.2 s on this host's own hierarchy (no containers needed).
-    deps::exec(&mut deps::cargo_test(
-        "lxcmon",
-        true,
-        &[&["--test", "v1_pid_list_host"], deps::ROOT_TESTS].concat(),
-    ))?;
+    // The v1 pid list read every 0.2 s on this host's own hierarchy, and the cgroup details
+    // (throttling, pressure, OOM kills, per device) on cgroups the tests make (no containers).
+    for test in ["v1_pid_list_host", "details_host"] {
+        deps::exec(&mut deps::cargo_test(
+            "lxcmon",
+            true,
+            &[&["--test", test], deps::ROOT_TESTS].concat(),
+        ))?;
+    }
     for collector in ["files", "ebpf"] {
         // `--once` checks, then one daemon per run held to ground truth on every cycle (its
         // `soak` test runs the scenario once here; `cargo xtask soak` loops it for an hour).
