@@ -22,6 +22,7 @@ use discovery::Discovered;
 use discovery::{Discovery, DiscoveryError};
 use host::{HostFacts, HostFiles};
 use sample::{ContainerSample, Options, Sampler};
+use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,27 @@ pub struct Collector {
     kernel: Option<bpf::counters::KernelCounters>,
     subsecond: bool,
     root: std::path::PathBuf,
+    /// Containers mounting each filesystem (`major:minor`) this cycle, kept for its capacity.
+    dev_users: HashMap<(u32, u32), u32>,
+}
+
+/// Marks `shared` each filesystem that more than one container mounts: its figures are not
+/// one container's. `users` is scratch space.
+fn mark_shared_mounts(samples: &mut [ContainerSample], users: &mut HashMap<(u32, u32), u32>) {
+    users.clear();
+    for s in samples.iter() {
+        for (i, m) in s.mounts.iter().enumerate() {
+            // Once per container: two subdirectories of one filesystem are one user.
+            if !s.mounts[..i].iter().any(|o| o.dev == m.dev) {
+                *users.entry(m.dev).or_default() += 1;
+            }
+        }
+    }
+    for m in samples.iter_mut().flat_map(|s| s.mounts.iter_mut()) {
+        if users.get(&m.dev).is_some_and(|&n| n > 1) {
+            m.shared = true;
+        }
+    }
 }
 
 /// (network, block I/O): whether the file readers supply each every cycle.
@@ -195,6 +217,7 @@ impl Collector {
             kernel,
             subsecond: m.check_interval < std::time::Duration::from_secs(1),
             root: root.to_path_buf(),
+            dev_users: HashMap::new(),
         })
     }
 
@@ -270,6 +293,7 @@ impl Collector {
                 }
             }
         }
+        mark_shared_mounts(&mut sampled.containers, &mut self.dev_users);
         Ok(Collected {
             started,
             discovered,
@@ -289,6 +313,66 @@ impl Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_mounts(id: &str, mounts: &[((u32, u32), bool)]) -> ContainerSample {
+        ContainerSample {
+            id: id.into(),
+            name: id.into(),
+            instance: 1,
+            init_started: None,
+            at: std::time::Instant::now(),
+            cgroup: Default::default(),
+            net_rx: 0,
+            net_tx: 0,
+            fs: Default::default(),
+            interfaces: Vec::new(),
+            mounts: mounts
+                .iter()
+                .map(|&(dev, shared)| crate::readers::mounts::MountUsage {
+                    dev,
+                    shared,
+                    ..Default::default()
+                })
+                .collect(),
+            runtime: discovery::Runtime::Lxc,
+            project: None,
+            fresh: false,
+            net_source: Default::default(),
+            io_source: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_filesystem_two_containers_mount_is_shared() {
+        let mut samples = vec![
+            // Its own disk, and one also in b.
+            with_mounts("a", &[((253, 1), false), ((253, 9), false)]),
+            with_mounts("b", &[((253, 2), false), ((253, 9), false)]),
+            // Two subdirectories of one filesystem (already shared) in one container only.
+            with_mounts("c", &[((8, 1), true), ((8, 1), true), ((253, 3), false)]),
+        ];
+        let mut users = HashMap::new();
+        mark_shared_mounts(&mut samples, &mut users);
+        let shared: Vec<Vec<bool>> = samples
+            .iter()
+            .map(|s| s.mounts.iter().map(|m| m.shared).collect())
+            .collect();
+        assert_eq!(
+            shared,
+            [
+                vec![false, true],
+                vec![false, true],
+                vec![true, true, false]
+            ]
+        );
+        // The next cycle starts from no users: b stopped, a's second disk is its own now.
+        samples.remove(1);
+        for m in samples.iter_mut().flat_map(|s| s.mounts.iter_mut()) {
+            m.shared = false;
+        }
+        mark_shared_mounts(&mut samples, &mut users);
+        assert!(!samples[0].mounts[1].shared);
+    }
 
     #[test]
     fn an_error_prints_its_cause_once() {

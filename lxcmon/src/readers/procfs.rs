@@ -25,6 +25,10 @@ pub fn find_init(root: &Path, pids: &[u32], buf: &mut Vec<u8>) -> Option<u32> {
 }
 
 /// One interface's counters from `/proc/<pid>/net/dev`, as the container sees them.
+///
+/// These are the kernel's counters of one interface *instance*: an interface that is deleted
+/// and created again under the same name starts again from 0 (as node_exporter's do). Only the
+/// totals ([`NetTotals`]) keep a vanished interface's bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InterfaceCounters {
     pub name: String,
@@ -60,12 +64,32 @@ struct Interface {
 impl NetTotals {
     /// Folds in a fresh `/proc/<pid>/net/dev`.
     pub fn update(&mut self, net_dev: &str) {
+        self.update_with(net_dev, None);
+    }
+
+    /// Folds in a fresh `/proc/<pid>/net/dev` and, in the same pass over the text, replaces
+    /// `per_interface` (when given) with each non-loopback interface's counters, in the
+    /// file's order.
+    pub fn update_with(
+        &mut self,
+        net_dev: &str,
+        mut per_interface: Option<&mut Vec<InterfaceCounters>>,
+    ) {
+        if let Some(out) = per_interface.as_deref_mut() {
+            out.clear();
+        }
         for iface in &mut self.interfaces {
             iface.seen = false;
         }
-        for (name, rx, tx) in parse_net_dev(net_dev) {
+        for line in net_dev_lines(net_dev) {
+            let (name, rx, tx) = (line.name, line.rx_bytes, line.tx_bytes);
             if name == "lo" {
                 continue;
+            }
+            if let Some(out) = per_interface.as_deref_mut() {
+                if let Some(c) = line.counters() {
+                    out.push(c);
+                }
             }
             match self.interfaces.iter_mut().find(|i| i.name == name) {
                 Some(iface) => {
@@ -105,17 +129,74 @@ impl NetTotals {
     pub fn tx(&self) -> u64 {
         self.retired_tx + self.interfaces.iter().map(|i| i.tx).sum::<u64>()
     }
+
+    /// Interfaces seen in the last update (loopback excluded).
+    pub fn interface_count(&self) -> usize {
+        self.interfaces.len()
+    }
+}
+
+/// One line of `/proc/net/dev`: the name, both byte counters, and the rest of the fields.
+struct NetDevLine<'a> {
+    name: &'a str,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    /// The 16 counter fields where all of them parsed (a per-interface figure needs them).
+    fields: Option<[u64; 16]>,
+}
+
+impl NetDevLine<'_> {
+    fn counters(&self) -> Option<InterfaceCounters> {
+        // Receive: bytes packets errs drop fifo frame compressed multicast; Transmit: bytes
+        // packets errs drop fifo colls carrier compressed.
+        let f = self.fields?;
+        Some(InterfaceCounters {
+            name: self.name.to_string(),
+            rx_bytes: f[0],
+            rx_packets: f[1],
+            rx_errors: f[2],
+            rx_drops: f[3],
+            tx_bytes: f[8],
+            tx_packets: f[9],
+            tx_errors: f[10],
+            tx_drops: f[11],
+        })
+    }
+}
+
+/// The interface lines of `/proc/net/dev` (the two header lines have no number after `:`).
+fn net_dev_lines(text: &str) -> impl Iterator<Item = NetDevLine<'_>> {
+    text.lines().filter_map(|line| {
+        // Wide counters can touch the colon (`eth0:123`); names never hold one.
+        let (name, counters) = line.split_once(':')?;
+        let mut all = [0u64; 16];
+        let mut n = 0;
+        for (slot, field) in all.iter_mut().zip(counters.split_whitespace()) {
+            *slot = field.parse().ok()?;
+            n += 1;
+        }
+        if n < 9 {
+            return None;
+        }
+        Some(NetDevLine {
+            name: name.trim(),
+            rx_bytes: all[0],
+            tx_bytes: all[8],
+            fields: (n == 16).then_some(all),
+        })
+    })
 }
 
 /// `(interface, rx_bytes, tx_bytes)` for each line of `/proc/net/dev`.
 pub fn parse_net_dev(text: &str) -> impl Iterator<Item = (&str, u64, u64)> {
-    text.lines().filter_map(|line| {
-        let (name, counters) = line.split_once(':')?;
-        let mut fields = counters.split_whitespace();
-        let rx = fields.next()?.parse().ok()?;
-        let tx = fields.nth(7)?.parse().ok()?;
-        Some((name.trim(), rx, tx))
-    })
+    net_dev_lines(text).map(|l| (l.name, l.rx_bytes, l.tx_bytes))
+}
+
+/// Each non-loopback interface's counters in `/proc/<pid>/net/dev`, in the file's order.
+pub fn parse_interfaces(text: &str) -> impl Iterator<Item = InterfaceCounters> + '_ {
+    net_dev_lines(text)
+        .filter(|l| l.name != "lo")
+        .filter_map(|l| l.counters())
 }
 
 /// When the host booted (`btime` of `/proc/stat`).
@@ -237,6 +318,84 @@ Inter-|   Receive                                                |  Transmit
         // eth1 comes back as a new interface starting from zero.
         t.update(&NET_DEV.replace("    300       3", "     10       1"));
         assert_eq!(t.rx(), 1_000_310);
+    }
+
+    /// Odd spacing: counters wide enough to touch the colon, tabs, names of every length,
+    /// a line cut short (a figure the kernel did not give is no interface of the list).
+    const NET_DEV_ODD: &str = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:99 1 0 0 0 0 0 0 99 1 0 0 0 0 0 0
+eth0:18446744073709551615 7 1 2 0 0 0 0 5\t6   3 4 0 0 0 0
+veth-with-long-name: 10 20 30 40 50 60 70 80 90 100 110 120 130 140 150 160
+ short: 1 2 3 4 5 6 7 8 9
+";
+
+    #[test]
+    fn per_interface_counters_from_the_same_text() {
+        let mut t = NetTotals::default();
+        let mut out = Vec::new();
+        t.update_with(NET_DEV_ODD, Some(&mut out));
+        let names: Vec<_> = out.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "veth-with-long-name"], "{out:#?}");
+        assert_eq!(
+            out[0],
+            InterfaceCounters {
+                name: "eth0".into(),
+                rx_bytes: u64::MAX,
+                rx_packets: 7,
+                rx_errors: 1,
+                rx_drops: 2,
+                tx_bytes: 5,
+                tx_packets: 6,
+                tx_errors: 3,
+                tx_drops: 4,
+            }
+        );
+        let v = &out[1];
+        assert_eq!(
+            (v.rx_bytes, v.rx_packets, v.rx_errors, v.rx_drops),
+            (10, 20, 30, 40)
+        );
+        assert_eq!(
+            (v.tx_bytes, v.tx_packets, v.tx_errors, v.tx_drops),
+            (90, 100, 110, 120)
+        );
+        // The totals still count the short line's bytes, as before.
+        assert_eq!(t.tx(), 5 + 90 + 9);
+        assert_eq!(parse_interfaces(NET_DEV_ODD).collect::<Vec<_>>(), out);
+    }
+
+    #[test]
+    fn many_interfaces_and_a_recreated_one() {
+        let mut text = String::from("Inter-| x\n face |y\n");
+        for i in 0..200u64 {
+            text.push_str(&format!(
+                "  veth{i}: {} {} 0 0 0 0 0 0 {} {} 0 0 0 0 0 0\n",
+                i * 1000,
+                i,
+                i * 10,
+                i + 1
+            ));
+        }
+        let mut t = NetTotals::default();
+        let mut out = vec![InterfaceCounters {
+            name: "stale".into(),
+            ..Default::default()
+        }];
+        t.update_with(&text, Some(&mut out));
+        assert_eq!(out.len(), 200, "the previous content is replaced");
+        assert_eq!(out[199].name, "veth199");
+        assert_eq!((out[199].rx_bytes, out[199].tx_packets), (199_000, 200));
+        assert_eq!(t.rx(), (0..200).map(|i| i * 1000).sum::<u64>());
+        // veth5 deleted and created again: its own counters start again, the total keeps
+        // the old instance's bytes.
+        let again = text.replace("veth5: 5000 5 ", "veth5: 7 1 ");
+        t.update_with(&again, Some(&mut out));
+        assert_eq!(out[5].rx_bytes, 7);
+        assert_eq!(
+            t.rx(),
+            (0..200).map(|i| i * 1000).sum::<u64>() - 5000 + 5000 + 7
+        );
     }
 
     #[test]
