@@ -7,8 +7,12 @@
 mod common;
 
 use common::*;
+use lxcmon::collect::discovery::Discovered;
+use lxcmon::collect::sample::{Options, Sampler};
 use lxcmon::config::{Config, ExportFormat};
 use lxcmon::derive::ContainerMetrics;
+use lxcmon::readers::cgroup::Layout as CgroupLayout;
+use lxcmon::readers::sysfs::DeviceFilter;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug)]
@@ -302,4 +306,71 @@ fn no_mount_table_no_mounts() {
     assert_eq!(by_id(&metrics, "a").mounts.len(), 4);
     // /common is b's no more: a's copy of it is its own.
     assert!(!by_id(&metrics, "a").mounts[2].shared);
+}
+
+/// When another collector counts the network totals (`net_files` off), net/dev is read
+/// only in a container's fresh sample, unless per-interface figures want it every cycle.
+#[test]
+fn net_dev_every_cycle_only_for_per_interface_figures() {
+    for per_interface in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("lxc.payload.a");
+        std::fs::create_dir(&cg).unwrap();
+        std::fs::write(cg.join("cpu.stat"), "usage_usec 1\n").unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "7\n").unwrap();
+        let proc = dir.path().join("proc/7");
+        std::fs::create_dir_all(proc.join("net")).unwrap();
+        std::fs::write(proc.join("status"), "NSpid:\t7\t1\n").unwrap();
+        let net_dev = |rx: u64| {
+            std::fs::write(
+                proc.join("net/dev"),
+                format!("  eth0: {rx} 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n"),
+            )
+            .unwrap()
+        };
+        net_dev(100);
+        let layout = CgroupLayout {
+            unified: Some(dir.path().to_path_buf()),
+            unified_has_controllers: true,
+            ..CgroupLayout::default()
+        };
+        let options = Options {
+            swap: false,
+            network: true,
+            filesystem: false,
+            per_interface,
+            per_mount: false,
+            details: lxcmon::readers::cgroup::details::DetailOptions::NONE,
+            workers: 1,
+            retry_limit: 0,
+            retry_delay: Duration::ZERO,
+            net_files: false,
+            io_files: true,
+        };
+        let mut sampler = Sampler::new(dir.path(), layout, DeviceFilter::none(), options);
+        let found = [Discovered {
+            id: "a".into(),
+            name: "a".into(),
+            rel: "lxc.payload.a".into(),
+            flavor: lxcmon::collect::discovery::Flavor::Lxc,
+            runtime: lxcmon::collect::discovery::Runtime::Lxc,
+            project: None,
+            instance: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg).unwrap()),
+        }];
+        let first = sampler.sample(&found).containers.remove(0);
+        assert!(first.fresh);
+        assert_eq!(
+            first.net_rx, 100,
+            "the fresh sample seeds the other collector"
+        );
+        net_dev(250);
+        let next = sampler.sample(&found).containers.remove(0);
+        let rx: Vec<u64> = next.interfaces.iter().map(|i| i.rx_bytes).collect();
+        if per_interface {
+            assert_eq!(rx, [250]);
+        } else {
+            assert!(rx.is_empty());
+            assert_eq!(next.net_rx, 100, "net/dev not read: as before");
+        }
+    }
 }

@@ -308,15 +308,18 @@ impl MountTable {
         }
         out.reserve(self.mounts.len());
         for m in &mut self.mounts {
+            let asked;
             let stat = match &m.fd {
-                None => Ok(apply_statvfs(&mut m.usage, root_stat)),
+                None => Ok(root_stat),
                 Some(fd) => {
-                    rustix::fs::fstatvfs(fd.as_fd()).map(|s| apply_statvfs(&mut m.usage, &s))
+                    asked = rustix::fs::fstatvfs(fd.as_fd());
+                    asked.as_ref().map_err(|e| *e)
                 }
             };
             match stat {
-                Ok(()) => {
+                Ok(s) => {
                     m.failing = false;
+                    apply_statvfs(&mut m.usage, s);
                     out.push(m.usage.clone());
                 }
                 Err(e) => {
