@@ -45,9 +45,10 @@ pub fn run_lxc_tests() -> Result<()> {
         false,
         &[&["--test", "harness"], deps::ROOT_TESTS].concat(),
     ))?;
-    // The v1 pid list read every 0.2 s on this host's own hierarchy, and the cgroup details
-    // (throttling, pressure, OOM kills, per device) on cgroups the tests make (no containers).
-    for test in ["v1_pid_list_host", "details_host"] {
+    // The v1 pid list read every 0.2 s on this host's own hierarchy, the cgroup details
+    // (throttling, pressure, OOM kills, per device) on cgroups the tests make, and per-mount
+    // figures of a directory-backed mount namespace with disks of known size (no containers).
+    for test in ["v1_pid_list_host", "details_host", "mounts_host"] {
         deps::exec(&mut deps::cargo_test(
             "lxcmon",
             true,
