@@ -5,7 +5,7 @@
 //! Root, `unshare`, `nsenter`, `mkfs.ext4`, busybox-static; run under the lab's lock:
 //! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --test mounts_host -- --ignored`.
 
-use lxcmon::readers::mounts::{open_in_root, MountTable, MountUsage};
+use lxcmon::readers::mounts::{open_in_root, ChangeSignals, MountTable, MountUsage};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{Mode, OFlags};
 use std::os::unix::fs::MetadataExt;
@@ -125,13 +125,18 @@ fn open_root(pid: u32) -> OwnedFd {
     .unwrap()
 }
 
-fn sample(table: &mut MountTable, root: &OwnedFd) -> Vec<MountUsage> {
+/// One cycle of a table that polls itself (`changed` `None`) or asks the shared epoll.
+fn sample(table: &mut MountTable, root: &OwnedFd, changed: Option<&[u64]>) -> Vec<MountUsage> {
     let stat = rustix::fs::fstatvfs(root).unwrap();
     let mut out = Vec::new();
     table
-        .sample(root.as_fd(), &stat, &mut Vec::new(), &mut out)
+        .sample(root.as_fd(), &stat, changed, &mut Vec::new(), &mut out)
         .unwrap();
     out
+}
+
+fn points(mounts: &[MountUsage]) -> Vec<&str> {
+    mounts.iter().map(|m| m.mountpoint.as_str()).collect()
 }
 
 #[test]
@@ -143,12 +148,18 @@ fn mounts_of_a_directory_backed_container() {
     let root = open_root(pid);
     let mut buf = Vec::new();
     let info = PathBuf::from(format!("/proc/{pid}/mountinfo"));
-    let mut table = MountTable::open(info, root.as_fd(), &mut buf).unwrap();
+    // The same table twice: one polled on its own, one watched by the shared epoll.
+    let mut table = MountTable::open(info.clone(), root.as_fd(), None, &mut buf).unwrap();
+    let signals = ChangeSignals::new().unwrap();
+    let mut watched = MountTable::open(info, root.as_fd(), Some(&signals), &mut buf).unwrap();
+    let mut tokens = Vec::new();
     assert!(!table.changed().unwrap(), "held and unchanged: no event");
+    signals.drain(&mut tokens).unwrap();
+    assert!(tokens.is_empty(), "no change: no table to read again");
 
-    let got = sample(&mut table, &root);
-    let points: Vec<_> = got.iter().map(|m| m.mountpoint.as_str()).collect();
-    assert_eq!(points, ["/", "/mnt/data"], "{got:#?}");
+    let got = sample(&mut table, &root, None);
+    assert_eq!(points(&got), ["/", "/mnt/data"], "{got:#?}");
+    assert_eq!(sample(&mut watched, &root, Some(&tokens)), got);
     // The root is a directory of this host's filesystem: shared, with the host's figures.
     let host = rustix::fs::statvfs("/").unwrap();
     assert!(got[0].shared, "a directory-backed root is shared");
@@ -173,7 +184,7 @@ fn mounts_of_a_directory_backed_container() {
     let host_view = format!("/proc/{pid}/root/mnt/data/sub/blob");
     std::fs::write(&host_view, vec![7u8; 4 * MIB as usize]).unwrap();
     rustix::fs::sync();
-    let after = sample(&mut table, &root);
+    let after = sample(&mut table, &root, None);
     let grown = after[1].used_bytes - data.used_bytes;
     assert!(
         (4 * MIB..4 * MIB + 256 * 1024).contains(&grown),
@@ -194,26 +205,39 @@ fn mounts_of_a_directory_backed_container() {
     ]);
     assert!(table.changed().unwrap(), "a mount in the namespace: event");
     assert!(!table.changed().unwrap(), "the poll cleared it");
+    signals.drain(&mut tokens).unwrap();
+    assert_eq!(tokens.len(), 1, "the watched table changed");
+    let token = tokens.clone();
+    signals.drain(&mut tokens).unwrap();
+    assert!(tokens.is_empty(), "reported once");
     let t = open_in_root(root.as_fd(), b"/mnt/t").unwrap();
     let st = rustix::fs::fstatvfs(&t).unwrap();
     assert_eq!(st.f_blocks * st.f_frsize, 8 * MIB);
     assert_eq!(st.f_files, 1000);
     // tmpfs is no storage of the container; the table is unchanged by it.
-    let points: Vec<_> = sample(&mut table, &root)
-        .into_iter()
-        .map(|m| m.mountpoint)
-        .collect();
-    assert_eq!(points, ["/", "/mnt/data"]);
+    assert_eq!(points(&sample(&mut table, &root, None)), ["/", "/mnt/data"]);
+    assert_eq!(
+        points(&sample(&mut watched, &root, Some(&token))),
+        ["/", "/mnt/data"]
+    );
 
     // A bind mount of a subdirectory of the disk: found on the next sample (its poll saw the
     // change, the table was read again at offset 0), shared (a part of a filesystem).
     ct.exec(&["mount", "-o", "bind", "/mnt/data/sub", "/mnt/sub"]);
-    let got = sample(&mut table, &root);
+    let got = sample(&mut table, &root, None);
     let sub = got.iter().find(|m| m.mountpoint == "/mnt/sub").unwrap();
     assert!(sub.shared);
     assert_eq!((sub.dev, sub.size_bytes), (got[1].dev, got[1].size_bytes));
+    signals.drain(&mut tokens).unwrap();
+    assert_eq!(tokens, token);
+    assert_eq!(
+        points(&sample(&mut watched, &root, Some(&tokens))),
+        ["/", "/mnt/data", "/mnt/sub"]
+    );
     ct.exec(&["umount", "/mnt/sub"]);
-    assert_eq!(sample(&mut table, &root).len(), 2);
+    assert_eq!(sample(&mut table, &root, None).len(), 2);
+    signals.drain(&mut tokens).unwrap();
+    assert_eq!(sample(&mut watched, &root, Some(&tokens)).len(), 2);
 
     // The container's symlink to /etc: its own etc/, never the host's.
     let inside = std::fs::metadata(ct.rootfs().join("etc")).unwrap();

@@ -6,7 +6,7 @@ use crate::logging::Chain;
 use crate::readers::cgroup::subtree::Watcher;
 use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout, Scratch};
 use crate::readers::kfile::{self, KFile, ReadError};
-use crate::readers::mounts::MountTable;
+use crate::readers::mounts::{ChangeSignals, MountTable};
 use crate::readers::procfs::{self, NetTotals};
 use crate::readers::sysfs::DeviceFilter;
 use rustix::fd::{AsFd, OwnedFd};
@@ -165,6 +165,11 @@ pub struct Sampler {
     /// Child-cgroup events for every container's subtree, drained once per cycle; `None`
     /// where inotify is refused.
     watcher: Option<Arc<Watcher>>,
+    /// Changes of every container's mount table, asked once per cycle; `None` where epoll
+    /// is refused (each table is then polled on its own).
+    mount_signals: Option<ChangeSignals>,
+    /// The tables that changed this cycle (tokens of `mount_signals`), kept for its capacity.
+    changed_mounts: Vec<u64>,
 }
 
 impl Sampler {
@@ -176,6 +181,11 @@ impl Sampler {
                 None
             }
         };
+        let mount_signals = ChangeSignals::new()
+            .inspect_err(
+                |e| tracing::info!(error = %e, "no epoll: each mount table is polled on its own"),
+            )
+            .ok();
         Self {
             root: root.to_path_buf(),
             layout,
@@ -185,6 +195,8 @@ impl Sampler {
             boot: procfs::boot_time(root),
             files_for: HashSet::new(),
             watcher,
+            mount_signals,
+            changed_mounts: Vec::new(),
         }
     }
 
@@ -235,6 +247,14 @@ impl Sampler {
         if let Some(w) = &self.watcher {
             w.drain();
         }
+        let mut signals_ok = false;
+        if let (Some(signals), true) = (&self.mount_signals, self.options.per_mount) {
+            match signals.drain(&mut self.changed_mounts) {
+                Ok(()) => signals_ok = true,
+                // Each table polls itself this cycle.
+                Err(e) => tracing::warn!(error = %e, "epoll of the mount tables failed"),
+            }
+        }
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
             .iter()
             .map(|d| {
@@ -255,6 +275,8 @@ impl Sampler {
             options: self.options,
             boot: self.boot,
             files_for: &self.files_for,
+            mount_signals: self.mount_signals.as_ref(),
+            changed_mounts: signals_ok.then_some(&self.changed_mounts[..]),
         };
         let results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
             let mut scratch = Scratch::default();
@@ -321,6 +343,8 @@ struct Ctx<'a> {
     options: Options,
     boot: Option<SystemTime>,
     files_for: &'a HashSet<String>,
+    mount_signals: Option<&'a ChangeSignals>,
+    changed_mounts: Option<&'a [u64]>,
 }
 
 impl Ctx<'_> {
@@ -426,7 +450,13 @@ impl Ctx<'_> {
                 }
                 if let Some(table) = &mut init.mounts {
                     table
-                        .sample(root_dir.as_fd(), &stat, &mut scratch.buf, &mut mounts)
+                        .sample(
+                            root_dir.as_fd(),
+                            &stat,
+                            self.changed_mounts,
+                            &mut scratch.buf,
+                            &mut mounts,
+                        )
                         .map_err(SampleError::from_read)?;
                 }
             }
@@ -504,7 +534,8 @@ impl Ctx<'_> {
         };
         let mounts = match &root_dir {
             Some(root) if self.options.per_mount => {
-                match MountTable::open(proc.join("mountinfo"), root.as_fd(), buf) {
+                let info = proc.join("mountinfo");
+                match MountTable::open(info, root.as_fd(), self.mount_signals, buf) {
                     Ok(table) => Some(table),
                     // The process is there but has no mount table: a tree that lacks it (a
                     // live process always has one; a gone one has no directory).

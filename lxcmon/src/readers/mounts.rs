@@ -7,7 +7,8 @@
 //! symlinks never lead the agent to a host path.
 
 use crate::readers::kfile::ReadError;
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::epoll::{self, Event, EventData, EventFlags};
+use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, StatVfs};
 use std::borrow::Cow;
@@ -16,6 +17,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Size and use of one filesystem mounted in a container, as `df` shows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -197,6 +199,61 @@ pub fn open_in_root(root: BorrowedFd<'_>, mountpoint: &[u8]) -> std::io::Result<
     )?)
 }
 
+const NO_WAIT: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
+/// One epoll over the mountinfo of every container: a cycle asks it once which tables changed,
+/// instead of one `poll()` per container. A file closed leaves it by itself.
+#[derive(Debug)]
+pub struct ChangeSignals {
+    epoll: OwnedFd,
+    next: AtomicU64,
+}
+
+impl ChangeSignals {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// Watches `mountinfo` for changes; the token names it in [`Self::drain`].
+    fn register(&self, mountinfo: &File) -> std::io::Result<u64> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        // Level-triggered on PRI: once reported, the file's poll clears it and it leaves the
+        // ready list on the next wait.
+        epoll::add(
+            &self.epoll,
+            mountinfo,
+            EventData::new_u64(token),
+            EventFlags::PRI,
+        )?;
+        Ok(token)
+    }
+
+    /// The tokens of the tables whose mounts changed since the last call, sorted into `out`.
+    pub fn drain(&self, out: &mut Vec<u64>) -> std::io::Result<()> {
+        out.clear();
+        let mut events = [Event {
+            flags: EventFlags::empty(),
+            data: EventData::new_u64(0),
+        }; 64];
+        loop {
+            let n = epoll::wait(&self.epoll, &mut events, Some(&NO_WAIT))?;
+            out.extend(events[..n].iter().map(|e| e.data.u64()));
+            if n < events.len() {
+                break;
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(())
+    }
+}
+
 /// The filesystems of one container, held across cycles.
 #[derive(Debug)]
 pub struct MountTable {
@@ -205,6 +262,8 @@ pub struct MountTable {
     /// kernel's change signal for the namespace's mounts: `poll()` reports `POLLPRI|POLLERR`
     /// once after each change (the poll itself clears it; checked on this host).
     mountinfo: File,
+    /// Its token in the shared [`ChangeSignals`], where it is registered there.
+    token: Option<u64>,
     mounts: Vec<Held>,
 }
 
@@ -219,30 +278,38 @@ struct Held {
 
 impl MountTable {
     /// Opens `mountinfo` (a `/proc/<pid>/mountinfo`) and every filesystem it lists, resolved
-    /// inside `root` (that process's root directory).
+    /// inside `root` (that process's root directory). With `signals`, its changes are asked
+    /// there (see [`Self::sample`]); without, by a `poll()` of its own.
     pub fn open(
         mountinfo: PathBuf,
         root: BorrowedFd<'_>,
+        signals: Option<&ChangeSignals>,
         buf: &mut Vec<u8>,
     ) -> Result<Self, ReadError> {
         let file = File::open(&mountinfo).map_err(|e| ReadError::io(&mountinfo, e))?;
         let mut table = Self {
             path: mountinfo,
             mountinfo: file,
+            token: None,
             mounts: Vec::new(),
         };
+        // Read after the open: a change from here on is signalled (at worst once too often).
         table.reload(root, buf)?;
+        if let Some(signals) = signals {
+            match signals.register(&table.mountinfo) {
+                Ok(token) => table.token = Some(token),
+                Err(e) => {
+                    tracing::debug!(mountinfo = %table.path.display(), error = %e, "not watched by epoll: polled on its own")
+                }
+            }
+        }
         Ok(table)
     }
 
     /// Whether the namespace's mounts changed since the last call (or since the open).
     pub fn changed(&self) -> Result<bool, ReadError> {
         let mut fds = [PollFd::new(&self.mountinfo, PollFlags::PRI)];
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        rustix::event::poll(&mut fds, Some(&zero))
+        rustix::event::poll(&mut fds, Some(&NO_WAIT))
             .map_err(|e| ReadError::io(&self.path, e.into()))?;
         Ok(fds[0].revents().intersects(PollFlags::PRI | PollFlags::ERR))
     }
@@ -294,16 +361,23 @@ impl MountTable {
     }
 
     /// Appends each filesystem's figures to `out`, after re-reading the table if it
-    /// changed. `root_stat` is the statvfs of the container's root (`/`), taken by the
-    /// caller. A filesystem whose `fstatvfs` fails is left out (logged once).
+    /// changed: for a table registered with the [`ChangeSignals`], whether its token is in
+    /// `changed` (that cycle's [`ChangeSignals::drain`]); otherwise its own `poll()`.
+    /// `root_stat` is the statvfs of the container's root (`/`), taken by the caller. A
+    /// filesystem whose `fstatvfs` fails is left out (logged once).
     pub fn sample(
         &mut self,
         root: BorrowedFd<'_>,
         root_stat: &StatVfs,
+        changed: Option<&[u64]>,
         buf: &mut Vec<u8>,
         out: &mut Vec<MountUsage>,
     ) -> Result<(), ReadError> {
-        if self.changed()? {
+        let changed = match (self.token, changed) {
+            (Some(token), Some(tokens)) => tokens.binary_search(&token).is_ok(),
+            _ => self.changed()?,
+        };
+        if changed {
             self.reload(root, buf)?;
         }
         out.reserve(self.mounts.len());
@@ -492,7 +566,7 @@ garbage line
         .unwrap();
         let root = open_dir(ct.path());
         let mut buf = Vec::new();
-        let mut table = MountTable::open(info.clone(), root.as_fd(), &mut buf).unwrap();
+        let mut table = MountTable::open(info.clone(), root.as_fd(), None, &mut buf).unwrap();
         // A file bound in, a mount point that is not there, tmpfs: none of them.
         assert_eq!(table.mountpoints().collect::<Vec<_>>(), ["/", "/mnt/abs"]);
         let mut root_stat = rustix::fs::fstatvfs(&root).unwrap();
@@ -505,7 +579,7 @@ garbage line
         root_stat.f_ffree = 7;
         let mut out = Vec::new();
         table
-            .sample(root.as_fd(), &root_stat, &mut buf, &mut out)
+            .sample(root.as_fd(), &root_stat, None, &mut buf, &mut out)
             .unwrap();
         assert_eq!(out.len(), 2);
         let r = &out[0];
