@@ -91,8 +91,8 @@ fn container() -> Ct {
     assert!(st.success(), "mkfs.ext4");
     // LXC's way: the rootfs bind-mounted on itself, pivot_root into it, the old root detached.
     let script = format!(
-        "set -e; mount -o loop {img} {r}/mnt/data; mkdir {r}/mnt/data/sub; \
-         mount --bind {r} {r}; cd {r}; pivot_root . old; \
+        "set -e; mount --bind {r} {r}; mount -o loop {img} {r}/mnt/data; \
+         mkdir {r}/mnt/data/sub; cd {r}; pivot_root . old; \
          exec /bin/busybox sh -c '/bin/busybox umount -l /old; exec /bin/busybox sleep 600'",
         img = img.display(),
         r = r.display()

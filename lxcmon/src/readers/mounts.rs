@@ -1,10 +1,13 @@
 //! The filesystems of a container, as its own mount namespace shows them: root, Proxmox
 //! mount points (`mpN`), bind mounts and extra disks; pseudo-filesystems left out.
 //!
-//! The table comes from `/proc/<init>/mountinfo`, held open and re-read only when `poll()`
-//! reports a change of the namespace's mounts. Each mount point is opened once (`O_PATH`),
-//! resolved inside the container's root, and asked `fstatvfs` every cycle: a container's
-//! symlinks never lead the agent to a host path.
+//! The table comes from `/proc/<init>/mountinfo`, held open and re-read only when the kernel
+//! signals a change of the namespace's mounts (`poll()`, or one epoll for all containers).
+//! Each cycle every mount point is opened (`O_PATH`) resolved inside the container's root and
+//! asked `fstatvfs`: a container's symlinks never lead the agent to a host path. The
+//! descriptor is closed again at once: held, it would keep the mount busy, and a `umount` in
+//! the container would fail with EBUSY (seen on this host). The root's figures are the
+//! statvfs of the init's root the sampler takes anyway.
 
 use crate::readers::kfile::ReadError;
 use rustix::event::epoll::{self, Event, EventData, EventFlags};
@@ -270,9 +273,10 @@ pub struct MountTable {
 #[derive(Debug)]
 struct Held {
     usage: MountUsage,
-    /// `None` for the container's root: its figures are the root statvfs the caller has.
-    fd: Option<OwnedFd>,
-    /// `fstatvfs` failed last time (logged once, until it works again).
+    /// The mount point's raw bytes, to open it again each cycle; `None` for the container's
+    /// root, whose figures are the root statvfs the caller has.
+    path: Option<Vec<u8>>,
+    /// Opening or `fstatvfs` failed last time (logged once, until it works again).
     failing: bool,
 }
 
@@ -330,7 +334,7 @@ impl MountTable {
             if &*e.mountpoint == b"/" {
                 self.mounts.push(Held {
                     usage,
-                    fd: None,
+                    path: None,
                     failing: false,
                 });
                 continue;
@@ -338,17 +342,15 @@ impl MountTable {
             let opened = open_in_root(root, &e.mountpoint).and_then(|fd| {
                 // A file bound into the container (a device node, a config file) is no
                 // filesystem of its own.
-                let dir =
-                    FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == FileType::Directory;
-                Ok(dir.then_some(fd))
+                Ok(FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == FileType::Directory)
             });
             match opened {
-                Ok(Some(fd)) => self.mounts.push(Held {
+                Ok(true) => self.mounts.push(Held {
                     usage,
-                    fd: Some(fd),
+                    path: Some(e.mountpoint.into_owned()),
                     failing: false,
                 }),
-                Ok(None) => {}
+                Ok(false) => {}
                 Err(e) => tracing::info!(
                     mountinfo = %self.path.display(),
                     mountpoint = %usage.mountpoint,
@@ -382,18 +384,20 @@ impl MountTable {
         }
         out.reserve(self.mounts.len());
         for m in &mut self.mounts {
-            let asked;
-            let stat = match &m.fd {
-                None => Ok(root_stat),
-                Some(fd) => {
-                    asked = rustix::fs::fstatvfs(fd.as_fd());
-                    asked.as_ref().map_err(|e| *e)
+            let result = match &m.path {
+                None => {
+                    apply_statvfs(&mut m.usage, root_stat);
+                    Ok(())
                 }
+                // Opened for this statvfs only: a held descriptor would keep the mount busy
+                // (`umount` in the container fails with EBUSY; seen on this host).
+                Some(path) => open_in_root(root, path)
+                    .and_then(|fd| Ok(rustix::fs::fstatvfs(fd.as_fd())?))
+                    .map(|st| apply_statvfs(&mut m.usage, &st)),
             };
-            match stat {
-                Ok(s) => {
+            match result {
+                Ok(()) => {
                     m.failing = false;
-                    apply_statvfs(&mut m.usage, s);
                     out.push(m.usage.clone());
                 }
                 Err(e) => {
