@@ -151,7 +151,8 @@ fn mounts_of_a_directory_backed_container() {
     // The same table twice: one polled on its own, one watched by the shared epoll.
     let mut table = MountTable::open(info.clone(), root.as_fd(), None, &mut buf).unwrap();
     let signals = ChangeSignals::new().unwrap();
-    let mut watched = MountTable::open(info, root.as_fd(), Some(&signals), &mut buf).unwrap();
+    let mut watched =
+        MountTable::open(info, root.as_fd(), Some((&signals, Some(pid))), &mut buf).unwrap();
     let mut tokens = Vec::new();
     assert!(!table.changed().unwrap(), "held and unchanged: no event");
     signals.drain(&mut tokens).unwrap();
@@ -249,6 +250,38 @@ fn mounts_of_a_directory_backed_container() {
     let host_etc = std::fs::metadata("/etc").unwrap();
     assert_eq!(naive.ino(), host_etc.ino());
     assert_ne!(inside.ino(), host_etc.ino());
+
+    // The container stops. A mountinfo held open keeps its namespace, and so its disk, alive;
+    // the watcher lets it go when the init exits, without waiting for a cycle.
+    drop((t, fd, root));
+    let img = ct.dir.path().join("disk.img");
+    let mut ct = ct;
+    ct.child.kill().unwrap();
+    ct.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(attached(&img), "the polled table still holds the namespace");
+    drop(table);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while attached(&img) {
+        assert!(
+            Instant::now() < deadline,
+            "the loop device stays attached: the stopped container's mounts are held"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let root = open_root(std::process::id());
+    let stat = rustix::fs::fstatvfs(&root).unwrap();
+    let err = watched
+        .sample(root.as_fd(), &stat, None, &mut buf, &mut Vec::new())
+        .unwrap_err();
+    assert!(err.is_gone(), "{err}");
+}
+
+/// Whether a loop device is still attached to `img` (autoclear: until its last user).
+fn attached(img: &std::path::Path) -> bool {
+    let out = Command::new("losetup").arg("-j").arg(img).output().unwrap();
+    assert!(out.status.success());
+    !out.stdout.is_empty()
 }
 
 /// The type of the filesystem at `path`, from this process's own mount table.

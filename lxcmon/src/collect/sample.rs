@@ -535,7 +535,10 @@ impl Ctx<'_> {
         let mounts = match &root_dir {
             Some(root) if self.options.per_mount => {
                 let info = proc.join("mountinfo");
-                match MountTable::open(info, root.as_fd(), self.mount_signals, buf) {
+                // On the real /proc, the watcher closes the table when the init exits.
+                let real_pid = (self.root == Path::new("/")).then_some(pid);
+                let signals = self.mount_signals.map(|s| (s, real_pid));
+                match MountTable::open(info, root.as_fd(), signals, buf) {
                     Ok(table) => Some(table),
                     // The process is there but has no mount table: a tree that lacks it (a
                     // live process always has one; a gone one has no directory).

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod kfile;
+mod mount_signals;
 pub mod mounts;
 pub mod parse;
 pub mod procfs;
