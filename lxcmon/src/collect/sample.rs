@@ -419,10 +419,8 @@ impl Ctx<'_> {
         {
             let pid = procfs::find_init(self.root, &scratch.pids, &mut scratch.buf)
                 .ok_or(SampleError::Gone)?;
-            let init = self
-                .open_init(d, pid, &mut scratch.buf)
-                .map_err(SampleError::from_read)?;
-            files.init = Some(init);
+            let init = self.open_init(pid, &mut scratch.buf);
+            files.init = Some(init.map_err(SampleError::from_read)?);
         }
         let mut fs = FsUsage::default();
         let mut init_started = None;
@@ -506,12 +504,7 @@ impl Ctx<'_> {
         Ok(Files { cgroup, init: None })
     }
 
-    fn open_init(
-        &self,
-        d: &Discovered,
-        pid: u32,
-        buf: &mut Vec<u8>,
-    ) -> Result<InitHandles, ReadError> {
+    fn open_init(&self, pid: u32, buf: &mut Vec<u8>) -> Result<InitHandles, ReadError> {
         let proc = kfile::under(self.root, &format!("/proc/{pid}"));
         let net_dev = if self.options.network {
             Some(KFile::open(proc.join("net/dev"))?)
@@ -532,22 +525,12 @@ impl Ctx<'_> {
         } else {
             None
         };
-        let mounts = match &root_dir {
-            Some(root) if self.options.per_mount => {
-                let info = proc.join("mountinfo");
+        let mounts = match (&root_dir, self.options.per_mount) {
+            (Some(root), true) => {
                 // On the real /proc, the watcher closes the table when the init exits.
-                let real_pid = (self.root == Path::new("/")).then_some(pid);
-                let signals = self.mount_signals.map(|s| (s, real_pid));
-                match MountTable::open(info, root.as_fd(), signals, buf) {
-                    Ok(table) => Some(table),
-                    // The process is there but has no mount table: a tree that lacks it (a
-                    // live process always has one; a gone one has no directory).
-                    Err(e) if e.is_gone() && proc.exists() => {
-                        tracing::info!(container = %d.id, error = %Chain(&e), "no mount table: no per-mount figures");
-                        None
-                    }
-                    Err(e) => return Err(e),
-                }
+                let pid = (self.root == Path::new("/")).then_some(pid);
+                let signals = self.mount_signals.map(|s| (s, pid));
+                MountTable::open_in(&proc, root.as_fd(), signals, buf)?
             }
             _ => None,
         };
