@@ -181,11 +181,7 @@ impl Sampler {
                 None
             }
         };
-        let mount_signals = ChangeSignals::new()
-            .inspect_err(
-                |e| tracing::info!(error = %e, "no epoll: each mount table is polled on its own"),
-            )
-            .ok();
+        let mount_signals = ChangeSignals::start();
         Self {
             root: root.to_path_buf(),
             layout,
@@ -203,12 +199,8 @@ impl Sampler {
     /// Applies reloaded settings in place: each container instance keeps its state (the bytes
     /// of interfaces that have gone above all), so no counter goes back on a reload.
     pub fn reconfigure(&mut self, devices: DeviceFilter, options: Options) {
-        let init_files = (options.network, options.filesystem, options.per_mount)
-            != (
-                self.options.network,
-                self.options.filesystem,
-                self.options.per_mount,
-            );
+        let init = |o: &Options| (o.network, o.filesystem, o.per_mount);
+        let init_files = init(&options) != init(&self.options);
         if options.details != self.options.details {
             for st in self.states.values_mut() {
                 let Some(files) = st.files.as_mut() else {
@@ -247,14 +239,9 @@ impl Sampler {
         if let Some(w) = &self.watcher {
             w.drain();
         }
-        let mut signals_ok = false;
-        if let (Some(signals), true) = (&self.mount_signals, self.options.per_mount) {
-            match signals.drain(&mut self.changed_mounts) {
-                Ok(()) => signals_ok = true,
-                // Each table polls itself this cycle.
-                Err(e) => tracing::warn!(error = %e, "epoll of the mount tables failed"),
-            }
-        }
+        // Without the watcher's answer, each table polls itself this cycle.
+        let signals_ok = self.options.per_mount
+            && (self.mount_signals.as_ref()).is_some_and(|s| s.take(&mut self.changed_mounts));
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
             .iter()
             .map(|d| {
@@ -447,15 +434,10 @@ impl Ctx<'_> {
                     fs = fs_usage(&stat);
                 }
                 if let Some(table) = &mut init.mounts {
-                    table
-                        .sample(
-                            root_dir.as_fd(),
-                            &stat,
-                            self.changed_mounts,
-                            &mut scratch.buf,
-                            &mut mounts,
-                        )
-                        .map_err(SampleError::from_read)?;
+                    let changed = self.changed_mounts;
+                    let buf = &mut scratch.buf;
+                    let sampled = table.sample(root_dir.as_fd(), &stat, changed, buf, &mut mounts);
+                    sampled.map_err(SampleError::from_read)?;
                 }
             }
         }

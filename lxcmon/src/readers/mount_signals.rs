@@ -93,6 +93,20 @@ impl ChangeSignals {
         })
     }
 
+    /// [`Self::new`], or `None` (logged) where the kernel refuses it: each table then polls
+    /// its own file.
+    pub fn start() -> Option<Self> {
+        Self::new()
+            .inspect_err(|e| tracing::info!(error = %e, "no mount table watcher: each table is polled on its own"))
+            .ok()
+    }
+
+    /// [`Self::drain`]: whether `out` holds this cycle's answer (the thread said once in the
+    /// log why it stopped).
+    pub fn take(&self, out: &mut Vec<u64>) -> bool {
+        self.drain(out).is_ok()
+    }
+
     /// Watches `mountinfo` for changes and, with `pid` (the process it belongs to, on the
     /// real `/proc`), closes it when that process exits.
     pub(crate) fn watch(&self, mountinfo: File, pid: Option<u32>) -> io::Result<Watch> {
