@@ -94,6 +94,7 @@ impl BpfCollector {
                     .find(|s| !used.contains(s))
                     .ok_or(BpfError::Full(MAX_CONTAINERS))?;
                 self.seed_slot(slot, seed)?;
+                self.reset_latency_slot(slot)?;
                 TrackedCgroup {
                     slot,
                     level: cg.level,
@@ -195,7 +196,7 @@ impl BpfCollector {
                 self.values = values;
             }
         }
-        Ok(())
+        self.refresh_latency()
     }
 
     /// Whether the last [`Self::refresh`] read all counters with batched map reads.
