@@ -124,14 +124,12 @@ impl Counters {
 
 /// Run-queue wait: a per-CPU array of [`LatencyHist`] by [`TrackedCgroup::slot`].
 pub const MAP_RUNQ_HIST: &str = "LXCMON_RUNQ";
-/// Run-queue wait: the in-flight enqueue times, an LRU hash from the task's kernel address
-/// (`struct task_struct *`) to [`RunqStart`]; an entry lives from enqueue to switch-in.
-pub const MAP_RUNQ_START: &str = "LXCMON_RUNQ_START";
+/// Run-queue wait: the in-flight enqueue time of each task of a tracked container, in
+/// task-local storage ([`RunqStart`], `ts == 0` when not waiting), freed with the task.
+pub const MAP_RUNQ_TASK: &str = "LXCMON_RUNQ_TASK";
 /// Per-CPU array of [`RARE_EVENTS`] counters of rare kernel-side conditions (see
-/// [`RARE_CGROUP_UNREADABLE`]), logged by the agent when they grow.
+/// [`RARE_INFLIGHT_FAILED`]), logged by the agent when they grow.
 pub const MAP_RARE: &str = "LXCMON_RARE";
-/// Capacity of [`MAP_RUNQ_START`]: tasks of tracked containers waiting for a CPU at once.
-pub const MAX_RUNQ_INFLIGHT: u32 = 32768;
 
 /// `tp_btf/sched_switch`: the wait of the task switched in ends; a preempted task that stays
 /// runnable starts waiting again.
@@ -144,11 +142,10 @@ pub const PROG_SCHED_WAKEUP_NEW: &str = "lxcmon_sched_wakeup_new";
 /// Global holding [`SchedOffsets`].
 pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
 
-/// Rare-condition counters in [`MAP_RARE`]: a task's cgroup could not be read (an enqueue
-/// that could not be attributed), and an in-flight entry that could not be stored.
-pub const RARE_CGROUP_UNREADABLE: u32 = 0;
-pub const RARE_INFLIGHT_FAILED: u32 = 1;
-pub const RARE_EVENTS: u32 = 2;
+/// Rare-condition counters in [`MAP_RARE`]: an in-flight entry that could not be stored (the
+/// kernel refused the task's storage, e.g. out of memory).
+pub const RARE_INFLIGHT_FAILED: u32 = 0;
+pub const RARE_EVENTS: u32 = 1;
 
 /// Buckets of a latency histogram: bucket `i < LATENCY_BOUNDED` holds waits of at most
 /// `LATENCY_FIRST_BOUND_NS << i` (1 µs, 2 µs, ... 2^23 µs ≈ 8.4 s); the last one the rest.
@@ -227,11 +224,6 @@ pub struct RunqStart {
     pub _pad: u32,
 }
 
-/// `struct cgroup` ancestors, in [`SchedOffsets::ancestors_mode`]: `struct cgroup *ancestors[]`
-/// (6.0 on), or `u64 ancestor_ids[]` (before).
-pub const ANCESTORS_PTRS: u32 = 1;
-pub const ANCESTORS_IDS: u32 = 2;
-
 /// Byte offsets the scheduler programs need to read a task's cgroup v2 and state, from the
 /// running kernel's BTF. `enabled == 0` leaves the programs idle.
 #[repr(C)]
@@ -244,12 +236,12 @@ pub struct SchedOffsets {
     pub task_on_cpu: u32,
     /// `css_set` `dfl_cgrp`: the task's cgroup in the v2 hierarchy.
     pub cset_dfl_cgrp: u32,
-    /// `cgroup`: `level`, `ancestors` (or `ancestor_ids`), `kn`; `kernfs_node` `id`.
+    /// `cgroup`: `level`, `kn`; `kernfs_node`: `__parent` (or `parent`), `id`.
     pub cgrp_level: u32,
-    pub cgrp_ancestors: u32,
-    pub ancestors_mode: u32,
     pub cgrp_kn: u32,
+    pub kn_parent: u32,
     pub kn_id: u32,
+    pub _pad: u32,
 }
 
 // SAFETY: all are `#[repr(C)]`, made of integers only, without padding.

@@ -3,36 +3,56 @@
 //! in, into its container's per-CPU histogram.
 //!
 //! The wakee of `sched_wakeup` is not the current task, so its cgroup v2 is read from its
-//! `task_struct` (`cgroups->dfl_cgrp`, its `level` and ancestors) with offsets the agent took
-//! from the kernel's BTF; a task of no tracked container costs three reads and no map write.
-//! At `sched_switch` the previous task is the current one (the cgroup helpers apply), and the
-//! next task's in-flight entry (keyed by its kernel address) is looked up and deleted: every
-//! switch costs one hash lookup that misses for host tasks. Entries live only between enqueue
-//! and switch-in; the LRU bounds what a missed switch-in could leave.
+//! `task_struct` (`cgroups->dfl_cgrp`, its `level`, then `kn` and the kernfs parents up to the
+//! tracked levels) with offsets the agent took from the kernel's BTF. The reads are plain loads
+//! through the BTF-typed tracepoint arguments (the offsets are constants of the frozen
+//! read-only data, so the verifier checks each against the kernel's types), not
+//! `bpf_probe_read_kernel` calls. A task of no tracked container costs those loads and no map
+//! write. In-flight enqueue times live in task-local storage, created only for tasks of
+//! tracked containers and freed by the kernel with the task: nothing can leak.
 
-use crate::{highest_bit, kread, slot_of, LXCMON_LEVELS, LXCMON_TRACKED};
+use crate::{slot_of, LXCMON_LEVELS, LXCMON_TRACKED};
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
-    maps::{LruHashMap, PerCpuArray},
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE,
+    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_task_storage_get},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
     Global,
 };
 use lxcmon_common::{
-    latency_bucket, LatencyHist, RunqStart, SchedOffsets, ANCESTORS_IDS, ANCESTORS_PTRS,
-    LATENCY_BUCKETS, MAX_CONTAINERS, MAX_RUNQ_INFLIGHT, MAX_TRACKED_LEVEL, RARE_CGROUP_UNREADABLE,
-    RARE_EVENTS, RARE_INFLIGHT_FAILED,
+    latency_bucket, LatencyHist, RunqStart, SchedOffsets, LATENCY_BUCKETS, MAX_CONTAINERS,
+    MAX_TRACKED_LEVEL, RARE_EVENTS, RARE_INFLIGHT_FAILED,
 };
 
 #[map]
 static LXCMON_RUNQ: PerCpuArray<LatencyHist> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
 
 #[map]
-static LXCMON_RUNQ_START: LruHashMap<u64, RunqStart> =
-    LruHashMap::pinned(MAX_RUNQ_INFLIGHT, 0);
-
-#[map]
 static LXCMON_RARE: PerCpuArray<u64> = PerCpuArray::pinned(RARE_EVENTS, 0);
+
+/// A BTF-defined task storage map (aya-ebpf 0.2.1 has no wrapper for this type): the layout
+/// libbpf and aya read from the object's BTF.
+#[repr(C)]
+pub struct TaskStorage<V> {
+    r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const V,
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields are placeholders read by the loader, never dereferenced.
+unsafe impl<V> Sync for TaskStorage<V> {}
+
+#[btf_map]
+static LXCMON_RUNQ_TASK: TaskStorage<RunqStart> = TaskStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
 
 #[no_mangle]
 static LXCMON_SCHED_OFF: Global<SchedOffsets> = Global::new(SchedOffsets {
@@ -42,11 +62,40 @@ static LXCMON_SCHED_OFF: Global<SchedOffsets> = Global::new(SchedOffsets {
     task_on_cpu: 0,
     cset_dfl_cgrp: 0,
     cgrp_level: 0,
-    cgrp_ancestors: 0,
-    ancestors_mode: 0,
     cgrp_kn: 0,
+    kn_parent: 0,
     kn_id: 0,
+    _pad: 0,
 });
+
+/// The storage of `task` (created when `create`), or null.
+#[inline(always)]
+fn storage(task: *const u8, create: bool) -> *mut RunqStart {
+    let flags = if create {
+        u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: the map is a task storage map of `RunqStart`; `task` is a BTF-typed
+    // `task_struct` pointer from the tracepoint's arguments.
+    unsafe {
+        bpf_task_storage_get(
+            &LXCMON_RUNQ_TASK as *const TaskStorage<RunqStart> as *mut _,
+            task as *mut _,
+            core::ptr::null_mut(),
+            flags,
+        ) as *mut RunqStart
+    }
+}
+
+/// A plain load of a kernel struct member through a BTF-typed pointer (the verifier turns it
+/// into a fault-safe load and checks the offset against the kernel's BTF).
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer and `off` a member's offset from BTF; the
+    // kernel makes the load fault-safe.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
 
 #[inline(always)]
 fn rare(what: u32) {
@@ -56,75 +105,62 @@ fn rare(what: u32) {
     }
 }
 
-/// The cgroup v2 id of `cgrp`'s ancestor at `level` (`level <= cgrp.level`).
-#[inline(always)]
-fn ancestor_id(s: &SchedOffsets, cgrp: *const u8, level: u32) -> Option<u64> {
-    let off = s.cgrp_ancestors + level * 8;
-    if s.ancestors_mode == ANCESTORS_PTRS {
-        let anc = kread::<*const u8>(cgrp, off)?;
-        let kn = kread::<*const u8>(anc, s.cgrp_kn)?;
-        kread::<u64>(kn, s.kn_id)
-    } else if s.ancestors_mode == ANCESTORS_IDS {
-        kread::<u64>(cgrp, off)
-    } else {
-        None
-    }
-}
-
-/// The slot of the tracked container whose subtree holds `task`, from its cgroup v2: tracked
-/// levels deeper than the task's cgroup are skipped, so a host task in a shallow cgroup costs
-/// the three reads that find its cgroup and level, and no lookup.
+/// The slot of the tracked container whose subtree holds `task`, from its cgroup v2: the walk
+/// starts at the task's own level and goes up through the kernfs parents to the shallowest
+/// tracked level, looking up only at tracked levels; a task above every tracked level (a host
+/// task in the root cgroup) costs four loads and no lookup.
 #[inline(always)]
 fn task_slot(s: &SchedOffsets, task: *const u8) -> Option<u32> {
     let mask = *LXCMON_LEVELS.get(0)? & ((1u64 << MAX_TRACKED_LEVEL) - 1);
     if mask == 0 {
         return None;
     }
-    let Some(cgrp) = kread::<*const u8>(task, s.task_cgroups)
-        .and_then(|cset| kread::<*const u8>(cset, s.cset_dfl_cgrp))
-    else {
-        rare(RARE_CGROUP_UNREADABLE);
-        return None;
-    };
-    let Some(level) = kread::<i32>(cgrp, s.cgrp_level) else {
-        rare(RARE_CGROUP_UNREADABLE);
-        return None;
-    };
-    if level < 0 {
+    let cset: *const u8 = load(task, s.task_cgroups);
+    if cset.is_null() {
         return None;
     }
-    let level = level as u32;
-    let mask = if level + 1 >= MAX_TRACKED_LEVEL {
-        mask
-    } else {
-        mask & ((1u64 << (level + 1)) - 1)
-    };
-    if mask == 0 {
+    let cgrp: *const u8 = load(cset, s.cset_dfl_cgrp);
+    if cgrp.is_null() {
         return None;
     }
-    let mut l = highest_bit(mask) + 1;
-    while l > 0 {
-        l -= 1;
+    let level: i32 = load(cgrp, s.cgrp_level);
+    if level < 0 || (level as u32) < mask.trailing_zeros() {
+        return None;
+    }
+    let mut kn: *const u8 = load(cgrp, s.cgrp_kn);
+    let mut l = level as u32;
+    for _ in 0..MAX_TRACKED_LEVEL {
+        if kn.is_null() || l >= MAX_TRACKED_LEVEL {
+            return None;
+        }
         if mask & (1u64 << l) != 0 {
-            let id = ancestor_id(s, cgrp, l)?;
+            let id: u64 = load(kn, s.kn_id);
             // SAFETY: map values are plain integers; the pointer is valid for this run.
             if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
                 return Some(t.slot);
             }
         }
+        // No tracked level above this one: not a tracked container's task.
+        if mask & ((1u64 << l) - 1) == 0 {
+            return None;
+        }
+        l -= 1;
+        kn = load(kn, s.kn_parent);
     }
     None
 }
 
 #[inline(always)]
 fn start_wait(task: *const u8, slot: u32, now: u64) {
-    let entry = RunqStart {
-        ts: now,
-        slot,
-        _pad: 0,
-    };
-    if LXCMON_RUNQ_START.insert(task as u64, entry, 0).is_err() {
+    let st = storage(task, true);
+    if st.is_null() {
         rare(RARE_INFLIGHT_FAILED);
+        return;
+    }
+    // SAFETY: the task's own storage, valid for this run.
+    unsafe {
+        (*st).ts = now;
+        (*st).slot = slot;
     }
 }
 
@@ -139,7 +175,7 @@ fn on_wakeup(ctx: &BtfTracePointContext) {
         return;
     };
     // Woken while still on its CPU (it had not gone to sleep yet): it does not wait.
-    if kread::<i32>(task, s.task_on_cpu).unwrap_or(0) != 0 {
+    if load::<i32>(task, s.task_on_cpu) != 0 {
         return;
     }
     // SAFETY: helper valid in tracing programs.
@@ -169,26 +205,31 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let key = next as u64;
     let mut now = 0u64;
-    // SAFETY: plain lookup; the value is copied out before the entry is deleted.
-    if let Some(start) = unsafe { LXCMON_RUNQ_START.get(&key) }.copied() {
-        let _ = LXCMON_RUNQ_START.remove(&key);
-        // SAFETY: helper valid in tracing programs.
-        now = unsafe { bpf_ktime_get_ns() };
-        let wait = now.saturating_sub(start.ts);
-        if let Some(h) = LXCMON_RUNQ.get_ptr_mut(start.slot) {
-            let b = latency_bucket(wait);
-            if b < LATENCY_BUCKETS {
-                // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-                unsafe {
-                    (*h).buckets[b] += 1;
-                    (*h).sum_ns += wait;
+    let st = storage(next, false);
+    if !st.is_null() {
+        // SAFETY: the task's own storage, valid for this run.
+        let (ts, slot) = unsafe { ((*st).ts, (*st).slot) };
+        if ts != 0 {
+            // SAFETY: as above; helper valid in tracing programs.
+            unsafe {
+                (*st).ts = 0;
+                now = bpf_ktime_get_ns();
+            }
+            let wait = now.saturating_sub(ts);
+            if let Some(h) = LXCMON_RUNQ.get_ptr_mut(slot) {
+                let b = latency_bucket(wait);
+                if b < LATENCY_BUCKETS {
+                    // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+                    unsafe {
+                        (*h).buckets[b] += 1;
+                        (*h).sum_ns += wait;
+                    }
                 }
             }
         }
     }
-    if kread::<u32>(prev, s.task_state) != Some(0) {
+    if load::<u32>(prev, s.task_state) != 0 {
         return 0;
     }
     // SAFETY: helpers valid in tracing programs; `prev` is the current task here.

@@ -155,11 +155,10 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
     );
     busy.stop().expect("stop busy");
     idle.stop().expect("stop idle");
-    std::thread::sleep(Duration::from_millis(300));
-    let left = bpf.runqueue_inflight().expect("in-flight entries");
-    assert_eq!(left, 0, "in-flight entries left after the containers ended");
+    // In-flight times are task-local storage: the kernel frees them with each task, so there
+    // is no entry to leak; what can be checked is that none was refused.
     let rare = bpf.rare_events().expect("rare events");
-    assert_eq!(rare, [0, 0], "unattributable or unstored enqueues");
+    assert_eq!(rare, [0], "enqueues whose task storage was refused");
     for id in ids {
         bpf.untrack(id).expect("untrack");
     }

@@ -2,22 +2,21 @@
 //! task offsets they read from the kernel's BTF, and the per-container histograms, read for
 //! every container in one batched map read per cycle.
 //!
-//! In-flight enqueue times live in an LRU hash keyed by the task's kernel address, deleted at
-//! switch-in: task-local storage would free them with the task, but its map needs BTF type ids
-//! for key and value, and the object is linked without BTF (bpf-linker without `--btf`).
+//! In-flight enqueue times live in task-local storage (`BPF_MAP_TYPE_TASK_STORAGE`, a BTF-defined
+//! map: the object is linked with `--btf`), created only for tasks of tracked containers and
+//! freed by the kernel with the task, so nothing can leak; its lookups cost no hashing.
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
 use super::loader::program_mut;
 use super::{sys, BpfCollector};
 use crate::logging::Chain;
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use lxcmon_common::{
-    LatencyHist, RunqStart, SchedOffsets, ANCESTORS_IDS, ANCESTORS_PTRS, LATENCY_BUCKETS, MAP_RARE,
-    MAP_RUNQ_HIST, MAP_RUNQ_START, PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW,
-    RARE_EVENTS,
+    LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_RARE, MAP_RUNQ_HIST, PROG_SCHED_SWITCH,
+    PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
 };
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -44,10 +43,6 @@ pub enum RunqMode {
 /// is why run-queue wait cannot be measured.
 pub(crate) fn sched_offsets(btf: &Btf) -> Result<SchedOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
-    let (cgrp_ancestors, ancestors_mode) = match m("cgroup", "ancestors") {
-        Ok(off) => (off, ANCESTORS_PTRS),
-        Err(_) => (m("cgroup", "ancestor_ids")?, ANCESTORS_IDS),
-    };
     Ok(SchedOffsets {
         enabled: 1,
         task_cgroups: m("task_struct", "cgroups")?,
@@ -56,10 +51,11 @@ pub(crate) fn sched_offsets(btf: &Btf) -> Result<SchedOffsets, String> {
         task_on_cpu: m("task_struct", "on_cpu")?,
         cset_dfl_cgrp: m("css_set", "dfl_cgrp")?,
         cgrp_level: m("cgroup", "level")?,
-        cgrp_ancestors,
-        ancestors_mode,
         cgrp_kn: m("cgroup", "kn")?,
+        // `__parent` since 6.15, `parent` before.
+        kn_parent: m("kernfs_node", "__parent").or_else(|_| m("kernfs_node", "parent"))?,
         kn_id: m("kernfs_node", "id")?,
+        _pad: 0,
     })
 }
 
@@ -227,16 +223,8 @@ impl BpfCollector {
         self.latency.hists.get(&cgroup_id).copied()
     }
 
-    /// In-flight run-queue entries (tasks of tracked containers waiting now, plus any an
-    /// unseen switch-in left): for tests of the churn bound.
-    pub fn runqueue_inflight(&self) -> Result<usize, BpfError> {
-        let map: BpfHashMap<&MapData, u64, RunqStart> =
-            BpfHashMap::try_from(self.map(MAP_RUNQ_START)?).map_err(map_err(MAP_RUNQ_START))?;
-        Ok(map.keys().filter(Result::is_ok).count())
-    }
-
-    /// The rare kernel-side conditions (an enqueue whose cgroup could not be read, an
-    /// in-flight entry that could not be stored), summed over CPUs.
+    /// The rare kernel-side conditions (an in-flight entry that could not be stored), summed
+    /// over CPUs.
     pub fn rare_events(&self) -> Result<[u64; RARE_EVENTS as usize], BpfError> {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(MAP_RARE)?).map_err(map_err(MAP_RARE))?;
@@ -268,9 +256,8 @@ impl BpfCollector {
         let seen = self.latency.rare_seen;
         if now != seen {
             tracing::warn!(
-                cgroup_unreadable = now[0].saturating_sub(seen[0]),
-                inflight_failed = now[1].saturating_sub(seen[1]),
-                "run-queue wait: some enqueues could not be attributed or stored since the last check (not counted)"
+                inflight_failed = now[0].saturating_sub(seen[0]),
+                "run-queue wait: the kernel refused task storage for some enqueues since the last check (those waits are not counted)"
             );
             self.latency.rare_seen = now;
         }
@@ -304,8 +291,7 @@ mod tests {
         };
         let s = sched_offsets(&btf).expect("offsets");
         assert_eq!(s.enabled, 1);
-        assert!(s.task_cgroups > 0 && s.cgrp_kn > 0 && s.cgrp_level > 0);
-        assert!(s.ancestors_mode == ANCESTORS_PTRS || s.ancestors_mode == ANCESTORS_IDS);
+        assert!(s.task_cgroups > 0 && s.cgrp_kn > 0 && s.cgrp_level > 0 && s.kn_id > 0);
     }
 
     #[test]

@@ -87,6 +87,8 @@ impl BpfCollector {
         let sched_value = sched.clone().unwrap_or_default();
         drop(btf);
         let loaded = EbpfLoader::new()
+            // The scheduler programs' task storage map, which aya 0.14 has no type for.
+            .allow_unsupported_maps()
             .default_map_pin_directory(&map_dir)
             .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
             .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
