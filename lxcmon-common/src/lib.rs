@@ -30,7 +30,9 @@ pub const MAX_EXCLUDED_DEVICES: u32 = 1024;
 pub const MAP_TRACKED: &str = "LXCMON_TRACKED";
 /// `PerCpuArray<Counters>` indexed by [`TrackedCgroup::slot`].
 pub const MAP_COUNTERS: &str = "LXCMON_COUNTERS";
-/// `Array<u64>` with one element: bit `L` set when some tracked cgroup sits at level `L`.
+/// `Array<u64>` with one element: bit `L` (below [`MAX_TRACKED_LEVEL`]) set when some tracked
+/// cgroup sits at level `L`; the high 32 bits count changes of the tracked set (the generation
+/// the scheduler programs' cached slots are valid for).
 pub const MAP_TRACKED_LEVELS: &str = "LXCMON_LEVELS";
 /// `HashMap<u32 kernel dev_t, u8>`: block devices whose I/O is not counted.
 pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
@@ -215,13 +217,17 @@ impl LatencyHist {
     }
 }
 
-/// An in-flight run-queue wait: when the task became runnable, and the slot of its container.
+/// A task's run-queue state (task-local storage): when it became runnable (0: not waiting),
+/// and its container's slot, cached with the cgroup it was resolved from and the tracking
+/// generation (the high half of the levels word), so the next enqueue skips the walk.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunqStart {
     pub ts: u64,
+    /// Kernel address of the task's cgroup v2 (`struct cgroup *`) the slot was resolved for.
+    pub cgrp: u64,
     pub slot: u32,
-    pub _pad: u32,
+    pub generation: u32,
 }
 
 /// Byte offsets the scheduler programs need to read a task's cgroup v2 and state, from the

@@ -105,24 +105,22 @@ fn rare(what: u32) {
     }
 }
 
-/// The slot of the tracked container whose subtree holds `task`, from its cgroup v2: the walk
-/// starts at the task's own level and goes up through the kernfs parents to the shallowest
-/// tracked level, looking up only at tracked levels; a task above every tracked level (a host
-/// task in the root cgroup) costs four loads and no lookup.
+/// The task's cgroup v2 (`task->cgroups->dfl_cgrp`), null when unreadable.
 #[inline(always)]
-fn task_slot(s: &SchedOffsets, task: *const u8) -> Option<u32> {
-    let mask = *LXCMON_LEVELS.get(0)? & ((1u64 << MAX_TRACKED_LEVEL) - 1);
-    if mask == 0 {
-        return None;
-    }
+fn task_cgroup(s: &SchedOffsets, task: *const u8) -> *const u8 {
     let cset: *const u8 = load(task, s.task_cgroups);
     if cset.is_null() {
-        return None;
+        return core::ptr::null();
     }
-    let cgrp: *const u8 = load(cset, s.cset_dfl_cgrp);
-    if cgrp.is_null() {
-        return None;
-    }
+    load(cset, s.cset_dfl_cgrp)
+}
+
+/// The slot of the tracked container whose subtree holds the cgroup `cgrp`: the walk starts
+/// at its own level and goes up through the kernfs parents to the shallowest tracked level,
+/// looking up only at tracked levels; a cgroup above every tracked level (the root, where
+/// host tasks sit) costs one load and no lookup.
+#[inline(always)]
+fn cgroup_slot(s: &SchedOffsets, cgrp: *const u8, mask: u64) -> Option<u32> {
     let level: i32 = load(cgrp, s.cgrp_level);
     if level < 0 || (level as u32) < mask.trailing_zeros() {
         return None;
@@ -140,7 +138,7 @@ fn task_slot(s: &SchedOffsets, task: *const u8) -> Option<u32> {
                 return Some(t.slot);
             }
         }
-        // No tracked level above this one: not a tracked container's task.
+        // No tracked level above this one: not a tracked container's cgroup.
         if mask & ((1u64 << l) - 1) == 0 {
             return None;
         }
@@ -150,17 +148,40 @@ fn task_slot(s: &SchedOffsets, task: *const u8) -> Option<u32> {
     None
 }
 
+/// The levels word: (tracked levels mask, generation).
 #[inline(always)]
-fn start_wait(task: *const u8, slot: u32, now: u64) {
-    let st = storage(task, true);
+fn levels() -> Option<(u64, u32)> {
+    let word = *LXCMON_LEVELS.get(0)?;
+    Some((word & ((1u64 << MAX_TRACKED_LEVEL) - 1), (word >> 32) as u32))
+}
+
+/// The slot cached in the task's storage, when it was resolved for this cgroup in this
+/// generation of the tracked set.
+#[inline(always)]
+fn cached(st: *mut RunqStart, cgrp: *const u8, generation: u32) -> Option<u32> {
+    if st.is_null() {
+        return None;
+    }
+    // SAFETY: the task's own storage, valid for this run.
+    unsafe { ((*st).cgrp == cgrp as u64 && (*st).generation == generation).then(|| (*st).slot) }
+}
+
+/// The task starts waiting now: its storage (created: it belongs to a tracked container)
+/// gets the time and the resolved slot.
+#[inline(always)]
+fn start_wait(task: *const u8, st: *mut RunqStart, key: (*const u8, u32, u32), now: u64) {
+    let st = if st.is_null() { storage(task, true) } else { st };
     if st.is_null() {
         rare(RARE_INFLIGHT_FAILED);
         return;
     }
+    let (cgrp, slot, generation) = key;
     // SAFETY: the task's own storage, valid for this run.
     unsafe {
         (*st).ts = now;
+        (*st).cgrp = cgrp as u64;
         (*st).slot = slot;
+        (*st).generation = generation;
     }
 }
 
@@ -170,8 +191,19 @@ fn on_wakeup(ctx: &BtfTracePointContext) {
     if s.enabled == 0 {
         return;
     }
+    let Some((mask, generation)) = levels() else {
+        return;
+    };
+    if mask == 0 {
+        return;
+    }
     let task: *const u8 = ctx.arg(0);
-    let Some(slot) = task_slot(&s, task) else {
+    let cgrp = task_cgroup(&s, task);
+    if cgrp.is_null() {
+        return;
+    }
+    let st = storage(task, false);
+    let Some(slot) = cached(st, cgrp, generation).or_else(|| cgroup_slot(&s, cgrp, mask)) else {
         return;
     };
     // Woken while still on its CPU (it had not gone to sleep yet): it does not wait.
@@ -179,7 +211,8 @@ fn on_wakeup(ctx: &BtfTracePointContext) {
         return;
     }
     // SAFETY: helper valid in tracing programs.
-    start_wait(task, slot, unsafe { bpf_ktime_get_ns() });
+    let now = unsafe { bpf_ktime_get_ns() };
+    start_wait(task, st, (cgrp, slot, generation), now);
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]
@@ -232,14 +265,28 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
     if load::<u32>(prev, s.task_state) != 0 {
         return 0;
     }
-    // SAFETY: helpers valid in tracing programs; `prev` is the current task here.
-    let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
+    let Some((mask, generation)) = levels() else {
         return 0;
+    };
+    if mask == 0 {
+        return 0;
+    }
+    // `prev` is the current task: a task without storage (never enqueued while tracked: the
+    // host's) is resolved through the cgroup helpers, which cost no loads of its cgroup.
+    let st = storage(prev, false);
+    let cgrp = task_cgroup(&s, prev);
+    let slot = match cached(st, cgrp, generation) {
+        Some(slot) => slot,
+        // SAFETY: helpers valid in tracing programs.
+        None => match slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) {
+            Some(slot) => slot,
+            None => return 0,
+        },
     };
     if now == 0 {
         // SAFETY: helper valid in tracing programs.
         now = unsafe { bpf_ktime_get_ns() };
     }
-    start_wait(prev, slot, now);
+    start_wait(prev, st, (cgrp, slot, generation), now);
     0
 }
