@@ -242,8 +242,14 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
     let st = storage(next, false);
     if !st.is_null() {
         // SAFETY: the task's own storage, valid for this run.
-        let (ts, slot) = unsafe { ((*st).ts, (*st).slot) };
-        if ts != 0 {
+        let (ts, slot, generation) = unsafe { ((*st).ts, (*st).slot, (*st).generation) };
+        // A wait that began before the tracked set changed may belong to a slot given to
+        // another container since: dropped.
+        let current = levels().map_or(!generation, |(_, g)| g);
+        if ts != 0 && generation != current {
+            // SAFETY: as above.
+            unsafe { (*st).ts = 0 };
+        } else if ts != 0 {
             // SAFETY: as above; helper valid in tracing programs.
             unsafe {
                 (*st).ts = 0;
