@@ -115,18 +115,14 @@ fn task_cgroup(s: &SchedOffsets, task: *const u8) -> *const u8 {
     load(cset, s.cset_dfl_cgrp)
 }
 
-/// The slot of the tracked container whose subtree holds the cgroup `cgrp`: the walk starts
-/// at its own level and goes up through the kernfs parents to the shallowest tracked level,
-/// looking up only at tracked levels; a cgroup above every tracked level (the root, where
-/// host tasks sit) costs one load and no lookup.
+/// The slot of the tracked container whose subtree holds the cgroup `cgrp` (at `level`, not
+/// above every tracked level: the caller checked): the walk starts at its own level and goes
+/// up through the kernfs parents to the shallowest tracked level, looking up only at tracked
+/// levels.
 #[inline(always)]
-fn cgroup_slot(s: &SchedOffsets, cgrp: *const u8, mask: u64) -> Option<u32> {
-    let level: i32 = load(cgrp, s.cgrp_level);
-    if level < 0 || (level as u32) < mask.trailing_zeros() {
-        return None;
-    }
+fn cgroup_slot(s: &SchedOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option<u32> {
     let mut kn: *const u8 = load(cgrp, s.cgrp_kn);
-    let mut l = level as u32;
+    let mut l = level;
     for _ in 0..MAX_TRACKED_LEVEL {
         if kn.is_null() || l >= MAX_TRACKED_LEVEL {
             return None;
@@ -202,8 +198,15 @@ fn on_wakeup(ctx: &BtfTracePointContext) {
     if cgrp.is_null() {
         return;
     }
+    // Above every tracked level (the root cgroup, where host tasks sit): done.
+    let level: i32 = load(cgrp, s.cgrp_level);
+    if level < 0 || (level as u32) < mask.trailing_zeros() {
+        return;
+    }
     let st = storage(task, false);
-    let Some(slot) = cached(st, cgrp, generation).or_else(|| cgroup_slot(&s, cgrp, mask)) else {
+    let Some(slot) =
+        cached(st, cgrp, generation).or_else(|| cgroup_slot(&s, cgrp, level as u32, mask))
+    else {
         return;
     };
     // Woken while still on its CPU (it had not gone to sleep yet): it does not wait.
