@@ -275,3 +275,104 @@ fn scheduler_program_cost_and_pipe_slowdown() {
     assert!(switch.2 >= u64::from(LOOPS), "two switches per round trip");
     drop(lab);
 }
+
+/// A plain HTTP GET of `/metrics` over loopback; the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The daemon end to end: two loops on one CPU wait about one second per second between them;
+/// `records` shows it per interval, `/metrics` as a histogram.
+#[test]
+#[ignore = "root: real LXC containers and BPF programs"]
+fn the_daemon_exports_runqueue_wait_in_records_and_metrics() {
+    use lxcmon_testkit::agent::{AgentConfig, Daemon};
+    let mut lab = Lab::new().expect("lab");
+    let c = lab
+        .container(
+            "rqdaemon",
+            &ContainerSpec {
+                cpuset: Some("0".into()),
+                ..ContainerSpec::default()
+            },
+        )
+        .expect("container");
+    let loops = [busy_loop(&c).unwrap(), busy_loop(&c).unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = AgentConfig::new(dir.path(), "records");
+    cfg.collector = "ebpf".into();
+    cfg.prometheus_listen = Some(format!("127.0.0.1:{port}"));
+    let bin = Path::new(env!("CARGO_BIN_EXE_lxcmon"));
+    let mut daemon = Daemon::start(bin, &cfg).expect("daemon");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(daemon.running(), "the daemon died");
+    let metrics = scrape(port);
+    let text = std::fs::read_to_string(cfg.export_file()).expect("export file");
+    daemon.terminate(Duration::from_secs(10)).expect("stop");
+    let _ = Command::new(bin).arg("--cleanup-bpf").status();
+    kill_and_wait(&loops).unwrap();
+
+    let records: serde_json::Value = serde_json::from_str(&text).expect("records JSON");
+    let waits: Vec<&serde_json::Value> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["container_id"] == c.name.as_str())
+        .filter_map(|r| r.get("runqueue_wait"))
+        .collect();
+    eprintln!("records runqueue_wait: {waits:?}");
+    assert!(waits.len() >= 2, "runqueue_wait in at least two cycles");
+    for w in &waits[1..] {
+        // Two loops sharing one CPU: about one second of waiting per second of interval.
+        let total = w["total_seconds"].as_f64().unwrap();
+        assert!(
+            (0.5..1.5).contains(&total),
+            "total_seconds {total} in a 1 s interval"
+        );
+        let (p50, p99) = (w["p50_ms"].as_f64().unwrap(), w["p99_ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p99, "p50 {p50} p99 {p99}");
+    }
+    let line = |suffix: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("lxcmon_container_runqueue_wait_seconds{suffix}"))
+                    && l.contains(&format!("container_id=\"{}\"", c.name))
+            })
+            .unwrap_or_else(|| panic!("no {suffix} series for the container in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let count = line("_count");
+    assert!(count > 0.0);
+    let inf = metrics
+        .lines()
+        .find(|l| l.contains(&format!("container_id=\"{}\"", c.name)) && l.contains("le=\"+Inf\""))
+        .expect("+Inf bucket");
+    assert!(
+        inf.ends_with(&format!(" {count}")),
+        "{inf} vs count {count}"
+    );
+    assert!(line("_sum") > 1.0, "several seconds of waiting in total");
+    drop(lab);
+}
