@@ -112,7 +112,8 @@ impl BpfCollector {
                 sched = Err(format!(
                     "the kernel refused a task storage map (Linux 5.11+): {io_error}"
                 ));
-                let standin = map_dir.join(".runq-task-standin");
+                // bpffs refuses names with a dot.
+                let standin = map_dir.join("lxcmon-runq-task-standin");
                 let _ = std::fs::remove_file(&standin);
                 sys::pin_standin_map(&standin).map_err(|source| BpfError::PinDir {
                     path: standin.clone(),
