@@ -21,6 +21,7 @@ pub const INPUTS: &[&str] = &[
     "lxcmon-ebpf/Cargo.toml",
     "lxcmon-ebpf/Cargo.lock",
     "lxcmon-ebpf/src",
+    "lxcmon-ebpf/.cargo",
     "lxcmon-common/Cargo.toml",
     "lxcmon-common/src",
 ];

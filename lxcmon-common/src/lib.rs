@@ -30,7 +30,9 @@ pub const MAX_EXCLUDED_DEVICES: u32 = 1024;
 pub const MAP_TRACKED: &str = "LXCMON_TRACKED";
 /// `PerCpuArray<Counters>` indexed by [`TrackedCgroup::slot`].
 pub const MAP_COUNTERS: &str = "LXCMON_COUNTERS";
-/// `Array<u64>` with one element: bit `L` set when some tracked cgroup sits at level `L`.
+/// `Array<u64>` with one element: bit `L` (below [`MAX_TRACKED_LEVEL`]) set when some tracked
+/// cgroup sits at level `L`; the high 32 bits count changes of the tracked set (the generation
+/// the scheduler programs' cached slots are valid for).
 pub const MAP_TRACKED_LEVELS: &str = "LXCMON_LEVELS";
 /// `HashMap<u32 kernel dev_t, u8>`: block devices whose I/O is not counted.
 pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
@@ -122,6 +124,132 @@ impl Counters {
     }
 }
 
+/// Run-queue wait: a per-CPU array of [`LatencyHist`] by [`TrackedCgroup::slot`].
+pub const MAP_RUNQ_HIST: &str = "LXCMON_RUNQ";
+/// Run-queue wait: the in-flight enqueue time of each task of a tracked container, in
+/// task-local storage ([`RunqStart`], `ts == 0` when not waiting), freed with the task.
+pub const MAP_RUNQ_TASK: &str = "LXCMON_RUNQ_TASK";
+/// Per-CPU array of [`RARE_EVENTS`] counters of rare kernel-side conditions (see
+/// [`RARE_INFLIGHT_FAILED`]), logged by the agent when they grow.
+pub const MAP_RARE: &str = "LXCMON_RARE";
+
+/// `tp_btf/sched_switch`: the wait of the task switched in ends; a preempted task that stays
+/// runnable starts waiting again.
+pub const PROG_SCHED_SWITCH: &str = "lxcmon_sched_switch";
+/// `tp_btf/sched_wakeup` and `tp_btf/sched_wakeup_new`: a task of a tracked container starts
+/// waiting for a CPU.
+pub const PROG_SCHED_WAKEUP: &str = "lxcmon_sched_wakeup";
+pub const PROG_SCHED_WAKEUP_NEW: &str = "lxcmon_sched_wakeup_new";
+
+/// Global holding [`SchedOffsets`].
+pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
+
+/// Rare-condition counters in [`MAP_RARE`]: an in-flight entry that could not be stored (the
+/// kernel refused the task's storage, e.g. out of memory).
+pub const RARE_INFLIGHT_FAILED: u32 = 0;
+pub const RARE_EVENTS: u32 = 1;
+
+/// Buckets of a latency histogram: bucket `i < LATENCY_BOUNDED` holds waits of at most
+/// `LATENCY_FIRST_BOUND_NS << i` (1 µs, 2 µs, ... 2^23 µs ≈ 8.4 s); the last one the rest.
+pub const LATENCY_BOUNDED: usize = 24;
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDED + 1;
+pub const LATENCY_FIRST_BOUND_NS: u64 = 1000;
+
+/// The bucket of a latency of `ns` nanoseconds: the smallest `i` with
+/// `ns <= LATENCY_FIRST_BOUND_NS << i`, or the overflow bucket. Branch-bounded, no loop, so the
+/// BPF side can use it as is.
+#[inline(always)]
+pub fn latency_bucket(ns: u64) -> usize {
+    // ceil(ns / 1000) <= 2^i  <=>  q + 1 <= 2^i with q = (ns - 1) / 1000.
+    let q = ns.saturating_sub(1) / LATENCY_FIRST_BOUND_NS;
+    if q == 0 {
+        return 0;
+    }
+    let mut v = q;
+    let mut n = 0usize;
+    if v >> 32 != 0 {
+        v >>= 32;
+        n += 32;
+    }
+    if v >> 16 != 0 {
+        v >>= 16;
+        n += 16;
+    }
+    if v >> 8 != 0 {
+        v >>= 8;
+        n += 8;
+    }
+    if v >> 4 != 0 {
+        v >>= 4;
+        n += 4;
+    }
+    if v >> 2 != 0 {
+        v >>= 2;
+        n += 2;
+    }
+    if v >> 1 != 0 {
+        n += 1;
+    }
+    // n = floor(log2(q)); the bound 2^(n+1) is the first >= q + 1.
+    if n + 1 >= LATENCY_BOUNDED {
+        LATENCY_BOUNDED
+    } else {
+        n + 1
+    }
+}
+
+/// One CPU's share of a container's latency histogram (per-bucket counts, not cumulative).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHist {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of the latencies, nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl LatencyHist {
+    /// Adds another CPU's share.
+    pub fn add(&mut self, other: &LatencyHist) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+    }
+}
+
+/// A task's run-queue state (task-local storage): when it became runnable (0: not waiting),
+/// and its container's slot, cached with the cgroup it was resolved from and the tracking
+/// generation (the high half of the levels word), so the next enqueue skips the walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunqStart {
+    pub ts: u64,
+    /// Kernel address of the task's cgroup v2 (`struct cgroup *`) the slot was resolved for.
+    pub cgrp: u64,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// Byte offsets the scheduler programs need to read a task's cgroup v2 and state, from the
+/// running kernel's BTF. `enabled == 0` leaves the programs idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedOffsets {
+    pub enabled: u32,
+    /// `task_struct`: `cgroups` (the css_set), `__state` (or `state`), `on_cpu`.
+    pub task_cgroups: u32,
+    pub task_state: u32,
+    pub task_on_cpu: u32,
+    /// `css_set` `dfl_cgrp`: the task's cgroup in the v2 hierarchy.
+    pub cset_dfl_cgrp: u32,
+    /// `cgroup`: `level`, `kn`; `kernfs_node`: `__parent` (or `parent`), `id`.
+    pub cgrp_level: u32,
+    pub cgrp_kn: u32,
+    pub kn_parent: u32,
+    pub kn_id: u32,
+    pub _pad: u32,
+}
+
 // SAFETY: all are `#[repr(C)]`, made of integers only, without padding.
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for TrackedCgroup {}
@@ -129,3 +257,43 @@ unsafe impl aya::Pod for TrackedCgroup {}
 unsafe impl aya::Pod for Counters {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for KernelOffsets {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for LatencyHist {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for RunqStart {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for SchedOffsets {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_two_microseconds() {
+        let cases = [
+            (0, 0),
+            (1, 0),
+            (1000, 0),
+            (1001, 1),
+            (2000, 1),
+            (2001, 2),
+            (4000, 2),
+            (4001, 3),
+            (1_000_000, 10), // 1 ms <= 1024 us
+            (1_024_000, 10),
+            (1_024_001, 11),
+            ((1000u64 << 23), 23),
+            ((1000u64 << 23) + 1, LATENCY_BOUNDED),
+            (u64::MAX, LATENCY_BOUNDED),
+        ];
+        for (ns, want) in cases {
+            assert_eq!(latency_bucket(ns), want, "{ns} ns");
+        }
+        // Every value lands in the first bucket whose bound holds it.
+        for ns in (1..40_000_000u64).step_by(997) {
+            let b = latency_bucket(ns);
+            assert!(ns <= LATENCY_FIRST_BOUND_NS << b || b == LATENCY_BOUNDED);
+            assert!(b == 0 || ns > LATENCY_FIRST_BOUND_NS << (b - 1), "{ns}");
+        }
+    }
+}

@@ -12,8 +12,12 @@
 //! in the tracked-cgroup map; an untracked cgroup costs one lookup per tracked level (one on
 //! a host whose containers all sit at the same depth), none if it sits above them all.
 //! Counters are per-CPU, so the hot path has no atomics.
+//!
+//! * The scheduler programs (`sched.rs`) measure each tracked task's run-queue wait.
 #![no_std]
 #![no_main]
+
+mod sched;
 
 use aya_ebpf::{
     bindings::__sk_buff,
@@ -30,13 +34,13 @@ use lxcmon_common::{
 };
 
 #[map]
-static LXCMON_TRACKED: HashMap<u64, TrackedCgroup> = HashMap::pinned(MAX_CONTAINERS, 0);
+pub(crate) static LXCMON_TRACKED: HashMap<u64, TrackedCgroup> = HashMap::pinned(MAX_CONTAINERS, 0);
 
 #[map]
 static LXCMON_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
 
 #[map]
-static LXCMON_LEVELS: Array<u64> = Array::pinned(1, 0);
+pub(crate) static LXCMON_LEVELS: Array<u64> = Array::pinned(1, 0);
 
 #[map]
 static LXCMON_EXCLDEV: HashMap<u32, u8> = HashMap::pinned(MAX_EXCLUDED_DEVICES, 0);
@@ -90,7 +94,7 @@ const SECTOR_BYTES: u64 = 512;
 /// Only the levels where some container is tracked are tried, deepest first, starting at the
 /// deepest of them: one hash lookup per tracked level, none for a cgroup above them all.
 #[inline(always)]
-fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+pub(crate) fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
     let mask = *LXCMON_LEVELS.get(0)? & ((1u64 << MAX_TRACKED_LEVEL) - 1);
     if mask == 0 {
         return None;
@@ -113,7 +117,7 @@ fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
 
 /// Index of the highest set bit of a non-zero value below 2^32, by halving (BPF has no clz).
 #[inline(always)]
-fn highest_bit(mut v: u64) -> u32 {
+pub(crate) fn highest_bit(mut v: u64) -> u32 {
     let mut n = 0;
     for shift in [16u32, 8, 4, 2, 1] {
         if v >> shift != 0 {
@@ -209,7 +213,7 @@ pub fn lxcmon_block_bio_queue(ctx: TracePointContext) -> u32 {
 
 /// Reads a `T` at `base + off` of kernel memory.
 #[inline(always)]
-fn kread<T>(base: *const u8, off: u32) -> Option<T> {
+pub(crate) fn kread<T>(base: *const u8, off: u32) -> Option<T> {
     if base.is_null() {
         return None;
     }

@@ -126,6 +126,7 @@ fn cycle(seq: u64, containers: usize) -> Cycle {
                         inodes_free: 400000,
                         shared: false,
                     }],
+                    latency: None,
                 }
             })
             .collect(),

@@ -148,6 +148,8 @@ pub struct MonitoringConfig {
     pub enable_per_interface: bool,
     /// Size, use and inodes of every filesystem mounted in a container.
     pub enable_per_mount: bool,
+    /// Run-queue wait histograms per container (BPF collector: scheduler programs attached).
+    pub enable_runqueue_latency: bool,
     pub parallel_processing: bool,
     #[serde(deserialize_with = "max_workers")]
     pub max_workers: usize,
@@ -191,6 +193,7 @@ impl Default for MonitoringConfig {
             enable_per_device: true,
             enable_per_interface: true,
             enable_per_mount: true,
+            enable_runqueue_latency: true,
             parallel_processing: true,
             max_workers: 8,
             excluded_devices: vec!["loop".into(), "dm-".into()],

@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod discovery;
 pub mod host;
+pub mod latency;
 pub mod sample;
 mod v1_io;
 
@@ -99,6 +100,8 @@ pub struct Collected {
     pub agent_rss_bytes: u64,
     /// Timestamps carry sub-second digits (intervals under a second).
     pub subsecond: bool,
+    /// Latency figures by container id (BPF collector only; absent containers have none).
+    pub latency: std::collections::HashMap<String, latency::Latency>,
 }
 
 /// Containers the BPF programs cannot count (each runs on the file readers alone), now and
@@ -294,7 +297,16 @@ impl Collector {
             }
         }
         mark_shared_mounts(&mut sampled.containers, &mut self.dev_users);
+        #[cfg(feature = "ebpf")]
+        let latency = self
+            .kernel
+            .as_mut()
+            .map(|k| k.take_latency())
+            .unwrap_or_default();
+        #[cfg(not(feature = "ebpf"))]
+        let latency = Default::default();
         Ok(Collected {
+            latency,
             started,
             discovered,
             samples: sampled.containers,

@@ -9,6 +9,7 @@
 
 use crate::collect::discovery::{Discovered, Runtime};
 use crate::collect::host::HostFacts;
+use crate::collect::latency::Latency;
 use crate::collect::sample::{ContainerSample, CounterSource, FsUsage};
 use crate::collect::{BpfFallback, Collected};
 use crate::config::Config;
@@ -56,6 +57,8 @@ pub struct ContainerMetrics {
     pub details: Details,
     pub interfaces: Vec<InterfaceCounters>,
     pub mounts: Vec<MountUsage>,
+    /// Latency distributions (BPF collector; `None` without it).
+    pub latency: Option<Latency>,
 }
 
 /// Everything one cycle exports.
@@ -230,8 +233,11 @@ impl Deriver {
 
     /// The cycle's figures from what was collected: containers seen for the first time set
     /// their baseline and are exported from the next cycle on.
-    pub fn cycle(&mut self, c: Collected) -> Cycle {
-        let metrics = self.derive(&c.samples, &c.discovered, c.host);
+    pub fn cycle(&mut self, mut c: Collected) -> Cycle {
+        let mut metrics = self.derive(&c.samples, &c.discovered, c.host);
+        for m in &mut metrics {
+            m.latency = c.latency.remove(&m.id);
+        }
         Cycle {
             started: c.started,
             ended: Utc::now(),
@@ -344,6 +350,7 @@ fn metrics(
             s.interfaces.clone()
         },
         mounts: s.mounts.clone(),
+        latency: None,
     })
 }
 

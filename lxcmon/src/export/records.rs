@@ -49,6 +49,8 @@ struct Record<'a> {
     devices: Vec<Device<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     mounts: Vec<Mount<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runqueue_wait: Option<crate::collect::latency::IntervalSummary>,
 }
 
 /// Kernel event counters; each omitted where the kernel does not have it.
@@ -354,6 +356,7 @@ pub fn encode(cycle: &Cycle) -> Vec<u8> {
                 })
                 .collect(),
             mounts: m.mounts.iter().map(Mount::new).collect(),
+            runqueue_wait: m.latency.as_ref().and_then(|l| l.runqueue_summary()),
         };
         // Serialising plain structs of numbers and strings into memory cannot fail.
         let _ = serde_json::to_writer(&mut out, &record);

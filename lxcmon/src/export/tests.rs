@@ -34,6 +34,7 @@ pub fn metrics(id: &str, seed: u64) -> ContainerMetrics {
         details: Default::default(),
         interfaces: Vec::new(),
         mounts: Vec::new(),
+        latency: None,
     }
 }
 

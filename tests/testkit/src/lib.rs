@@ -21,6 +21,7 @@ pub mod incus;
 pub mod lab;
 pub mod proc;
 pub mod scenario;
+pub mod schedstat;
 pub mod workload;
 
 pub use lab::{Container, ContainerSpec, Lab};

@@ -178,6 +178,22 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
         &mut || run_bounded(Command::new(&bb).args(&direct[1..])),
     )?;
     let _ = std::fs::remove_file(&file);
+    // Context switches for the scheduler programs (run-queue wait): two tasks passing a byte
+    // back and forth through pipes, two switches per round trip, in the container and on the
+    // host (whose tasks take only the programs' early exits).
+    let pipe = ["perf", "bench", "sched", "pipe", "-l", "100000"];
+    if Command::new("perf").arg("--version").output().is_ok() {
+        step(
+            "container: perf bench sched pipe, 100k round trips",
+            &mut || inside.run(&pipe),
+        )?;
+        step(
+            "host (untracked): perf bench sched pipe, 100k round trips",
+            &mut || run_bounded(Command::new(pipe[0]).args(&pipe[1..])),
+        )?;
+    } else {
+        eprintln!("bench: no `perf` (linux-perf): the context-switch steps are skipped");
+    }
     Ok(costs)
 }
 

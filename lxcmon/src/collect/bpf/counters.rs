@@ -4,8 +4,9 @@
 //! a failure of the whole collector (returned by [`KernelCounters::apply`]) stops it for all.
 
 use super::{cleanup_pinned, default_pin_dir, kernel_dev_t, BpfCollector, BpfError, BpfOptions};
-use super::{Counters, IoMode};
+use super::{Counters, IoMode, RunqMode};
 use crate::collect::discovery::Discovered;
+use crate::collect::latency::{Histogram, Latency, Monotonic};
 use crate::collect::sample::{ContainerSample, CounterSource};
 use crate::config::{CollectorChoice, MonitoringConfig};
 use crate::logging::Chain;
@@ -50,6 +51,10 @@ pub struct KernelCounters {
     failures: u64,
     /// `enable_network`: when false network bytes stay 0, as with the file readers.
     network: bool,
+    /// Run-queue wait per container: kept monotonic per instance (cgroup id), and this
+    /// cycle's figures, handed on by [`Self::take_latency`].
+    runqueue: HashMap<String, Monotonic>,
+    latency: HashMap<String, Latency>,
 }
 
 /// Without these the kernel refuses the programs, and libraries then report confusing
@@ -108,6 +113,36 @@ fn release_pins(pin_dir: &Path, purpose: Purpose) {
 }
 
 impl KernelCounters {
+    /// Each counted container's run-queue histogram, monotonic per instance, with its growth
+    /// over the interval.
+    fn collect_latency(&mut self) {
+        self.latency.clear();
+        self.runqueue.retain(|id, _| self.ids.contains_key(id));
+        for (id, cgroup_id) in &self.ids {
+            let Some(raw) = self.bpf.runqueue_hist(*cgroup_id) else {
+                continue;
+            };
+            let raw = Histogram::from_buckets(&raw.buckets, raw.sum_ns);
+            let (cumulative, interval) = self
+                .runqueue
+                .entry(id.clone())
+                .or_default()
+                .advance(*cgroup_id, raw);
+            self.latency.insert(
+                id.clone(),
+                Latency {
+                    runqueue: Some(cumulative),
+                    runqueue_interval: interval,
+                },
+            );
+        }
+    }
+
+    /// The collector itself (tests: in-flight entries, rare conditions).
+    pub fn collector(&self) -> &BpfCollector {
+        &self.bpf
+    }
+
     /// Loads the programs as `choice` says: `auto` falls back to the file readers with one
     /// warning carrying the kernel's reason, `ebpf` fails with it.
     pub fn choose(
@@ -130,6 +165,7 @@ impl KernelCounters {
                 if let IoMode::Files(reason) = k.bpf.io_mode() {
                     tracing::warn!(%reason, "the kernel refused the block I/O programs: network bytes come from BPF, block I/O from the file readers");
                 }
+                k.log_runqueue();
                 Ok(Some(k))
             }
             Err(e) if choice == CollectorChoice::Auto => {
@@ -167,6 +203,7 @@ impl KernelCounters {
             pin_dir: pin_dir(m),
             ephemeral: purpose == Purpose::Once,
             network: m.enable_network,
+            runqueue: m.enable_runqueue_latency,
             ..BpfOptions::default()
         };
         let bpf = BpfCollector::load(&opts)?;
@@ -183,7 +220,24 @@ impl KernelCounters {
             untracked: HashSet::new(),
             failures: 0,
             network,
+            runqueue: HashMap::new(),
+            latency: HashMap::new(),
         }
+    }
+
+    /// Says once why run-queue wait is not measured (when it is not).
+    fn log_runqueue(&self) {
+        match self.bpf.runqueue() {
+            RunqMode::Counting => tracing::info!("run-queue wait: measured per container"),
+            RunqMode::Off(reason) => {
+                tracing::warn!(%reason, "run-queue wait: not measured, its figures are absent")
+            }
+        }
+    }
+
+    /// This cycle's latency figures by container id (absent for containers not counted).
+    pub fn take_latency(&mut self) -> HashMap<String, Latency> {
+        std::mem::take(&mut self.latency)
     }
 
     /// False when the kernel took the network programs but refused the block ones.
@@ -208,6 +262,12 @@ impl KernelCounters {
             }
         }
         self.network = m.enable_network;
+        let counting = *self.bpf.runqueue() == RunqMode::Counting;
+        if counting != m.enable_runqueue_latency {
+            self.bpf.set_runqueue(m.enable_runqueue_latency);
+            self.runqueue.clear();
+            self.log_runqueue();
+        }
         let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), &m.excluded_devices));
         if let Err(e) = self.bpf.set_excluded_devices(&devs) {
             tracing::warn!(error = %Chain(&e), "cannot update the excluded devices of the BPF programs");
@@ -272,6 +332,7 @@ impl KernelCounters {
         }
         self.bpf.refresh()?;
         samples.retain(|s| !dropped.contains(&s.id));
+        self.collect_latency();
         for s in samples.iter_mut() {
             let Some(c) = self.ids.get(&s.id).and_then(|id| self.bpf.counters(*id)) else {
                 continue;

@@ -5,14 +5,14 @@
 use super::block::IoMode;
 use super::error::BpfError;
 use super::pins::{Links, PinLock};
-use super::{btf, format, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
+use super::{btf, format, latency, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use aya::maps::Map;
 use aya::programs::{CgroupSkb, Program, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
-    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_KERNEL_OFFSETS, PROG_SKB_EGRESS,
-    PROG_SKB_INGRESS,
+    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_KERNEL_OFFSETS, GLOBAL_SCHED_OFFSETS,
+    MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,19 +68,63 @@ impl BpfCollector {
         };
 
         let (dev_off, nr_off, rwbs_off) = bio_queue_offsets(tracefs)?;
+        let btf = btf::Btf::from_sys_fs().map_err(|e| {
+            format!(
+                "reading /sys/kernel/btf/vmlinux: {}",
+                crate::logging::Chain(&e)
+            )
+        });
         let koff = if opts.count_dirtied {
-            kernel_offsets()
+            btf.as_ref().map_err(Clone::clone).and_then(kernel_offsets)
         } else {
             Err("disabled by configuration".to_string())
         };
         let koff_value = koff.clone().unwrap_or_default();
-        let loaded = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
-            .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
-            .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
-            .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
-            .load(OBJECT);
+        let sched = btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(latency::sched_offsets);
+        let sched_value = sched.clone().unwrap_or_default();
+        drop(btf);
+        let load = |standin: Option<&Path>| {
+            let mut loader = EbpfLoader::new();
+            loader
+                // The scheduler programs' task storage map, which aya 0.14 has no type for.
+                .allow_unsupported_maps()
+                .default_map_pin_directory(&map_dir)
+                .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
+                .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
+                .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+                .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
+                .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true);
+            if let Some(path) = standin {
+                loader.map_pin_path(MAP_RUNQ_TASK, path);
+            }
+            loader.load(OBJECT)
+        };
+        let mut sched = sched;
+        let loaded = match load(None) {
+            // A kernel without task-local storage (before 5.11): the rest loads with a stand-in
+            // map in its place, and run-queue wait is off.
+            Err(aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }))
+                if name == MAP_RUNQ_TASK =>
+            {
+                sched = Err(format!(
+                    "the kernel refused a task storage map (Linux 5.11+): {io_error}"
+                ));
+                // bpffs refuses names with a dot.
+                let standin = map_dir.join("lxcmon-runq-task-standin");
+                let _ = std::fs::remove_file(&standin);
+                sys::pin_standin_map(&standin).map_err(|source| BpfError::PinDir {
+                    path: standin.clone(),
+                    source,
+                })?;
+                let loaded = load(Some(&standin));
+                let _ = std::fs::remove_file(&standin);
+                loaded
+            }
+            other => other,
+        };
         if opts.ephemeral {
             let _ = std::fs::remove_dir_all(&map_dir);
         }
@@ -106,14 +150,17 @@ impl BpfCollector {
             io_mode: IoMode::Files(String::new()),
             network: opts.network,
             batched: None,
+            latency: latency::LatencyState::new(sched.map(drop)),
         };
         this.io_mode = this.attach_block(koff.map(drop));
+        this.set_runqueue(opts.runqueue);
         this.set_excluded_devices(&opts.excluded_devices)?;
         this.restore_tracked()?;
         info!(
             pin_dir = ?this.pin_dir,
             tracked = this.tracked.len(),
             io_mode = ?this.io_mode,
+            runqueue = ?this.latency.mode,
             "BPF collector loaded"
         );
         Ok(this)
@@ -186,13 +233,7 @@ fn bio_queue_offsets(tracefs: &Path) -> Result<(u32, u32, u32), BpfError> {
 
 /// Resolves the struct offsets the BTF programs need from the running kernel's BTF. The error
 /// is the reason the dirtied-bytes mode is not used.
-fn kernel_offsets() -> Result<KernelOffsets, String> {
-    let btf = btf::Btf::from_sys_fs().map_err(|e| {
-        format!(
-            "reading /sys/kernel/btf/vmlinux: {}",
-            crate::logging::Chain(&e)
-        )
-    })?;
+fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
     // `folio_nr_pages`: `_nr_pages` (6.15+), `_folio_nr_pages` (5.18-6.14), else the order byte
     // at the start of `_flags_1`.

@@ -10,6 +10,7 @@
 //! - [`tracking`](self::tracking): which containers are counted in which slot, and reading
 //!   the counters;
 //! - [`pins`](self::pins): pinned or process-held links, the pin directory lock, clean-up;
+//! - [`latency`](self::latency): the scheduler programs and the run-queue wait histograms;
 //! - [`counters`]: what the cycle sees (choice of collector, per-container fallback);
 //! - [`testing`](self::testing): `BPF_PROG_TEST_RUN` for tests.
 //!
@@ -30,6 +31,7 @@ mod btf;
 pub mod counters;
 mod error;
 mod format;
+mod latency;
 mod loader;
 mod net;
 mod pins;
@@ -44,6 +46,7 @@ use std::path::{Path, PathBuf};
 
 pub use block::IoMode;
 pub use error::BpfError;
+pub use latency::RunqMode;
 pub use lxcmon_common::Counters;
 pub use pins::{cleanup_all, cleanup_pinned, default_pin_dir};
 pub use sys::kernel_dev_t;
@@ -68,6 +71,8 @@ pub struct BpfOptions {
     pub count_dirtied: bool,
     /// Attach the network programs to tracked containers (`enable_network`).
     pub network: bool,
+    /// Attach the scheduler programs (`enable_runqueue_latency`).
+    pub runqueue: bool,
 }
 
 impl Default for BpfOptions {
@@ -78,6 +83,7 @@ impl Default for BpfOptions {
             ephemeral: false,
             count_dirtied: true,
             network: true,
+            runqueue: true,
         }
     }
 }
@@ -97,6 +103,7 @@ pub struct BpfCollector {
     network: bool,
     /// `Some(true)` while batched reads work, `Some(false)` once the kernel refused one.
     batched: Option<bool>,
+    latency: latency::LatencyState,
 }
 
 impl std::fmt::Debug for BpfCollector {

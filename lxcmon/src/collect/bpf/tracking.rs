@@ -36,7 +36,13 @@ impl BpfCollector {
         let mut levels: Array<&mut MapData, u64> =
             Array::try_from(self.map_mut(MAP_TRACKED_LEVELS)?)
                 .map_err(map_err(MAP_TRACKED_LEVELS))?;
-        levels.set(0, mask, 0).map_err(map_err(MAP_TRACKED_LEVELS))
+        // A new generation on every change: slots the scheduler programs cached go stale.
+        let generation = levels
+            .get(&0, 0)
+            .map_or(0, |old| (old >> 32).wrapping_add(1));
+        levels
+            .set(0, mask | (generation << 32), 0)
+            .map_err(map_err(MAP_TRACKED_LEVELS))
     }
 
     /// Sets a slot's counters to `seed` (held by CPU 0; the others start at zero).
@@ -94,6 +100,7 @@ impl BpfCollector {
                     .find(|s| !used.contains(s))
                     .ok_or(BpfError::Full(MAX_CONTAINERS))?;
                 self.seed_slot(slot, seed)?;
+                self.reset_latency_slot(slot)?;
                 TrackedCgroup {
                     slot,
                     level: cg.level,
@@ -195,7 +202,7 @@ impl BpfCollector {
                 self.values = values;
             }
         }
-        Ok(())
+        self.refresh_latency()
     }
 
     /// Whether the last [`Self::refresh`] read all counters with batched map reads.

@@ -282,6 +282,7 @@ pub fn render(w: &mut Writer, metrics: &[ContainerMetrics]) {
     interfaces(w, metrics);
     devices(w, metrics);
     mounts(w, metrics);
+    super::histograms::render(w, metrics);
 }
 
 fn ids(m: &ContainerMetrics) -> [(&'static str, &str); 2] {

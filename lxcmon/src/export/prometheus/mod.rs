@@ -5,6 +5,7 @@
 //! scraper's business, so no percentage is exported here.
 
 mod containers;
+mod histograms;
 mod text;
 
 use crate::derive::Cycle;

@@ -1,0 +1,311 @@
+//! Run-queue wait: the scheduler programs (`tp_btf/sched_{wakeup,wakeup_new,switch}`), the
+//! task offsets they read from the kernel's BTF, and the per-container histograms, read for
+//! every container in one batched map read per cycle.
+//!
+//! In-flight enqueue times live in task-local storage (`BPF_MAP_TYPE_TASK_STORAGE`, a BTF-defined
+//! map: the object is linked with `--btf`), created only for tasks of tracked containers and
+//! freed by the kernel with the task, so nothing can leak; its lookups cost no hashing.
+
+use super::btf::Btf;
+use super::error::{map_err, BpfError};
+use super::loader::program_mut;
+use super::{sys, BpfCollector};
+use crate::logging::Chain;
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::FdLink;
+use aya::programs::BtfTracePoint;
+use lxcmon_common::{
+    LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_RARE, MAP_RUNQ_HIST, PROG_SCHED_SWITCH,
+    PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
+};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+const PROGRAMS: [(&str, &str); 3] = [
+    (PROG_SCHED_WAKEUP, "sched_wakeup"),
+    (PROG_SCHED_WAKEUP_NEW, "sched_wakeup_new"),
+    (PROG_SCHED_SWITCH, "sched_switch"),
+];
+
+/// How often the rare-condition counters are read (and logged when they grew).
+const RARE_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether run-queue wait is measured (see [`BpfCollector::runqueue`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunqMode {
+    Counting,
+    /// Not measured, and why (configuration, or the kernel's reason).
+    Off(String),
+}
+
+/// The task and cgroup offsets the scheduler programs need, from the kernel's BTF; the error
+/// is why run-queue wait cannot be measured.
+pub(crate) fn sched_offsets(btf: &Btf) -> Result<SchedOffsets, String> {
+    let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
+    Ok(SchedOffsets {
+        enabled: 1,
+        task_cgroups: m("task_struct", "cgroups")?,
+        // `__state` since 5.14, `state` (a long; its low word on little-endian) before.
+        task_state: m("task_struct", "__state").or_else(|_| m("task_struct", "state"))?,
+        task_on_cpu: m("task_struct", "on_cpu")?,
+        cset_dfl_cgrp: m("css_set", "dfl_cgrp")?,
+        cgrp_level: m("cgroup", "level")?,
+        cgrp_kn: m("cgroup", "kn")?,
+        // `__parent` since 6.15, `parent` before.
+        kn_parent: m("kernfs_node", "__parent").or_else(|_| m("kernfs_node", "parent"))?,
+        kn_id: m("kernfs_node", "id")?,
+        _pad: 0,
+    })
+}
+
+fn link_name(tp: &str) -> String {
+    format!("sched-{tp}")
+}
+
+/// Latency state of the collector.
+#[derive(Debug)]
+pub(crate) struct LatencyState {
+    pub(crate) mode: RunqMode,
+    /// `Ok` when the offsets resolved (the programs can run), else why not.
+    offsets: Result<(), String>,
+    hists: HashMap<u64, LatencyHist>,
+    rare_seen: [u64; RARE_EVENTS as usize],
+    rare_checked: Option<Instant>,
+}
+
+impl LatencyState {
+    pub(crate) fn new(offsets: Result<(), String>) -> Self {
+        Self {
+            mode: RunqMode::Off("not attached yet".into()),
+            offsets,
+            hists: HashMap::new(),
+            rare_seen: [0; RARE_EVENTS as usize],
+            rare_checked: None,
+        }
+    }
+}
+
+impl BpfCollector {
+    /// Whether run-queue wait is measured on this kernel and configuration.
+    pub fn runqueue(&self) -> &RunqMode {
+        &self.latency.mode
+    }
+
+    /// Switches the scheduler programs on (attached, keeping an earlier agent's pinned links)
+    /// or off (detached). Returns the new mode; a refusal is the reason, the rest goes on.
+    pub fn set_runqueue(&mut self, on: bool) -> &RunqMode {
+        self.latency.mode = if !on {
+            self.detach_sched();
+            RunqMode::Off("disabled by configuration (enable_runqueue_latency)".into())
+        } else {
+            match self
+                .latency
+                .offsets
+                .clone()
+                .and_then(|()| self.attach_sched())
+            {
+                Ok(()) => RunqMode::Counting,
+                Err(why) => {
+                    self.detach_sched();
+                    RunqMode::Off(why)
+                }
+            }
+        };
+        &self.latency.mode
+    }
+
+    fn detach_sched(&mut self) {
+        for (_, tp) in PROGRAMS {
+            let _ = self.links.remove(&link_name(tp));
+        }
+    }
+
+    fn attach_sched(&mut self) -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
+        for (name, tp) in PROGRAMS {
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            if prog.fd().is_err() {
+                prog.load(tp, &btf)
+                    .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
+            }
+        }
+        for (name, tp) in PROGRAMS {
+            let link = link_name(tp);
+            if self.links.has(&link) {
+                continue;
+            }
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            let fail =
+                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
+            let id = prog.attach().map_err(|e| fail(&e))?;
+            let fd: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
+            self.links
+                .put(&link, fd)
+                .map_err(|e| format!("pinning {link}: {}", Chain(e.as_ref())))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a slot's histogram on every CPU (a slot newly given to a container).
+    pub(crate) fn reset_latency_slot(&mut self, slot: u32) -> Result<(), BpfError> {
+        let ncpus = self.ncpus;
+        let mut map: PerCpuArray<&mut MapData, LatencyHist> =
+            PerCpuArray::try_from(self.map_mut(MAP_RUNQ_HIST)?).map_err(map_err(MAP_RUNQ_HIST))?;
+        let zeros = PerCpuValues::try_from(vec![LatencyHist::default(); ncpus]).map_err(|e| {
+            BpfError::Map {
+                map: MAP_RUNQ_HIST,
+                source: aya::maps::MapError::IoError(e),
+            }
+        })?;
+        map.set(slot, zeros, 0).map_err(map_err(MAP_RUNQ_HIST))
+    }
+
+    /// Reads every tracked container's histogram (CPUs folded), in one batched map read
+    /// where the kernel supports it. Nothing is read while run-queue wait is off.
+    pub(crate) fn refresh_latency(&mut self) -> Result<(), BpfError> {
+        self.latency.hists.clear();
+        if self.latency.mode != RunqMode::Counting {
+            return Ok(());
+        }
+        self.check_rare();
+        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
+            return Ok(());
+        };
+        let count = max_slot + 1;
+        let value_size = std::mem::size_of::<LatencyHist>();
+        let stride = value_size.div_ceil(8) * 8;
+        let raw = match self.map(MAP_RUNQ_HIST)? {
+            Map::PerCpuArray(data) if self.batched != Some(false) => {
+                sys::percpu_array_lookup_batch(data.fd().as_fd(), count, value_size, self.ncpus)
+                    .ok()
+            }
+            _ => None,
+        };
+        let per_slot = stride * self.ncpus;
+        match raw {
+            Some(raw) if raw.len() >= per_slot * count as usize => {
+                for (id, t) in &self.tracked {
+                    let base = t.slot as usize * per_slot;
+                    let mut sum = LatencyHist::default();
+                    for cpu in 0..self.ncpus {
+                        let off = base + cpu * stride;
+                        sum.add(&hist_from_bytes(&raw[off..off + value_size]));
+                    }
+                    self.latency.hists.insert(*id, sum);
+                }
+            }
+            _ => {
+                // Older kernels without batched array reads: one read per container.
+                let map: PerCpuArray<&MapData, LatencyHist> =
+                    PerCpuArray::try_from(self.map(MAP_RUNQ_HIST)?)
+                        .map_err(map_err(MAP_RUNQ_HIST))?;
+                let mut hists = HashMap::new();
+                for (id, t) in &self.tracked {
+                    let per_cpu = map.get(&t.slot, 0).map_err(map_err(MAP_RUNQ_HIST))?;
+                    let mut sum = LatencyHist::default();
+                    for h in per_cpu.iter() {
+                        sum.add(h);
+                    }
+                    hists.insert(*id, sum);
+                }
+                self.latency.hists = hists;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tracked container's run-queue wait histogram as of the last refresh (`None` while
+    /// run-queue wait is off).
+    pub fn runqueue_hist(&self, cgroup_id: u64) -> Option<LatencyHist> {
+        self.latency.hists.get(&cgroup_id).copied()
+    }
+
+    /// The rare kernel-side conditions (an in-flight entry that could not be stored), summed
+    /// over CPUs.
+    pub fn rare_events(&self) -> Result<[u64; RARE_EVENTS as usize], BpfError> {
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(MAP_RARE)?).map_err(map_err(MAP_RARE))?;
+        let mut out = [0u64; RARE_EVENTS as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = map
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_RARE))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
+    /// Logs the rare conditions when they grew, at most once per [`RARE_EVERY`] (the
+    /// programs only count them: aya-log is not wired into this object).
+    fn check_rare(&mut self) {
+        if self
+            .latency
+            .rare_checked
+            .is_some_and(|t| t.elapsed() < RARE_EVERY)
+        {
+            return;
+        }
+        self.latency.rare_checked = Some(Instant::now());
+        let Ok(now) = self.rare_events() else {
+            return;
+        };
+        let seen = self.latency.rare_seen;
+        if now != seen {
+            tracing::warn!(
+                inflight_failed = now[0].saturating_sub(seen[0]),
+                "run-queue wait: the kernel refused task storage for some enqueues since the last check (those waits are not counted)"
+            );
+            self.latency.rare_seen = now;
+        }
+    }
+}
+
+fn hist_from_bytes(b: &[u8]) -> LatencyHist {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        if let Some(s) = b.get(i * 8..i * 8 + 8) {
+            w.copy_from_slice(s);
+        }
+        u64::from_ne_bytes(w)
+    };
+    let mut h = LatencyHist::default();
+    for (i, bucket) in h.buckets.iter_mut().enumerate() {
+        *bucket = word(i);
+    }
+    h.sum_ns = word(LATENCY_BUCKETS);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_kernel_has_the_sched_offsets() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            return; // no kernel BTF here
+        };
+        let s = sched_offsets(&btf).expect("offsets");
+        assert_eq!(s.enabled, 1);
+        assert!(s.task_cgroups > 0 && s.cgrp_kn > 0 && s.cgrp_level > 0 && s.kn_id > 0);
+    }
+
+    #[test]
+    fn decodes_a_histogram_value() {
+        let mut bytes = Vec::new();
+        for i in 0..=LATENCY_BUCKETS as u64 {
+            bytes.extend((i * 3).to_ne_bytes());
+        }
+        let h = hist_from_bytes(&bytes);
+        assert_eq!(h.buckets[0], 0);
+        assert_eq!(
+            h.buckets[LATENCY_BUCKETS - 1],
+            (LATENCY_BUCKETS as u64 - 1) * 3
+        );
+        assert_eq!(h.sum_ns, LATENCY_BUCKETS as u64 * 3);
+    }
+}
