@@ -215,6 +215,7 @@ pub fn run(report: &mut Report, cts: &[Container]) -> Result<()> {
         res
     })();
     let teardown = destroy(&mut d.ct, &loopdev);
+    log_once(report, errlog);
     if let Err(e) = driven {
         report.check("details/driver", false, &format!("{e:#}"));
     }
@@ -226,6 +227,33 @@ pub fn run(report: &mut Report, cts: &[Container]) -> Result<()> {
         t0.elapsed().as_secs_f64()
     ));
     teardown
+}
+
+/// A reason is logged once: no WARN or ERROR line of the agent repeats (its text after the
+/// timestamp; a per-container message names its container, so it differs between them).
+fn log_once(report: &mut Report, errlog: &str) {
+    let text = std::fs::read_to_string(errlog).unwrap_or_default();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in text.lines() {
+        if let Some((_, rest)) = l.split_once(' ').map(|(t, r)| (t, r.trim_start())) {
+            if rest.starts_with("WARN") || rest.starts_with("ERROR") {
+                *seen.entry(rest).or_default() += 1;
+            }
+        }
+    }
+    let repeated: Vec<String> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(l, n)| format!("{n}x {l}"))
+        .collect();
+    report.check(
+        "details/agent-log/no-warning-repeated",
+        repeated.is_empty(),
+        &format!("{} warnings/errors; repeated: {repeated:?}", seen.len()),
+    );
+    for l in seen.keys().take(10) {
+        info(&format!("details: agent says: {l}"));
+    }
 }
 
 /// Container 105: one CPU, 64 MiB without swap, a directory root, mp0 on a loop device.
