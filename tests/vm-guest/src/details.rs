@@ -616,10 +616,32 @@ impl Details<'_> {
                     b1 - a0,
                     0.002,
                 );
-                info(&format!(
-                    "details: kernel cpu.pressure some of {vmid} grew {:.3} s in {kdt:.3} s",
-                    b0 - a1
-                ));
+                // The kernel's own figure against what it stands for: the throttled time
+                // (cpu.stat), or the wall time, which the two loops' waits (schedstat
+                // run_delay) fill without overlapping.
+                let kd = b0 - a1;
+                let (expected, what) = if expect == "throttled" {
+                    let t = |s: &Snap| kstat(s, "throttled_usec").map_or(0.0, |v| v as f64 / 1e6);
+                    (t(&b.before) - t(&a.after), "cpu.stat throttled time")
+                } else {
+                    (kdt, "the wall time")
+                };
+                report.check(
+                    &format!("details/kernel/{vmid}/cpu.pressure-some-physics"),
+                    (kd - expected).abs() <= expected * 0.25,
+                    &format!("kernel delta={kd:.3} s expected={expected:.3} s ({what}) ±25%"),
+                );
+                let waited =
+                    b.before.run_delay_ns.saturating_sub(a.after.run_delay_ns) as f64 / 1e9;
+                if vmid == VMID && waited > 0.0 {
+                    report.check(
+                        &format!("details/kernel/{vmid}/cpu.pressure-some-vs-run_delay"),
+                        (kd - waited).abs() <= waited * 0.2,
+                        &format!(
+                            "kernel delta={kd:.3} s; the loops waited {waited:.3} s in all (schedstat) ±20%"
+                        ),
+                    );
+                }
             }
             let expected = if expect == "throttled" {
                 rec(b, &["cpu_throttling", "throttled_seconds"])
