@@ -2,15 +2,16 @@
 //! as a daemon at a short interval while the guest puts known load on the containers, and the
 //! exported cycles are compared with the physics of that load and with the kernel's own files.
 //!
-//! - 103 (busy loop under `cpu.max 50000 100000`, from the layout): over a window of cycles
-//!   every period is throttled (the loop always wants more than its quota), throttled time is
-//!   half the wall time, and CPU pressure grows by that time (a throttled task is runnable but
-//!   not running).
+//! - 103 (busy loop under `cpu.max 50000 100000`, from the layout), in a window of its own
+//!   with a CPU to spare: every period is throttled (the loop always wants more than its
+//!   quota, so not half of them), throttled time is half the wall time, and CPU pressure grows
+//!   by at least that time (a throttled task is runnable but not running; with other tasks on
+//!   its CPU it also waits behind them, and then it is throttled less).
 //! - 105 (`ct-echo`, made here): one CPU (`cpuset.cpus`), `memory.max` 64 MiB without swap,
 //!   its root a directory of the guest's disk (a directory-backed storage: shared), `mp0` an
 //!   ext4 image on a loop device mounted in its mount namespace only and named in
-//!   `/etc/pve/lxc/105.conf`. Two busy loops on its CPU: one always waits, so CPU pressure
-//!   "some" grows by the whole window. A child allocating past the limit is OOM-killed, twice:
+//!   `/etc/pve/lxc/105.conf`. Two busy loops on its CPU, in a second window: one always
+//!   waits, so CPU pressure "some" grows by the whole window (each loop waits half of it). A child allocating past the limit is OOM-killed, twice:
 //!   `oom_kill` grows by exactly one per kill. Block I/O to its root (the disk) and to `mp0`
 //!   (the loop device, excluded by `excluded_devices`).
 //! - 101 → 102: a bounded UDP transfer; per-interface counters against `/proc/<init>/net/dev`.
@@ -472,8 +473,15 @@ impl Details<'_> {
         let base = self.bracket(agent)?;
         step("baseline cycle");
 
-        // The CPU window: 103's loop under its quota (running all along), two loops on 105's
-        // one CPU.
+        // First window: 103's loop under its quota (running all along) with a CPU to spare,
+        // so that it gets its quota at once: throttled for the rest of each period.
+        let a = self.bracket(agent)?;
+        std::thread::sleep(Duration::from_secs_f64(WINDOW));
+        let b = self.bracket(agent)?;
+        self.check_cpu(report, 103, &a, &b);
+        step("throttling window");
+
+        // Second window: two loops on 105's one CPU.
         for _ in 0..2 {
             self.ct.detach("spin", &["/bin/vm-guest", "wl", "spin"])?;
         }
@@ -488,15 +496,15 @@ impl Details<'_> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(200));
         let a = self.bracket(agent)?;
         std::thread::sleep(Duration::from_secs_f64(WINDOW));
         let b = self.bracket(agent)?;
         for pid in std::mem::take(&mut self.spin_pids) {
             agent::kill(pid, rustix::process::Signal::KILL)?;
         }
-        self.check_cpu(report, &a, &b);
-        step("CPU window");
+        self.check_cpu(report, VMID, &a, &b);
+        step("one-CPU window");
 
         // OOM kills, one at a time, each seen by the agent.
         let mut prev = b;
@@ -553,22 +561,27 @@ impl Details<'_> {
         Ok(())
     }
 
-    /// Throttling of 103, CPU pressure of 103 and 105 over the window a..b.
-    fn check_cpu(&self, report: &mut Report, a: &Bracket, b: &Bracket) {
+    /// Over the window a..b: 103's throttling and CPU pressure, or 105's CPU pressure.
+    fn check_cpu(&self, report: &mut Report, which: u32, a: &Bracket, b: &Bracket) {
         let dt = b.ts - a.ts;
         let kdt = b.before.t - a.after.t;
         info(&format!(
-            "details: CPU window {dt:.3} s between the agent's cycles ({kdt:.3} s between the guest's inner reads)"
+            "details: CPU window of {which}: {dt:.3} s between the agent's cycles ({kdt:.3} s between the guest's inner reads)"
         ));
         let cg103 = "lxc/103".to_string();
         let kstat = |s: &Snap, k: &str| s.cpu_stat.get(&cg103).and_then(|m| m.get(k)).copied();
         let rec = |br: &Bracket, path: &[&str]| getf(br.rec(103), path);
         // (export key, cpu.stat key, scale to the export's unit)
-        for (key, kkey, scale) in [
-            ("periods", "nr_periods", 1.0),
-            ("throttled_periods", "nr_throttled", 1.0),
-            ("throttled_seconds", "throttled_usec", 1e-6),
-        ] {
+        let throttling: &[(&str, &str, f64)] = if which == 103 {
+            &[
+                ("periods", "nr_periods", 1.0),
+                ("throttled_periods", "nr_throttled", 1.0),
+                ("throttled_seconds", "throttled_usec", 1e-6),
+            ]
+        } else {
+            &[]
+        };
+        for &(key, kkey, scale) in throttling {
             let k = |s: &Snap| kstat(s, kkey).map(|v| v as f64 * scale);
             let got = rec(b, &["cpu_throttling", key]).zip(rec(a, &["cpu_throttling", key]));
             let d = got.map(|(x, y)| x - y);
@@ -613,7 +626,8 @@ impl Details<'_> {
         }
         // CPU pressure: 103 stalls while throttled (and while its loop waits behind others);
         // 105 has one of two loops waiting always.
-        for vmid in [103u32, VMID] {
+        {
+            let vmid = which;
             let cg = format!("lxc/{vmid}");
             let k = |s: &Snap| {
                 s.psi
