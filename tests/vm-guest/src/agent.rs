@@ -27,7 +27,7 @@ const CONTAINERS: [(u32, &str, u64); 3] = [
 pub(crate) struct Truth {
     io_write: [u64; 3],
     io_read: [u64; 3],
-    tx: [u64; 3],
+    pub(crate) tx: [u64; 3],
     pub(crate) rx: [u64; 3],
 }
 
@@ -47,7 +47,7 @@ fn drive_layout(report: &mut Report, cts: &[Container]) -> Result<()> {
     let static_procs = start_static_processes(cts)?;
     if cmdline("only").as_deref() == Some("details") {
         // `cargo xtask vm-test --only details`: issue 12's figures alone, to iterate.
-        return crate::details::run(report, cts);
+        return crate::details::run(report, cts, &mut Truth::default());
     }
     verify_layout(report, cts, &static_procs)?;
     let mut truth = Truth::default();
@@ -98,7 +98,7 @@ fn drive_layout(report: &mut Report, cts: &[Container]) -> Result<()> {
     // Issue 12's figures (the same on either collector): not again in the lockdown boot,
     // whose kernel is the 6.1 of the first.
     if cmdline("case").as_deref() != Some("6.1-lockdown") {
-        crate::details::run(report, cts)?;
+        crate::details::run(report, cts, &mut truth)?;
     }
     once_checks(report, cts, &static_procs, &truth, &expect_auto)?;
     Ok(())

@@ -21,7 +21,7 @@
 //! was exported. A figure the kernel does not have (no `full` line, no `oom_group_kill`) must
 //! be absent from the record, not 0.
 
-use crate::agent::{self, Agent, MIB, UDP_FRAME_OVERHEAD};
+use crate::agent::{self, Agent, Truth, MIB, UDP_FRAME_OVERHEAD};
 use crate::ct::{self, Container, CGROOT};
 use crate::{info, sh, Report};
 use anyhow::{bail, Context, Result};
@@ -186,7 +186,8 @@ struct Details<'a> {
 }
 
 /// Runs the details scenario: 105 made, one agent, the checks, 105 removed again.
-pub fn run(report: &mut Report, cts: &[Container]) -> Result<()> {
+/// The transfer from 101 to 102 is added to `truth` (the later `--once` checks count it).
+pub fn run(report: &mut Report, cts: &[Container], truth: &mut Truth) -> Result<()> {
     let t0 = Instant::now();
     info("details: starting");
     let (ct, loopdev) = create()?;
@@ -212,7 +213,7 @@ pub fn run(report: &mut Report, cts: &[Container]) -> Result<()> {
     let driven = (|| -> Result<()> {
         let mut agent = Agent::start(cfg, errlog, false)?;
         agent::wait_cycles(&d.export, 1, &d.ids, Duration::from_secs(60), &mut agent)?;
-        let res = d.drive(report, &mut agent);
+        let res = d.drive(report, &mut agent, truth);
         agent.stop(report, "details");
         res
     })();
@@ -466,7 +467,7 @@ impl Details<'_> {
         })
     }
 
-    fn drive(&mut self, report: &mut Report, agent: &mut Agent) -> Result<()> {
+    fn drive(&mut self, report: &mut Report, agent: &mut Agent, truth: &mut Truth) -> Result<()> {
         let t0 = Instant::now();
         let step = |what: &str| {
             info(&format!(
@@ -557,6 +558,9 @@ impl Details<'_> {
 
         // Per interface: 101 -> 102.
         let sent = agent::udp_transfer(&self.cts[0], &self.cts[1], 5105, NET_COUNT, NET_SIZE)?;
+        let bytes = sent * (NET_SIZE + UDP_FRAME_OVERHEAD);
+        truth.tx[0] += bytes;
+        truth.rx[1] += bytes;
         let net = self.bracket(agent)?;
         self.check_interfaces(report, &base, &net, sent);
         self.check_absent(report, &net);
