@@ -157,9 +157,9 @@ struct Snap {
     net: BTreeMap<u32, BTreeMap<String, Vec<u64>>>,
     /// mountpoint in 105 -> its statvfs.
     fs: BTreeMap<&'static str, Fs>,
-    /// vmid -> sum of `run_delay` (schedstat) of its busy loops: time they were runnable but
+    /// vmid -> pid -> `run_delay` (schedstat) of its busy loops: time each was runnable but
     /// not running.
-    run_delay_ns: BTreeMap<u32, u64>,
+    run_delay_ns: BTreeMap<u32, BTreeMap<u32, u64>>,
 }
 
 /// One agent cycle with the kernel read before it began and after it was exported.
@@ -426,17 +426,15 @@ impl Details<'_> {
         s.fs.insert(MP0, statvfs(&self.ct.path(MP0))?);
         let loops103 = agent::cgroup_procs("lxc/103/ns/system.slice/spin")?;
         for (vmid, pids) in [(103u32, &loops103), (VMID, &self.spin_pids)] {
-            let mut sum = 0;
+            let mut each = BTreeMap::new();
             for pid in pids {
                 let st =
                     std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
-                sum += st
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|x| x.parse::<u64>().ok())
-                    .unwrap_or(0);
+                if let Some(ns) = st.split_whitespace().nth(1).and_then(|x| x.parse().ok()) {
+                    each.insert(*pid, ns);
+                }
             }
-            s.run_delay_ns.insert(vmid, sum);
+            s.run_delay_ns.insert(vmid, each);
         }
         Ok(s)
     }
@@ -646,7 +644,18 @@ impl Details<'_> {
             let got = getf(b.rec(vmid), &["pressure", "cpu_some_seconds"])
                 .zip(getf(a.rec(vmid), &["pressure", "cpu_some_seconds"]))
                 .map(|(x, y)| x - y);
-            let waited = |s: &Snap| s.run_delay_ns.get(&vmid).copied().unwrap_or(0) as f64 / 1e9;
+            // Each loop's wait over the window (schedstat run_delay), seconds.
+            let waits: Vec<f64> = b
+                .before
+                .run_delay_ns
+                .get(&vmid)
+                .into_iter()
+                .flatten()
+                .filter_map(|(pid, end)| {
+                    let start = a.after.run_delay_ns.get(&vmid)?.get(pid)?;
+                    Some(end.saturating_sub(*start) as f64 / 1e9)
+                })
+                .collect();
             if let (Some(b0), Some(b1), Some(a0), Some(a1)) =
                 (k(&b.before), k(&b.after), k(&a.before), k(&a.after))
             {
@@ -658,20 +667,29 @@ impl Details<'_> {
                     b1 - a0,
                     0.002,
                 );
-                // The kernel's own figure against what it stands for: the time its loops
-                // were runnable but not running (schedstat run_delay, throttled time
-                // included); on 105's one CPU the two loops' waits never overlap and fill the
-                // wall time.
+                // The kernel's own figure against what it stands for: the time a loop was
+                // runnable but not running (schedstat run_delay, throttled time included).
+                // With one loop (103) that is its wait; with two (105) the union of their
+                // waits: at least the longer one, at most their sum (equal to it while no other
+                // task takes their CPU, as then exactly one of them waits).
                 let kd = b0 - a1;
-                let w = waited(&b.before) - waited(&a.after);
+                let sum: f64 = waits.iter().sum();
+                let longest = waits.iter().copied().fold(0.0, f64::max);
                 info(&format!(
-                    "details: kernel cpu.pressure some of {vmid} grew {kd:.3} s in {kdt:.3} s; its loops waited {w:.3} s (schedstat run_delay)"
+                    "details: kernel cpu.pressure some of {vmid} grew {kd:.3} s in {kdt:.3} s; its loops waited {waits:.3?} s (schedstat run_delay)"
                 ));
-                if w > 0.0 {
+                if sum > 0.0 {
+                    let (lo, hi) = if waits.len() == 1 {
+                        (0.85 * sum, 1.15 * sum)
+                    } else {
+                        (0.95 * longest, 1.05 * sum)
+                    };
                     report.check(
                         &format!("details/kernel/{vmid}/cpu.pressure-some-vs-run_delay"),
-                        (kd - w).abs() <= w * 0.15,
-                        &format!("kernel delta={kd:.3} s; the loops waited {w:.3} s ±15%"),
+                        kd >= lo && kd <= hi,
+                        &format!(
+                            "kernel delta={kd:.3} s; the loops waited {waits:.3?} s: expected [{lo:.3}, {hi:.3}] s"
+                        ),
                     );
                 }
                 if vmid == VMID {
