@@ -22,6 +22,12 @@ pub struct VmArgs {
     /// Run only this kernel (6.1 or 5.10); default: the whole matrix.
     #[arg(long, value_parser = ["6.1", "5.10"])]
     kernel: Option<String>,
+    /// Run only this case of the matrix (6.1, 6.1-lockdown, 5.10).
+    #[arg(long, value_parser = ["6.1", "6.1-lockdown", "5.10"])]
+    case: Option<String>,
+    /// Run only this part of the guest's checks (`details`: issue 12's figures), to iterate.
+    #[arg(long, value_parser = ["details"])]
+    only: Option<String>,
     /// Host-side limit for one boot, in seconds (qemu is killed after it).
     #[arg(long, default_value_t = DEFAULT_TIMEOUT)]
     timeout: u64,
@@ -35,6 +41,8 @@ impl Default for VmArgs {
     fn default() -> Self {
         Self {
             kernel: None,
+            case: None,
+            only: None,
             timeout: DEFAULT_TIMEOUT,
             verbose: false,
         }
@@ -85,6 +93,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let cases: Vec<&Case> = MATRIX
         .iter()
         .filter(|c| args.kernel.as_deref().is_none_or(|k| k == c.series))
+        .filter(|c| args.case.as_deref().is_none_or(|k| k == c.name))
         .collect();
 
     let mut kernels = Vec::new();
@@ -117,10 +126,13 @@ pub fn run(args: &VmArgs) -> Result<()> {
         let t0 = Instant::now();
         let initrd = image::initramfs(k, &bins, &dir)?;
         let disk = image::disk(&dir)?;
-        let cmdline = format!(
+        let mut cmdline = format!(
             "lxcmon_vm.case={} lxcmon_vm.expect_auto={} {}",
             case.name, case.expect_auto, case.cmdline
         );
+        if let Some(only) = &args.only {
+            cmdline.push_str(&format!(" lxcmon_vm.only={only}"));
+        }
         let outcome = qemu::boot(k, &initrd, &disk, &cmdline, &dir, args.timeout)?;
         let secs = t0.elapsed().as_secs_f64();
         let line = format!(

@@ -5,8 +5,10 @@
 //! - `ct-monitor` (in `lxc.monitor/<vmid>`) unshares a PID namespace and starts `ct-init`, then
 //!   sleeps in `wait()` like LXC's monitor process does.
 //! - `ct-init` is PID 1 of that namespace (last `NSpid:` = 1); it joins its cgroup below
-//!   `lxc/<vmid>/ns`, unshares mount, network, UTS and IPC namespaces, mounts a tmpfs of known
-//!   size as its root filesystem, chroots into it and reaps orphans forever.
+//!   `lxc/<vmid>/ns`, unshares mount, network, UTS and IPC namespaces, mounts its root (a
+//!   tmpfs of known size, or a directory of the guest's disk bound like a directory-backed
+//!   storage) and any extra filesystems (`mpN`) in its own mount namespace, chroots into it and
+//!   reaps orphans forever.
 //! - `ct-exec` enters a container like `lxc-attach`: joins a cgroup and the init's namespaces,
 //!   chroots into its root and starts a command (which lands in the PID namespace).
 
@@ -29,10 +31,10 @@ pub fn join_cgroup(rel: impl AsRef<Path>) -> Result<()> {
     tk::join(&cgroups().dir(rel))
 }
 
-/// `ct-monitor <vmid> <hostname> <rootfs MiB> <init cgroup>`
+/// `ct-monitor <vmid> <hostname> <root> <init cgroup> [<mount>...]` (see [`init`]).
 pub fn monitor(args: &[String]) -> Result<()> {
-    let [vmid, hostname, size, init_cg] = args else {
-        bail!("usage: ct-monitor VMID HOSTNAME ROOTFS_MIB INIT_CGROUP");
+    let [vmid, hostname, size, init_cg, mounts @ ..] = args else {
+        bail!("usage: ct-monitor VMID HOSTNAME ROOT INIT_CGROUP [DEV:FSTYPE:PATH...]");
     };
     join_cgroup(Flavor::Proxmox.monitor(vmid))?;
     // SAFETY: this process is single-threaded (no threads spawned before this point), and
@@ -41,6 +43,7 @@ pub fn monitor(args: &[String]) -> Result<()> {
         .context("unshare(CLONE_NEWPID)")?;
     let mut child = Command::new("/vm-guest")
         .args(["ct-init", vmid, hostname, size, init_cg])
+        .args(mounts)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
@@ -54,10 +57,13 @@ pub fn monitor(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `ct-init <vmid> <hostname> <rootfs MiB> <init cgroup>`: PID 1 of the container.
+/// `ct-init <vmid> <hostname> <root> <init cgroup> [<dev>:<fstype>:<path>...]`: PID 1 of the
+/// container. `<root>` is a size in MiB (a tmpfs of that size) or `dir:<path>` (that
+/// directory of the guest, bound: the root shares its filesystem with the guest); each
+/// `<dev>:<fstype>:<path>` is mounted at `<path>` in the container, in its namespace only.
 pub fn init(args: &[String]) -> Result<()> {
-    let [vmid, hostname, size, init_cg] = args else {
-        bail!("usage: ct-init VMID HOSTNAME ROOTFS_MIB INIT_CGROUP");
+    let [vmid, hostname, size, init_cg, mounts @ ..] = args else {
+        bail!("usage: ct-init VMID HOSTNAME ROOT INIT_CGROUP [DEV:FSTYPE:PATH...]");
     };
     join_cgroup(init_cg)?;
     let flags =
@@ -73,15 +79,21 @@ pub fn init(args: &[String]) -> Result<()> {
     rustix::system::sethostname(hostname.as_bytes()).context("sethostname")?;
     let root = format!("/ct/{vmid}");
     std::fs::create_dir_all(&root)?;
-    let opts = std::ffi::CString::new(format!("size={size}m,mode=755"))?;
-    rustix::mount::mount(
-        "tmpfs",
-        root.as_str(),
-        "tmpfs",
-        MountFlags::empty(),
-        opts.as_c_str(),
-    )
-    .context("mounting the container's root tmpfs")?;
+    let dir_root = size.strip_prefix("dir:");
+    if let Some(dir) = dir_root {
+        rustix::mount::mount_bind(dir, root.as_str())
+            .with_context(|| format!("binding {dir} as the container's root"))?;
+    } else {
+        let opts = std::ffi::CString::new(format!("size={size}m,mode=755"))?;
+        rustix::mount::mount(
+            "tmpfs",
+            root.as_str(),
+            "tmpfs",
+            MountFlags::empty(),
+            opts.as_c_str(),
+        )
+        .context("mounting the container's root tmpfs")?;
+    }
     for d in ["bin", "proc", "data", "tmp", "dev", "etc", "sys"] {
         std::fs::create_dir_all(format!("{root}/{d}"))?;
     }
@@ -91,10 +103,25 @@ pub fn init(args: &[String]) -> Result<()> {
         std::os::unix::fs::symlink("busybox", format!("{root}/bin/{applet}"))?;
     }
     std::fs::write(format!("{root}/etc/hostname"), format!("{hostname}\n"))?;
-    let data = format!("/mnt/vdisk/ct{vmid}");
-    std::fs::create_dir_all(&data)?;
-    rustix::mount::mount_bind(data.as_str(), format!("{root}/data").as_str())
-        .context("binding the disk directory")?;
+    if dir_root.is_none() {
+        // A tmpfs root gets a directory of the disk for its block I/O (a directory root is
+        // on the disk already).
+        let data = format!("/mnt/vdisk/ct{vmid}");
+        std::fs::create_dir_all(&data)?;
+        rustix::mount::mount_bind(data.as_str(), format!("{root}/data").as_str())
+            .context("binding the disk directory")?;
+    }
+    for m in mounts {
+        let mut parts = m.splitn(3, ':');
+        let (Some(dev), Some(fstype), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            bail!("mount {m:?} is not DEV:FSTYPE:PATH");
+        };
+        let target = format!("{root}{path}");
+        std::fs::create_dir_all(&target)?;
+        rustix::mount::mount(dev, target.as_str(), fstype, MountFlags::empty(), None)
+            .with_context(|| format!("mounting {dev} ({fstype}) on {path} in the container"))?;
+    }
     rustix::mount::mount_bind_recursive("/dev", format!("{root}/dev").as_str())
         .context("binding /dev")?;
     rustix::mount::mount(
@@ -142,6 +169,7 @@ pub struct Container {
     pub hostname: String,
     pub init_pid: u32,
     pub monitor: std::process::Child,
+    /// Size of the tmpfs root; 0 for a directory root.
     pub rootfs_mib: u64,
     pub ip: String,
     pub mac: String,
@@ -216,7 +244,7 @@ impl Container {
     }
 }
 
-/// Starts one container and waits until its init has entered its root.
+/// Starts one container with a tmpfs root and waits until its init has entered its root.
 pub fn start(
     vmid: u32,
     hostname: &str,
@@ -224,15 +252,30 @@ pub fn start(
     init_cgroup: &str,
     index: u32,
 ) -> Result<Container> {
+    start_with(
+        vmid,
+        hostname,
+        &rootfs_mib.to_string(),
+        init_cgroup,
+        index,
+        &[],
+    )
+}
+
+/// [`start`] with a root spec (`<MiB>` or `dir:<path>`) and extra `DEV:FSTYPE:PATH` mounts.
+pub fn start_with(
+    vmid: u32,
+    hostname: &str,
+    root: &str,
+    init_cgroup: &str,
+    index: u32,
+    mounts: &[String],
+) -> Result<Container> {
     use std::io::BufRead;
+    let rootfs_mib = root.parse().unwrap_or(0);
     let mut monitor = Command::new("/vm-guest")
-        .args([
-            "ct-monitor",
-            &vmid.to_string(),
-            hostname,
-            &rootfs_mib.to_string(),
-            init_cgroup,
-        ])
+        .args(["ct-monitor", &vmid.to_string(), hostname, root, init_cgroup])
+        .args(mounts)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()

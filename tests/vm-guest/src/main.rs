@@ -9,6 +9,7 @@
 
 mod agent;
 mod ct;
+mod details;
 mod scenario;
 mod wl;
 

@@ -462,7 +462,7 @@ fn within_one_interval(cycles: &[(f64, f64)], gone: f64, back: f64) -> bool {
 }
 
 /// `2026-12-01T21:06:10.123Z` (or without the fraction) as Unix seconds.
-fn parse_ts(s: &str) -> Option<f64> {
+pub(crate) fn parse_ts(s: &str) -> Option<f64> {
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
     let mut d = date.split('-').map(|x| x.parse::<i64>());

@@ -60,6 +60,8 @@ pub fn main(args: &[String]) -> Result<()> {
             Ok(())
         }
         ["mem", mib, ready] => mem(mib.parse()?, ready),
+        ["oom", mib] => oom(mib),
+        ["touch", mib] => touch(mib.parse()?),
         ["spin"] => spin(),
         ["burn", ms] => burn(ms.parse()?),
         _ => bail!("unknown workload {a:?}"),
@@ -158,6 +160,34 @@ fn mem(mib: usize, ready: &str) -> Result<()> {
         std::thread::sleep(Duration::from_secs(3600));
         std::hint::black_box(&v);
     }
+}
+
+/// Runs `touch <mib>` as a child and says how it ended: `CHILD signal=9` when the OOM killer
+/// took it (this small parent is not the one it picks).
+fn oom(mib: &str) -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = std::process::Command::new("/bin/vm-guest")
+        .args(["wl", "touch", mib])
+        .status()
+        .context("starting the allocating child")?;
+    match status.signal() {
+        Some(sig) => println!("CHILD signal={sig}"),
+        None => println!("CHILD exit={}", status.code().unwrap_or(-1)),
+    }
+    Ok(())
+}
+
+/// Allocates and touches `mib` MiB of anonymous memory, 1 MiB at a time, then exits: past the
+/// cgroup's memory.max (without swap) it never gets to the end.
+fn touch(mib: usize) -> Result<()> {
+    let mut held: Vec<Vec<u8>> = Vec::with_capacity(mib);
+    for _ in 0..mib {
+        // A non-zero fill writes every page.
+        held.push(std::hint::black_box(vec![0x5au8; CHUNK]));
+    }
+    std::hint::black_box(&held);
+    println!("SURVIVED {mib}");
+    Ok(())
 }
 
 /// Burns `ms` milliseconds of CPU time (the process's own clock), then exits: a known amount

@@ -69,6 +69,7 @@ pub fn initramfs(k: &Kernel, bins: &Binaries, dir: &Path) -> Result<PathBuf> {
     copy(&bins.agent, &root.join("lxcmon"))?;
     copy(&bins.guest, &root.join("vm-guest"))?;
     write_exec(&root.join("init"), INIT)?;
+    mp0_image(&root.join(MP0_IMAGE.trim_start_matches('/')))?;
 
     let mdst = root.join("lib/modules").join(&k.version);
     std::fs::create_dir_all(&mdst)?;
@@ -107,6 +108,24 @@ pub fn initramfs(k: &Kernel, bins: &Binaries, dir: &Path) -> Result<PathBuf> {
         bail!("cpio failed: {status}");
     }
     Ok(out)
+}
+
+/// Where the guest finds the image of its Proxmox mount point `mp0` (attached to a loop
+/// device): in the initramfs, so that its I/O reaches no block device but the loop device.
+pub const MP0_IMAGE: &str = "/mp0.img";
+
+/// A 16 MiB ext4 image with 1 KiB blocks and a known inode count, initialised completely (no
+/// lazy initialisation writing behind the guest's back).
+fn mp0_image(path: &Path) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(16 << 20)?;
+    drop(f);
+    deps::exec(
+        Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-L", "mp0", "-b", "1024", "-N", "512"])
+            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(path),
+    )
 }
 
 /// A fresh 256 MiB raw disk with ext4 (made here, so the guest only mounts it).
