@@ -319,6 +319,29 @@ impl Truth {
     }
 }
 
+/// The whole disk a path is on (`maj:min`, kernel name): the parent of a partition, as the
+/// cgroup I/O files count it.
+pub fn disk_of(path: &Path) -> Result<(String, String)> {
+    let st = rustix::fs::stat(path).with_context(|| format!("stat {}", path.display()))?;
+    let dev = format!(
+        "{}:{}",
+        rustix::fs::major(st.st_dev),
+        rustix::fs::minor(st.st_dev)
+    );
+    let sys = Path::new("/sys/dev/block").join(&dev);
+    let dev = if sys.join("partition").exists() {
+        let parent = fs::canonicalize(&sys)?.join("..").join("dev");
+        fs::read_to_string(&parent)
+            .with_context(|| format!("reading {}", parent.display()))?
+            .trim()
+            .to_owned()
+    } else {
+        dev
+    };
+    let name = block_device_name(&dev);
+    Ok((dev, name))
+}
+
 /// `statvfs` of `path` as the export's `mounts` keys: size, used, avail bytes (as `df`),
 /// inodes, inodes_free.
 pub fn statvfs_figures(path: &Path) -> Result<BTreeMap<&'static str, f64>> {
