@@ -456,13 +456,6 @@ fn oom_kills_limit_hits_and_memory_pressure() -> Result<()> {
             &[],
             oom0 + 2.0,
         )?;
-        metric_is(
-            &body,
-            &m,
-            "lxcmon_container_memory_events_total",
-            &[("event", "oom_kill")],
-            oom0 + 2.0,
-        )?;
         metric_bracketed(
             &w,
             &m,
@@ -739,35 +732,35 @@ fn mounts_of_a_loop_disk_and_the_shared_root() -> Result<()> {
         metric_is(
             &body,
             &d,
-            "lxcmon_container_filesystem_size_bytes",
+            "lxcmon_container_mount_size_bytes",
             &labels,
             truth1["size_bytes"],
         )?;
         metric_is(
             &body,
             &d,
-            "lxcmon_container_filesystem_used_bytes",
+            "lxcmon_container_mount_used_bytes",
             &labels,
             truth1["used_bytes"],
         )?;
         metric_is(
             &body,
             &d,
-            "lxcmon_container_filesystem_files",
+            "lxcmon_container_mount_files",
             &labels,
             DISK_INODES as f64,
         )?;
         metric_is(
             &body,
             &d,
-            "lxcmon_container_filesystem_files_free",
+            "lxcmon_container_mount_files_free",
             &labels,
             truth1["inodes_free"],
         )?;
         metric_is(
             &body,
             &d,
-            "lxcmon_container_filesystem_size_bytes",
+            "lxcmon_container_mount_size_bytes",
             &[("mountpoint", "/"), ("shared", "true")],
             root_truth["size_bytes"],
         )?;
