@@ -46,15 +46,25 @@ fn tmpdir() -> Result<tempfile::TempDir> {
 /// Fails with every mismatch listed (and prints how many cycles were checked).
 fn bracket_all(w: &Watch, c: &Container, paths: &[String], from: f64) -> Result<()> {
     let (cycles, samples) = (w.cycles(), w.samples());
-    let (n, bad) = bracket(&cycles, &samples, &c.name, paths, from);
+    let b = bracket(&cycles, &samples, &c.name, paths, from);
+    let (n, bad) = (b.checked, b.mismatches);
     eprintln!(
-        "{}: {n} of {} cycles checked against the kernel ({} samples) on {} figures",
+        "{}: {n} of {} cycles checked against the kernel ({} samples, {} exactly: counters \
+         still) on {} figures",
         c.name,
         cycles.iter().filter(|c| c.lo >= from).count(),
         samples.iter().filter(|s| s.t_lo >= from).count(),
+        b.exact,
         paths.len()
     );
     ensure!(n >= 3, "only {n} cycles of {} could be checked", c.name);
+    // A fast counter's bracket is as wide as it moves in ~0.5 s; the quiet phases each test
+    // ends with make the check exact.
+    ensure!(
+        b.exact >= 1,
+        "no cycle of {} with all its counters still: no exact check",
+        c.name
+    );
     ensure!(
         bad.is_empty(),
         "{} of {n} cycle checks of {} disagree with the kernel:\n  {}",
@@ -224,6 +234,10 @@ fn cpu_throttling_and_pressure() -> Result<()> {
     let last = w.next_cycle()?;
     workload::kill_and_wait(&[q_loop])?;
     workload::kill_and_wait(&s_loops)?;
+    // A quiet phase: throttling and pressure stand still, so their bracket is one value.
+    for _ in 0..3 {
+        w.next_cycle()?;
+    }
 
     let q_paths = truth_paths(&w, &q, &["pressure.", "cpu_throttling."])?;
     let s_paths = truth_paths(&w, &s, &["pressure."])?;

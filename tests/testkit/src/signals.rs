@@ -614,17 +614,29 @@ pub fn around(samples: &[Sample], t: f64, t2: f64) -> (Option<&Sample>, Option<&
     (before, after)
 }
 
+/// What [`bracket`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Bracketed {
+    /// Cycles with kernel readings on both sides.
+    pub checked: usize,
+    /// Of those, cycles where every figure had one value before and after (the counters stood
+    /// still): there the check is exact, however fast the counters move at other times.
+    pub exact: usize,
+    pub mismatches: Vec<String>,
+}
+
 /// Checks `paths` of `container` in every cycle that started at or after `from` against the
 /// kernel samples around it: `before - eps <= figure <= after + eps`. A figure the export
-/// lacks while the kernel has it is a mismatch. Returns (cycles checked, mismatches).
+/// lacks while the kernel has it is a mismatch.
 pub fn bracket(
     cycles: &[Cycle],
     samples: &[Sample],
     container: &str,
     paths: &[String],
     from: f64,
-) -> (usize, Vec<String>) {
+) -> Bracketed {
     let mut checked = 0;
+    let mut exact = 0;
     let mut bad = Vec::new();
     for c in cycles.iter().filter(|c| c.lo >= from) {
         let Some(rec) = c.records.get(container) else {
@@ -635,6 +647,7 @@ pub fn bracket(
             continue;
         };
         checked += 1;
+        let mut still = true;
         for p in paths {
             let (Some(lo), Some(hi)) = (
                 b.values.get(container).and_then(|m| m.get(p)),
@@ -642,6 +655,7 @@ pub fn bracket(
             ) else {
                 continue;
             };
+            still &= lo == hi;
             let eps = if p.ends_with("_seconds") {
                 SECONDS_EPS
             } else {
@@ -659,8 +673,13 @@ pub fn bracket(
                 Some(_) => {}
             }
         }
+        exact += usize::from(still);
     }
-    (checked, bad)
+    Bracketed {
+        checked,
+        exact,
+        mismatches: bad,
+    }
 }
 
 /// The value of the series `name` whose labels include every pair of `labels`, in a
@@ -752,8 +771,13 @@ mod tests {
         };
         let paths = vec!["x.n".to_owned()];
         let ok = [cyc(0.1, 11.0), cyc(0.1, 10.0), cyc(0.1, 12.0)];
-        assert_eq!(bracket(&ok, &samples, "c", &paths, 0.0), (3, vec![]));
-        let (n, bad) = bracket(&[cyc(0.1, 9.0), cyc(1.1, 16.0)], &samples, "c", &paths, 0.0);
-        assert_eq!((n, bad.len()), (2, 2));
+        let b = bracket(&ok, &samples, "c", &paths, 0.0);
+        assert_eq!((b.checked, b.exact, b.mismatches.len()), (3, 0, 0));
+        let b = bracket(&[cyc(0.1, 9.0), cyc(1.1, 16.0)], &samples, "c", &paths, 0.0);
+        assert_eq!((b.checked, b.mismatches.len()), (2, 2));
+        // Where the counter stood still the check is exact.
+        let still = vec![s(0.0, 10.0), s(1.0, 10.0)];
+        let b = bracket(&[cyc(0.1, 10.0), cyc(0.2, 10.5)], &still, "c", &paths, 0.0);
+        assert_eq!((b.checked, b.exact, b.mismatches.len()), (2, 2, 1));
     }
 }
