@@ -67,7 +67,7 @@ fn bracket_all(w: &Watch, c: &Container, paths: &[String], from: f64) -> Result<
     );
     ensure!(
         bad.is_empty(),
-        "{} of {n} cycle checks of {} disagree with the kernel:\n  {}",
+        "{} mismatches with the kernel in {n} checked cycles of {}:\n  {}",
         bad.len(),
         c.name,
         bad.join("\n  ")
