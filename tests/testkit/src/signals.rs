@@ -203,10 +203,18 @@ impl Truth {
                         out.insert("memory_events.oom_kill".into(), *n as f64);
                     }
                 }
-                if let Ok(t) = fs::read_to_string(self.memory.join("memory.failcnt")) {
-                    if let Ok(n) = t.trim().parse::<u64>() {
-                        out.insert("memory_events.max".into(), n as f64);
-                    }
+                // A charge fails at one of the two limits, memory or memory+swap, never both:
+                // limit hits are the sum of their `failcnt`s (the second may be absent).
+                let failcnt = |f: &str| -> Option<u64> {
+                    fs::read_to_string(self.memory.join(f))
+                        .ok()?
+                        .trim()
+                        .parse()
+                        .ok()
+                };
+                if let Some(n) = failcnt("memory.failcnt") {
+                    let memsw = failcnt("memory.memsw.failcnt").unwrap_or(0);
+                    out.insert("memory_events.max".into(), (n + memsw) as f64);
                 }
             }
             CgroupLayout::V2 => {
