@@ -101,6 +101,16 @@ pub struct ContainerSpec {
     pub cpuset: Option<String>,
     /// A memory limit in MiB.
     pub memory_limit_mib: Option<u64>,
+    /// A CFS quota in µs per 100 ms period (50000: half a core), with the high CPU weight of
+    /// `one_core_quota`; instead of `one_core_quota`.
+    pub cpu_quota_us: Option<u64>,
+    /// No swap for the container: on v1 `memory.memsw.limit_in_bytes` = the memory limit, on
+    /// v2 `memory.swap.max` = 0 (needs `memory_limit_mib`).
+    pub no_swap: bool,
+    /// `pids.max`.
+    pub pids_max: Option<u64>,
+    /// Further config lines, written as they are (e.g. an `lxc.mount.entry`).
+    pub extra_config: Vec<String>,
 }
 
 /// The harness: a bridge and the containers on it.
@@ -352,6 +362,10 @@ impl Lab {
         for (key, value) in self.limit_keys(spec) {
             cfg.push_str(&format!("{key} = {value}\n"));
         }
+        for line in &spec.extra_config {
+            cfg.push_str(line);
+            cfg.push('\n');
+        }
         fs::write(&cfg_path, cfg).with_context(|| format!("writing {}", cfg_path.display()))?;
 
         // busybox's rcS starts udhcpc, which flushes the static address, and syslogd: the
@@ -403,11 +417,26 @@ impl Lab {
                 if let Some(cpus) = &spec.cpuset {
                     keys.push((k("lxc.cgroup.cpuset.cpus"), cpus.clone()));
                 }
+                if let Some(quota) = spec.cpu_quota_us {
+                    keys.push((k("lxc.cgroup.cpu.cfs_period_us"), k("100000")));
+                    keys.push((k("lxc.cgroup.cpu.cfs_quota_us"), quota.to_string()));
+                    keys.push((k("lxc.cgroup.cpu.shares"), k("8192")));
+                }
                 if let Some(mib) = spec.memory_limit_mib {
                     keys.push((
                         k("lxc.cgroup.memory.limit_in_bytes"),
                         (mib << 20).to_string(),
                     ));
+                    // After the memory limit: memsw may not be below it.
+                    if spec.no_swap {
+                        keys.push((
+                            k("lxc.cgroup.memory.memsw.limit_in_bytes"),
+                            (mib << 20).to_string(),
+                        ));
+                    }
+                }
+                if let Some(n) = spec.pids_max {
+                    keys.push((k("lxc.cgroup.pids.max"), n.to_string()));
                 }
             }
             CgroupLayout::V2 => {
@@ -418,8 +447,18 @@ impl Lab {
                 if let Some(cpus) = &spec.cpuset {
                     keys.push((k("lxc.cgroup2.cpuset.cpus"), cpus.clone()));
                 }
+                if let Some(quota) = spec.cpu_quota_us {
+                    keys.push((k("lxc.cgroup2.cpu.max"), format!("{quota} 100000")));
+                    keys.push((k("lxc.cgroup2.cpu.weight"), k("800")));
+                }
                 if let Some(mib) = spec.memory_limit_mib {
                     keys.push((k("lxc.cgroup2.memory.max"), (mib << 20).to_string()));
+                    if spec.no_swap {
+                        keys.push((k("lxc.cgroup2.memory.swap.max"), k("0")));
+                    }
+                }
+                if let Some(n) = spec.pids_max {
+                    keys.push((k("lxc.cgroup2.pids.max"), n.to_string()));
                 }
             }
         }
@@ -454,6 +493,25 @@ impl Lab {
                         read("memory", "memory.limit_in_bytes")? == (mib << 20).to_string(),
                         "memory limit not set"
                     );
+                    if spec.no_swap {
+                        ensure!(
+                            read("memory", "memory.memsw.limit_in_bytes")?
+                                == (mib << 20).to_string(),
+                            "memory+swap limit not set"
+                        );
+                    }
+                }
+                if let Some(quota) = spec.cpu_quota_us {
+                    ensure!(
+                        read("cpu", "cpu.cfs_quota_us")? == quota.to_string(),
+                        "cpu quota not set"
+                    );
+                }
+                if let Some(n) = spec.pids_max {
+                    ensure!(
+                        read("pids", "pids.max")? == n.to_string(),
+                        "pids.max not set"
+                    );
                 }
             }
             CgroupLayout::V2 => {
@@ -468,6 +526,21 @@ impl Lab {
                         read("", "memory.max")? == (mib << 20).to_string(),
                         "memory.max not set"
                     );
+                    if spec.no_swap {
+                        ensure!(
+                            read("", "memory.swap.max")? == "0",
+                            "memory.swap.max not set"
+                        );
+                    }
+                }
+                if let Some(quota) = spec.cpu_quota_us {
+                    ensure!(
+                        read("", "cpu.max")? == format!("{quota} 100000"),
+                        "cpu.max not set"
+                    );
+                }
+                if let Some(n) = spec.pids_max {
+                    ensure!(read("", "pids.max")? == n.to_string(), "pids.max not set");
                 }
             }
         }

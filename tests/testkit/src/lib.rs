@@ -11,6 +11,8 @@
 //! - [`contract`]: checks an export against `shared/spec/export-formats.md`, field by field.
 //! - [`workload`]: ground truth read fresh from the kernel, and steps whose effect is known.
 //! - [`scenario`]: one daemon held to that truth on every cycle through a timeline of phases.
+//! - [`signals`]: the kernel's pressure, throttling, memory-event, per-interface and
+//!   per-device counters, and a daemon whose every cycle is held between two readings of them.
 //!
 //! This crate is test code: it spawns processes (lxc-*, ip, gcc) freely.
 
@@ -22,6 +24,7 @@ pub mod lab;
 pub mod proc;
 pub mod scenario;
 pub mod schedstat;
+pub mod signals;
 pub mod workload;
 
 pub use lab::{Container, ContainerSpec, Lab};
