@@ -373,8 +373,9 @@ pub struct Floor {
     per_cycle: Vec<&'static str>,
 }
 
-/// What the agent reads per container every cycle (limits are re-read every 5 s).
-fn per_cycle_files(collector: &str) -> Vec<&'static str> {
+/// What the agent reads per container every cycle on this (hybrid) host (limits are re-read
+/// every 5 s); `signals`: the figures beyond the seed's are on.
+fn per_cycle_files(collector: &str, signals: bool) -> Vec<&'static str> {
     let mut v = vec![
         "cpuacct.usage",
         "memory.usage_in_bytes",
@@ -383,16 +384,33 @@ fn per_cycle_files(collector: &str) -> Vec<&'static str> {
         "cgroup.procs",
         SUB_PROCS,
     ];
-    if collector != "ebpf" {
+    // Block I/O and net/dev: for the totals under the file readers, and for the per-device
+    // and per-interface figures under either collector.
+    if collector != "ebpf" || signals {
         v.extend([
             "blkio.throttle.io_service_bytes_recursive",
             "/proc/<init>/net/dev",
+        ]);
+    }
+    if signals {
+        v.extend([
+            "cpu.stat",
+            "memory.oom_control",
+            "memory.failcnt",
+            "memory.memsw.failcnt",
+            "memory.kmem.usage_in_bytes",
+            "blkio.throttle.io_serviced_recursive",
+            "cpu.pressure",
+            "memory.pressure",
+            "io.pressure",
         ]);
     }
     v
 }
 
 const SUB_PROCS: &str = "cgroup.procs (nested)";
+/// The container's directory in the unified tree (PSI on hybrid hosts).
+const UNIFIED: &str = "unified";
 
 pub struct FloorResult {
     /// A tight loop over the fleet: hot caches, the kernel's cost alone.
@@ -406,12 +424,22 @@ pub struct FloorResult {
 }
 
 impl Floor {
-    pub fn open(fleet: &Fleet, collector: &str) -> Result<Self> {
+    pub fn open(fleet: &Fleet, collector: &str, signals: bool) -> Result<Self> {
         let mut files = Vec::new();
         let mut roots = Vec::new();
         let open = |p: PathBuf| File::open(&p).with_context(|| format!("opening {}", p.display()));
         for c in &fleet.containers {
-            let per: [(&str, &str, bool); 12] = [
+            let per: [(&str, &str, bool); 22] = [
+                ("cpu", "cpu.stat", false),
+                ("memory", "memory.oom_control", false),
+                ("memory", "memory.failcnt", false),
+                ("memory", "memory.memsw.failcnt", false),
+                ("memory", "memory.kmem.usage_in_bytes", false),
+                ("blkio", "blkio.throttle.io_serviced_recursive", false),
+                (UNIFIED, "cpu.pressure", false),
+                (UNIFIED, "memory.pressure", false),
+                (UNIFIED, "io.pressure", false),
+                ("pids", "pids.max", false),
                 ("cpuacct", "cpuacct.usage", false),
                 ("memory", "memory.usage_in_bytes", false),
                 ("memory", "memory.stat", false),
@@ -434,6 +462,7 @@ impl Floor {
                         .unified_dir(rel)
                         .filter(|d| d.join(name).exists())
                         .or_else(|| fleet.dir(ctrl, rel)),
+                    false if ctrl == UNIFIED => fleet.unified_dir(rel),
                     false => fleet.dir(ctrl, rel),
                 };
                 if let Some(d) = dir {
@@ -462,7 +491,7 @@ impl Floor {
         Ok(Self {
             files,
             roots,
-            per_cycle: per_cycle_files(collector),
+            per_cycle: per_cycle_files(collector, signals),
         })
     }
 

@@ -113,7 +113,7 @@ pub fn measure_collector(
         agent.stop()?;
         runs.push(stats);
     }
-    let floor = Floor::open(fleet, collector)?;
+    let floor = Floor::open(fleet, collector, !args.seed_only)?;
     let rounds = (20_000 / n.max(1)).clamp(20, 2000);
     let _ = floor.run(rounds / 10 + 1)?;
     let mut result = floor.run(rounds)?;
