@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod discovery;
 pub mod host;
+mod init;
 pub mod latency;
 pub mod sample;
 mod v1_io;

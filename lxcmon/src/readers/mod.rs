@@ -3,7 +3,7 @@
 
 pub mod cgroup;
 pub mod kfile;
-mod mount_signals;
+pub mod mount_signals;
 pub mod mountinfo;
 pub mod mounts;
 pub mod parse;
