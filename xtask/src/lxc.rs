@@ -51,7 +51,12 @@ pub fn run_lxc_tests() -> Result<()> {
     // (throttling, pressure, OOM kills, per device) on cgroups the tests make, and per-mount
     // figures of a directory-backed mount namespace with disks of known size (no containers),
     // and a stopped init's veth and loop disk let go at once (not at the next cycle).
-    for test in ["v1_pid_list_host", "details_host", "mounts_host", "unpin_host"] {
+    for test in [
+        "v1_pid_list_host",
+        "details_host",
+        "mounts_host",
+        "unpin_host",
+    ] {
         deps::exec(&mut deps::cargo_test(
             "lxcmon",
             true,
