@@ -3,7 +3,8 @@
 //! namespace whose init is chrooted into an ext4 loop disk, the host end of a veth pair
 //! outside) is sampled once by the agent's sampler, which then holds its init's `net/dev`,
 //! root and mountinfo; the init is killed and, with no further sample, the host's veth must
-//! vanish and the loop device detach within a second.
+//! vanish and the loop device detach within a second. The cgroup files the sampler still holds
+//! do not keep the container's cgroups from being removed.
 //!
 //! Root, a hybrid cgroup host, `unshare`, `chroot`, `ip`, `losetup`, `mkfs.ext4`, busybox;
 //! run under the lab's lock:
@@ -24,7 +25,7 @@ struct Lab {
     dirs: Vec<PathBuf>,
     child: Option<Child>,
     veth: String,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
 impl Drop for Lab {
@@ -108,7 +109,7 @@ fn a_stopped_containers_veth_and_disk_are_let_go_at_once() {
         dirs: Vec::new(),
         child: None,
         veth: format!("lxcmt-{me}"),
-        _tmp: tmp,
+        tmp,
     };
     let mut procs = Vec::new();
     let mut dirs: Vec<PathBuf> = ["cpu", "cpuacct", "memory", "blkio", "pids"]
@@ -125,7 +126,7 @@ fn a_stopped_containers_veth_and_disk_are_let_go_at_once() {
     }
     let primary = layout.primary().unwrap().join(&rel);
 
-    let dir = lab._tmp.path().to_path_buf();
+    let dir = lab.tmp.path().to_path_buf();
     let img = dir.join("root.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -240,7 +241,27 @@ fn a_stopped_containers_veth_and_disk_are_let_go_at_once() {
     }
     assert!(veth.unwrap() < 1.0 && disk.unwrap() < 1.0);
 
-    // The next cycle finds no init: the container is skipped, not an error.
+    // The sampler still holds the container's cgroup files (v1 controllers, unified tree):
+    // they pin nothing, its cgroups are removed at the first try once empty.
+    let empty = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&procs_file)
+        .unwrap()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < empty,
+            "the container's processes did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in lab.dirs.iter().rev() {
+        if let Err(e) = std::fs::remove_dir(d) {
+            panic!("rmdir {} with its files held: {e}", d.display());
+        }
+    }
+
+    // The next cycle finds it gone: the container is skipped, not an error.
     let sampled = sampler.sample(std::slice::from_ref(&found));
     assert_eq!(
         (sampled.containers.len(), sampled.skipped, sampled.failed),

@@ -151,7 +151,7 @@ impl ChangeSignals {
     /// its own file.
     pub fn start() -> Option<Self> {
         Self::new()
-            .inspect_err(|e| tracing::info!(error = %e, "no mount table watcher: each table is polled on its own"))
+            .inspect_err(|e| tracing::info!(error = %e, "no mount table watcher: each table is polled on its own, and a stopped container's init files are closed at the next cycle"))
             .ok()
     }
 
@@ -265,7 +265,7 @@ impl Inner {
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "the mount table watcher stopped: each table is polled on its own");
+                    tracing::warn!(error = %e, "the mount table watcher stopped: each table is polled on its own, and a stopped container's init files are closed at the next cycle");
                     self.failed.store(true, Ordering::Relaxed);
                     return;
                 }
