@@ -247,7 +247,11 @@ fn a_restarted_container_is_a_new_instance() {
     std::fs::write(staged.path().join("pids/cgroup.procs"), "4001\n").unwrap();
     t.process(4001, "4001\t1", Some((0, 0)));
     t.file("proc/4001/net/dev", &net_dev(&[("eth0", 500)]));
-    for ctrl in ["cpu,cpuacct", "memory", "pids"] {
+    // The hierarchy discovery scans (memory) is replaced last: a cycle that sees the new
+    // instance sees all of its cgroups, as on a real host, where a restarted container's
+    // cgroups exist before its processes do (a cycle between two of these renames must not
+    // read the old init's files for the new instance).
+    for ctrl in ["cpu,cpuacct", "pids", "memory"] {
         let live = t.path(&format!("sys/fs/cgroup/{ctrl}/lxc.payload.c1"));
         std::fs::remove_dir_all(&live).unwrap();
         std::fs::rename(staged.path().join(ctrl), &live).unwrap();

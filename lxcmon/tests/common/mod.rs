@@ -40,10 +40,22 @@ impl Tree {
         self.dir.path().join(rel)
     }
 
+    /// Writes a file of the tree. An existing file is rewritten in place (same inode, as the
+    /// agent holds it open) without being emptied first: a daemon reading it meanwhile sees the
+    /// old or the new text (possibly with the old text's tail), never an empty file, which a
+    /// kernel file never is (an empty `net/dev` would mean every interface had gone).
     pub fn file(&self, rel: &str, content: &str) {
+        use std::io::Write;
         let p = self.path(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+        f.set_len(content.len() as u64).unwrap();
     }
 
     /// A process: its status (with the NSpid chain), its network view and its root.
