@@ -190,23 +190,23 @@ fn stale_object_is_refused() -> Result<()> {
     let copy = std::env::temp_dir().join(format!("lxcmon-stale-bpf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&copy);
     let result = (|| {
-        for dir in [
-            "lxcmon",
-            "lxcmon-common",
-            "lxcmon-ebpf/src",
-            "xtask",
-            "tests",
-        ] {
+        // The workspace's members, and every input of the BPF object's fingerprint.
+        for dir in ["lxcmon", "xtask", "tests"] {
             copy_tree(&root.join(dir), &copy.join(dir))?;
         }
-        for file in [
-            "Cargo.toml",
-            "Cargo.lock",
-            "lxcmon-ebpf/Cargo.toml",
-            "lxcmon-ebpf/Cargo.lock",
-        ] {
-            std::fs::copy(root.join(file), copy.join(file))
-                .with_context(|| format!("copying {file}"))?;
+        for input in ["Cargo.toml", "Cargo.lock"]
+            .iter()
+            .chain(fingerprint::INPUTS)
+        {
+            let (from, to) = (root.join(input), copy.join(input));
+            if from.is_dir() {
+                copy_tree(&from, &to)?;
+            } else if from.exists() {
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::copy(&from, &to).with_context(|| format!("copying {input}"))?;
+            }
         }
         let check = || -> Result<(bool, String)> {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -10,6 +10,10 @@ pub struct TestArgs {
     /// Lint, unit and fixture tests only: nothing that needs root, containers or VMs.
     #[arg(long)]
     fast: bool,
+    /// Start at this part, skipping the ones before it (to re-run the tail of a failed run):
+    /// `metrics`, `bpf`, `lxc`, `vm` or `deb`. CI runs every part.
+    #[arg(long, value_parser = ["metrics", "bpf", "lxc", "vm", "deb"])]
+    from: Option<String>,
 }
 
 /// Runs the parts in order and reports how long each took, also when one fails.
@@ -35,6 +39,65 @@ impl Drop for Parts {
 
 pub fn run(args: &TestArgs) -> Result<()> {
     let mut parts = Parts(Vec::new());
+    // Whether the part `name` runs: every one, or from `--from` on.
+    let order = ["metrics", "bpf", "lxc", "vm", "deb"];
+    let start = args
+        .from
+        .as_deref()
+        .and_then(|f| order.iter().position(|p| *p == f));
+    let wanted = |name: &str| match start {
+        None => true,
+        Some(s) => order
+            .iter()
+            .position(|p| *p == name)
+            .is_some_and(|i| i >= s),
+    };
+    if start.is_none() {
+        lint_and_unit(&mut parts)?;
+    }
+    if args.fast {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the real-container tests need root (or run `cargo xtask test --fast`)");
+    }
+    if wanted("metrics") {
+        parts.run("/metrics through the Prometheus parser", || {
+            deps::ensure_apt(&["python3-prometheus-client"])?;
+            deps::exec(&mut deps::cargo_test(
+                "lxcmon",
+                false,
+                &["--test", "service", "--", "--ignored"],
+            ))
+        })?;
+    }
+    // The BPF path: toolchain, object, its own lint and unit tests, root tests of the loader.
+    if wanted("bpf") {
+        parts.run("BPF: toolchain, build, loader tests", crate::ebpf::test)?;
+    }
+    // Real containers: the harness self-test, then the agent once per collector, and both
+    // collectors compared on the same workloads.
+    if wanted("lxc") {
+        parts.run(
+            "real LXC containers (both collectors)",
+            crate::lxc::run_lxc_tests,
+        )?;
+    }
+    // Pure cgroup v2 with a Proxmox layout, in VMs: Debian 6.1 (also under lockdown) and 5.10.
+    if wanted("vm") {
+        parts.run("VM matrix (6.1, 6.1 lockdown, 5.10)", || {
+            crate::vm::run(&crate::vm::VmArgs::default())
+        })?;
+    }
+    // The .deb: build, lintian, install, run with the unit's capabilities, remove, purge.
+    if wanted("deb") {
+        parts.run("Debian package", crate::deb::test)?;
+    }
+    Ok(())
+}
+
+/// Lint, then the unit and fixture-tree tests.
+fn lint_and_unit(parts: &mut Parts) -> Result<()> {
     parts.run("lint (fmt, clippy)", || {
         shared_fixtures_match()?;
         deps::cargo(&["fmt", "--all", "--", "--check"])?;
@@ -49,36 +112,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     })?;
     parts.run("unit and fixture-tree tests", || {
         deps::cargo(&["test", "--workspace"])
-    })?;
-    if args.fast {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("the real-container tests need root (or run `cargo xtask test --fast`)");
-    }
-    parts.run("/metrics through the Prometheus parser", || {
-        deps::ensure_apt(&["python3-prometheus-client"])?;
-        deps::exec(&mut deps::cargo_test(
-            "lxcmon",
-            false,
-            &["--test", "service", "--", "--ignored"],
-        ))
-    })?;
-    // The BPF path: toolchain, object, its own lint and unit tests, root tests of the loader.
-    parts.run("BPF: toolchain, build, loader tests", crate::ebpf::test)?;
-    // Real containers: the harness self-test, then the agent once per collector, and both
-    // collectors compared on the same workloads.
-    parts.run(
-        "real LXC containers (both collectors)",
-        crate::lxc::run_lxc_tests,
-    )?;
-    // Pure cgroup v2 with a Proxmox layout, in VMs: Debian 6.1 (also under lockdown) and 5.10.
-    parts.run("VM matrix (6.1, 6.1 lockdown, 5.10)", || {
-        crate::vm::run(&crate::vm::VmArgs::default())
-    })?;
-    // The .deb: build, lintian, install, run with the unit's capabilities, remove, purge.
-    parts.run("Debian package", crate::deb::test)?;
-    Ok(())
+    })
 }
 
 fn is_root() -> bool {
