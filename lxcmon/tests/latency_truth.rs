@@ -14,6 +14,7 @@
 use lxcmon::collect::bpf::{BpfCollector, BpfOptions, RunqMode};
 use lxcmon::readers::cgroup::Layout;
 use lxcmon_common::LatencyHist;
+use lxcmon_testkit::direct_io;
 use lxcmon_testkit::schedstat::{growth, sched_pipe, subtree};
 use lxcmon_testkit::workload::{busy_loop, kill_and_wait};
 use lxcmon_testkit::{Container, ContainerSpec, Lab};
@@ -374,5 +375,113 @@ fn the_daemon_exports_runqueue_wait_in_records_and_metrics() {
         "{inf} vs count {count}"
     );
     assert!(line("_sum") > 1.0, "several seconds of waiting in total");
+    drop(lab);
+}
+
+/// The timed I/O process of the block latency test (a no-op unless that test runs it).
+#[test]
+#[ignore = "root: run by io_latency_matches_timed_direct_io"]
+fn direct_io_child() {
+    direct_io::run_child().expect("timed I/O");
+}
+
+const IO_COUNT: usize = 400;
+
+/// Mean of a histogram's growth in nanoseconds, and its count.
+fn mean_and_count(before: &LatencyHist, after: &LatencyHist) -> (f64, u64) {
+    let n = count(after) - count(before);
+    let sum = after.sum_ns - before.sum_ns;
+    (if n == 0 { 0.0 } else { sum as f64 / n as f64 }, n)
+}
+
+/// 4 KiB O_DIRECT writes then reads by a process in a real container's cgroups, each timed:
+/// the container's histograms grow by as many requests as it made (and as the kernel's blkio
+/// count says), with a mean at most the timed mean (the timed figure adds the syscall, the
+/// block layer's submission before issue and the wake-up after completion) and not far below
+/// it; the same I/O from a host process adds nothing; nothing stays in flight.
+#[test]
+#[ignore = "root: real LXC containers and BPF programs"]
+fn io_latency_matches_timed_direct_io() {
+    let mut lab = Lab::new().expect("lab");
+    let c = lab
+        .container("iolat", &ContainerSpec::default())
+        .expect("container");
+    let dir = v2_dir(&c);
+    let blkio = if c.cgroup_dir("blkio").exists() {
+        c.cgroup_dir("blkio")
+    } else {
+        dir.clone()
+    };
+    let mut procs = vec![dir.join("cgroup.procs")];
+    if blkio != dir {
+        procs.push(blkio.join("cgroup.procs"));
+    }
+    let mut bpf = load(false);
+    assert_eq!(*bpf.io_latency(), RunqMode::Counting);
+    let id = bpf.track(&dir).expect("track");
+    let file = c.rootfs().join("lxcmon-iolat");
+    direct_io::prepare(&file, IO_COUNT).expect("prepare");
+    let io = |bpf: &mut BpfCollector| {
+        bpf.refresh().expect("refresh");
+        bpf.io_latency_hists(id).expect("histograms while counting")
+    };
+
+    let before = io(&mut bpf);
+    let kernel_before = direct_io::kernel_requests(&blkio).expect("blkio");
+    let timed = direct_io::timed_in("direct_io_child", &procs, &file, IO_COUNT).expect("timed I/O");
+    let kernel_after = direct_io::kernel_requests(&blkio).expect("blkio");
+    let after = io(&mut bpf);
+    let (kr, kw) = (
+        kernel_after.0 - kernel_before.0,
+        kernel_after.1 - kernel_before.1,
+    );
+    let (rmean, rcount) = mean_and_count(&before[0], &after[0]);
+    let (wmean, wcount) = mean_and_count(&before[1], &after[1]);
+    let (trmean, twmean) = (timed.mean_read_ns(), timed.mean_write_ns());
+    eprintln!(
+        "reads: {rcount} requests (kernel {kr}), mean {rmean:.0} ns (timed {trmean:.0}); \
+         writes: {wcount} (kernel {kw}), mean {wmean:.0} ns (timed {twmean:.0})"
+    );
+    let n = IO_COUNT as u64;
+    // "Within a few": the container's own processes (its init, a shell) may do a little I/O
+    // of their own in the window; none of the test's requests may be missed.
+    for (what, got, kernel) in [("reads", rcount, kr), ("writes", wcount, kw)] {
+        assert!(got >= n && got <= n + 4, "{what}: {got} requests, not {n}");
+        assert!(
+            got.abs_diff(kernel) <= 4,
+            "{what}: {got}, the kernel counted {kernel}"
+        );
+    }
+    // The histogram times issue to completion; the process times the whole system call
+    // around it (entry, the block layer before issue, the wake-up after completion): a few
+    // microseconds more per I/O, so the histogram's mean is below the timed mean, by less than
+    // half of it (device times here are tens of microseconds or more).
+    for (what, mean, timed) in [("reads", rmean, trmean), ("writes", wmean, twmean)] {
+        assert!(
+            mean <= timed,
+            "{what}: histogram mean {mean} ns above the timed {timed} ns"
+        );
+        assert!(
+            mean >= timed * 0.5,
+            "{what}: histogram mean {mean} ns far below the timed {timed} ns"
+        );
+    }
+
+    // The same I/O from a host process: not the container's.
+    let timed_host =
+        direct_io::timed_in("direct_io_child", &[], &file, IO_COUNT / 4).expect("timed host I/O");
+    let host = io(&mut bpf);
+    assert_eq!(
+        (count(&host[0]), count(&host[1])),
+        (count(&after[0]), count(&after[1])),
+        "host I/O counted for the container ({} host requests)",
+        timed_host.write_ns.len() * 2
+    );
+    assert_eq!(
+        bpf.io_inflight().expect("in-flight map"),
+        0,
+        "entries left in flight"
+    );
+    bpf.untrack(id).expect("untrack");
     drop(lab);
 }

@@ -6,7 +6,7 @@
 //! of requests that never complete, or of bios merged behind another, are evicted).
 
 use super::btf::Btf;
-use super::error::BpfError;
+use super::error::{map_err, BpfError};
 use super::latency::RunqMode;
 use super::loader::program_mut;
 use super::BpfCollector;
@@ -14,8 +14,8 @@ use crate::logging::Chain;
 use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use lxcmon_common::{
-    BlkLatOffsets, LatencyHist, MAP_IOLAT_HIST, PROG_IOLAT_BIO, PROG_IOLAT_COMPLETE,
-    PROG_IOLAT_ISSUE,
+    BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_HIST, MAP_IOLAT_INFLIGHT, PROG_IOLAT_BIO,
+    PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE,
 };
 use std::collections::HashMap;
 
@@ -144,6 +144,15 @@ impl BpfCollector {
             .filter_map(|(id, h)| Some((id, [*h.first()?, *h.get(1)?])))
             .collect();
         Ok(())
+    }
+
+    /// How many requests are in flight in the kernel side's map (tests: nothing is left once
+    /// the I/O is done).
+    pub fn io_inflight(&self) -> Result<usize, BpfError> {
+        let map: aya::maps::HashMap<&aya::maps::MapData, u64, IoStart> =
+            aya::maps::HashMap::try_from(self.map(MAP_IOLAT_INFLIGHT)?)
+                .map_err(map_err(MAP_IOLAT_INFLIGHT))?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     /// A tracked container's block I/O latency histograms (reads, writes) as of the last
