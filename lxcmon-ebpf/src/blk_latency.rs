@@ -12,7 +12,7 @@
 //! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
 //! completion.
 
-use crate::{kread, slot_of, LXCMON_LEVELS};
+use crate::{slot_of, LXCMON_LEVELS};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map},
@@ -47,6 +47,16 @@ const REQ_OP_MASK: u32 = 0xff;
 const REQ_OP_READ: u32 = 0;
 const REQ_OP_WRITE: u32 = 1;
 
+/// A plain load of a kernel struct member through a BTF-typed pointer (the offsets are
+/// constants of the frozen read-only data: the verifier checks each against the kernel's
+/// types and makes the load fault-safe), cheaper than a `bpf_probe_read_kernel` call.
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer from the tracepoint's arguments (or a
+    // member of one) and `off` a member's offset from BTF.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
+
 #[inline(always)]
 fn generation() -> u32 {
     LXCMON_LEVELS.get(0).map_or(0, |w| (*w >> 32) as u32)
@@ -64,16 +74,11 @@ pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let bio: *const u8 = ctx.arg(0);
-    let Some(opf) = kread::<u32>(bio, k.bio_opf) else {
-        return 0;
-    };
-    let op = opf & REQ_OP_MASK;
+    let op = load::<u32>(bio, k.bio_opf) & REQ_OP_MASK;
     if op != REQ_OP_READ && op != REQ_OP_WRITE {
         return 0;
     }
-    let Some(sector) = kread::<u64>(bio, k.bio_sector) else {
-        return 0;
-    };
+    let sector: u64 = load(bio, k.bio_sector);
     let start = IoStart {
         ts: 0,
         sector,
@@ -96,13 +101,11 @@ pub fn lxcmon_iolat_issue(ctx: BtfTracePointContext) -> i32 {
     } else {
         ctx.arg(1)
     };
-    let Some(bio) = kread::<u64>(rq, k.rq_bio) else {
-        return 0;
-    };
+    let bio: u64 = load(rq, k.rq_bio);
     let Some(st) = LXCMON_IOLAT_INFLIGHT.get_ptr_mut(&bio) else {
         return 0;
     };
-    let sector = kread::<u64>(rq, k.rq_sector).unwrap_or(u64::MAX);
+    let sector: u64 = load(rq, k.rq_sector);
     // SAFETY: the entry is valid for this run.
     unsafe {
         if (*st).sector != sector {
@@ -123,9 +126,7 @@ pub fn lxcmon_iolat_complete(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let rq: *const u8 = ctx.arg(0);
-    let Some(bio) = kread::<u64>(rq, k.rq_bio) else {
-        return 0;
-    };
+    let bio: u64 = load(rq, k.rq_bio);
     let Some(st) = LXCMON_IOLAT_INFLIGHT.get_ptr_mut(&bio) else {
         return 0;
     };

@@ -203,6 +203,11 @@ fn loaded_sched_programs() -> usize {
 
 /// `lxcmon_sched_*` run time and count, summed per program name.
 fn sched_stats() -> BTreeMap<String, (u64, u64)> {
+    prog_stats("lxcmon_sched_")
+}
+
+/// Run time and count of the programs whose name starts with `prefix`, summed per name.
+fn prog_stats(prefix: &str) -> BTreeMap<String, (u64, u64)> {
     let out = Command::new("bpftool")
         .args(["prog", "show"])
         .output()
@@ -211,7 +216,7 @@ fn sched_stats() -> BTreeMap<String, (u64, u64)> {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
         let after = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1));
-        let Some(name) = after("name").filter(|n| n.starts_with("lxcmon_sched_")) else {
+        let Some(name) = after("name").filter(|n| n.starts_with(prefix)) else {
             continue;
         };
         let num = |k: &str| after(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -426,11 +431,15 @@ fn io_latency_matches_timed_direct_io() {
         bpf.io_latency_hists(id).expect("histograms while counting")
     };
 
+    let old_stats = std::fs::read_to_string(STATS).unwrap();
+    std::fs::write(STATS, "1").unwrap();
+    let cost_before = prog_stats("lxcmon_iolat_");
     let before = io(&mut bpf);
     let kernel_before = direct_io::kernel_requests(&blkio).expect("blkio");
     let timed = direct_io::timed_in("direct_io_child", &procs, &file, IO_COUNT).expect("timed I/O");
     let kernel_after = direct_io::kernel_requests(&blkio).expect("blkio");
     let after = io(&mut bpf);
+    let cost_container = prog_stats("lxcmon_iolat_");
     let (kr, kw) = (
         kernel_after.0 - kernel_before.0,
         kernel_after.1 - kernel_before.1,
@@ -471,6 +480,22 @@ fn io_latency_matches_timed_direct_io() {
     let timed_host =
         direct_io::timed_in("direct_io_child", &[], &file, IO_COUNT / 4).expect("timed host I/O");
     let host = io(&mut bpf);
+    let cost_host = prog_stats("lxcmon_iolat_");
+    std::fs::write(STATS, old_stats.trim()).unwrap();
+    // Kernel time per event of each program (as the bench measures it, the stats clock
+    // included): the container's I/O, then the host's (the early exits).
+    for (step, from, to) in [
+        ("container", &cost_before, &cost_container),
+        ("host", &cost_container, &cost_host),
+    ] {
+        for (name, (t, n)) in to {
+            let (t0, n0) = from.get(name).copied().unwrap_or_default();
+            if *n > n0 {
+                let ns = (t - t0) as f64 / (n - n0) as f64;
+                eprintln!("cost: {step}: {name}: {} events, {ns:.0} ns/event", n - n0);
+            }
+        }
+    }
     assert_eq!(
         (count(&host[0]), count(&host[1])),
         (count(&after[0]), count(&after[1])),
