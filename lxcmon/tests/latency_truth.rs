@@ -462,17 +462,24 @@ fn io_latency_matches_timed_direct_io() {
         );
     }
     // The histogram times issue to completion; the process times the whole system call
-    // around it (entry, the block layer before issue, the wake-up after completion): a few
-    // microseconds more per I/O, so the histogram's mean is below the timed mean, by less than
-    // half of it (device times here are tens of microseconds or more).
-    for (what, mean, timed) in [("reads", rmean, trmean), ("writes", wmean, twmean)] {
+    // around it: the CPU work before issue and after completion (about 12-17 us per I/O on
+    // this VM when idle) and any wait for a CPU after the wake-up (its own `run_delay`, which
+    // grows a lot on a loaded host). So the histogram's mean is at most the timed mean, and at
+    // least half of the timed mean without the process' run-queue wait (the CPU work outside
+    // the device is not more than the device time: 4 KiB I/O takes tens of microseconds here).
+    let per_io = |ns: u64| ns as f64 / IO_COUNT as f64;
+    for (what, mean, timed, wait) in [
+        ("reads", rmean, trmean, per_io(timed.read_wait_ns)),
+        ("writes", wmean, twmean, per_io(timed.write_wait_ns)),
+    ] {
+        eprintln!("{what}: run-queue wait of the timed process {wait:.0} ns per I/O");
         assert!(
             mean <= timed,
             "{what}: histogram mean {mean} ns above the timed {timed} ns"
         );
         assert!(
-            mean >= timed * 0.5,
-            "{what}: histogram mean {mean} ns far below the timed {timed} ns"
+            mean >= (timed - wait) * 0.5,
+            "{what}: histogram mean {mean} ns far below the timed {timed} ns ({wait} ns of it waiting for a CPU)"
         );
     }
 

@@ -24,6 +24,10 @@ const BLOCK: usize = 4096;
 pub struct Timed {
     pub write_ns: Vec<u64>,
     pub read_ns: Vec<u64>,
+    /// Time the process waited on a run queue during the writes and during the reads (its
+    /// `run_delay`): part of the timed figures, none of the devices'.
+    pub write_wait_ns: u64,
+    pub read_wait_ns: u64,
 }
 
 impl Timed {
@@ -84,6 +88,8 @@ pub fn timed_in(test: &str, procs: &[PathBuf], file: &Path, count: usize) -> Res
         match tag {
             "direct-io-w" => t.write_ns.push(v.parse()?),
             "direct-io-r" => t.read_ns.push(v.parse()?),
+            "direct-io-wait-w" => t.write_wait_ns = v.parse()?,
+            "direct-io-wait-r" => t.read_wait_ns = v.parse()?,
             _ => {}
         }
     }
@@ -122,18 +128,32 @@ pub fn run_child() -> Result<bool> {
     buf.fill(0xa5);
     // The test harness prints the test's name without a newline before it.
     let mut out = String::from("\n");
+    let w0 = run_delay()?;
     for i in 0..count {
         let t = Instant::now();
         f.write_all_at(buf, (i * BLOCK) as u64)?;
         out.push_str(&format!("direct-io-w {}\n", t.elapsed().as_nanos()));
     }
+    let w1 = run_delay()?;
     for i in 0..count {
         let t = Instant::now();
         f.read_exact_at(buf, (i * BLOCK) as u64)?;
         out.push_str(&format!("direct-io-r {}\n", t.elapsed().as_nanos()));
     }
+    let r1 = run_delay()?;
+    out.push_str(&format!("direct-io-wait-w {}\n", w1 - w0));
+    out.push_str(&format!("direct-io-wait-r {}\n", r1 - w1));
     print!("{out}");
     Ok(true)
+}
+
+/// This thread's run-queue wait so far (`/proc/thread-self/schedstat`, second field).
+fn run_delay() -> Result<u64> {
+    let s = fs::read_to_string("/proc/thread-self/schedstat")?;
+    s.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("parsing /proc/thread-self/schedstat")
 }
 
 /// Requests (reads, writes) the kernel counted for a cgroup: v1 `blkio` directory
