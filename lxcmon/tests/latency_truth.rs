@@ -517,3 +517,38 @@ fn io_latency_matches_timed_direct_io() {
     bpf.untrack(id).expect("untrack");
     drop(lab);
 }
+
+/// `enable_io_latency: false`: the request programs are not loaded and the figure is absent;
+/// switched on at run time they count.
+#[test]
+#[ignore = "root: real LXC containers and BPF programs"]
+fn io_latency_switched_off_is_absent() {
+    let mut lab = Lab::new().expect("lab");
+    let c = lab
+        .container("iooff", &ContainerSpec::default())
+        .expect("container");
+    let mut bpf = BpfCollector::load(&BpfOptions {
+        ephemeral: true,
+        network: false,
+        runqueue: false,
+        io_latency: false,
+        ..BpfOptions::default()
+    })
+    .expect("loading the BPF collector");
+    assert!(matches!(bpf.io_latency(), RunqMode::Off(_)));
+    let id = bpf.track(&v2_dir(&c)).expect("track");
+    bpf.refresh().expect("refresh");
+    assert_eq!(bpf.io_latency_hists(id), None, "absent, not 0");
+    assert_eq!(
+        prog_stats("lxcmon_iolat_").len(),
+        0,
+        "no request program loaded"
+    );
+    assert_eq!(*bpf.set_io_latency(true), RunqMode::Counting);
+    c.dd_write_direct("/lxcmon-iooff", 1).expect("direct write");
+    bpf.refresh().expect("refresh");
+    let h = bpf.io_latency_hists(id).expect("counting");
+    assert!(count(&h[1]) >= 1, "the direct write's requests");
+    assert!(matches!(bpf.set_io_latency(false), RunqMode::Off(_)));
+    drop(lab);
+}
