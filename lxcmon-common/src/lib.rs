@@ -284,7 +284,8 @@ pub struct IoStart {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkLatOffsets {
     pub enabled: u32,
-    /// Which argument of `block_rq_issue` is the request: 0 (5.11+), 1 (`(q, rq)` before).
+    /// Which argument of `block_rq_issue` and `block_bio_queue` is the request or bio: 0
+    /// (5.11+), 1 (before 5.11 both took the queue first).
     pub issue_rq_arg: u32,
     /// `request`: `bio`, `__sector`; `bio`: `bi_opf`, `bi_iter.bi_sector`.
     pub rq_bio: u32,

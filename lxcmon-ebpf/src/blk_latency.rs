@@ -62,7 +62,8 @@ fn generation() -> u32 {
     LXCMON_LEVELS.get(0).map_or(0, |w| (*w >> 32) as u32)
 }
 
-/// `block_bio_queue(bio)`: a read or write bio of a tracked container's task is remembered.
+/// `block_bio_queue(bio)` (`(q, bio)` before 5.11): a read or write bio of a tracked
+/// container's task is remembered.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
     let k = LXCMON_BLK_OFF.load();
@@ -73,7 +74,11 @@ pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
     let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
         return 0;
     };
-    let bio: *const u8 = ctx.arg(0);
+    let bio: *const u8 = if k.issue_rq_arg == 0 {
+        ctx.arg(0)
+    } else {
+        ctx.arg(1)
+    };
     let op = load::<u32>(bio, k.bio_opf) & REQ_OP_MASK;
     if op != REQ_OP_READ && op != REQ_OP_WRITE {
         return 0;

@@ -29,7 +29,8 @@ const PROGRAMS: [(&str, &str); 3] = [
 /// block I/O latency cannot be measured.
 pub(crate) fn blk_offsets(btf: &Btf) -> Result<BlkLatOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
-    // `block_rq_issue(struct request *)` since 5.11, `(struct request_queue *, ...)` before.
+    // `block_rq_issue(struct request *)` and `block_bio_queue(struct bio *)` since 5.11, both
+    // with the `struct request_queue *` first before.
     let before_5_11 = aya::util::KernelVersion::current()
         .map(|v| v < aya::util::KernelVersion::new(5, 11, 0))
         .map_err(|e| format!("kernel version: {e}"))?;
