@@ -262,6 +262,9 @@ pub const IO_INFLIGHT_MAX: u32 = 16384;
 pub const PROG_IOLAT_BIO: &str = "lxcmon_iolat_bio";
 /// `tp_btf/block_rq_issue`: a remembered request goes to the device.
 pub const PROG_IOLAT_ISSUE: &str = "lxcmon_iolat_issue";
+/// Their variants for kernels before 5.11 (`block_bio_queue(q, bio)`, `block_rq_issue(q, rq)`).
+pub const PROG_IOLAT_BIO_OLD: &str = "lxcmon_iolat_bio_old";
+pub const PROG_IOLAT_ISSUE_OLD: &str = "lxcmon_iolat_issue_old";
 /// `tp_btf/block_rq_complete`: its latency goes into the container's histogram.
 pub const PROG_IOLAT_COMPLETE: &str = "lxcmon_iolat_complete";
 /// Global holding [`BlkLatOffsets`].
@@ -284,8 +287,8 @@ pub struct IoStart {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkLatOffsets {
     pub enabled: u32,
-    /// Which argument of `block_rq_issue` and `block_bio_queue` is the request or bio: 0
-    /// (5.11+), 1 (before 5.11 both took the queue first).
+    /// 1 before 5.11, where `block_rq_issue` and `block_bio_queue` take the queue first: the
+    /// agent then attaches the `_old` programs.
     pub issue_rq_arg: u32,
     /// `request`: `bio`, `__sector`; `bio`: `bi_opf`, `bi_iter.bi_sector`.
     pub rq_bio: u32,

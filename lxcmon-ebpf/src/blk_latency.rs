@@ -62,26 +62,35 @@ fn generation() -> u32 {
     LXCMON_LEVELS.get(0).map_or(0, |w| (*w >> 32) as u32)
 }
 
-/// `block_bio_queue(bio)` (`(q, bio)` before 5.11): a read or write bio of a tracked
-/// container's task is remembered.
+/// `block_bio_queue(bio)`: a read or write bio of a tracked container's task is remembered.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
+    on_bio(ctx.arg(0));
+    0
+}
+
+/// Before 5.11 the tracepoint is `block_bio_queue(q, bio)`. A separate program rather than an
+/// argument index chosen at run time: 5.10's verifier refuses a context access at a computed
+/// offset.
+#[btf_tracepoint(function = "block_bio_queue")]
+pub fn lxcmon_iolat_bio_old(ctx: BtfTracePointContext) -> i32 {
+    on_bio(ctx.arg(1));
+    0
+}
+
+#[inline(always)]
+fn on_bio(bio: *const u8) {
     let k = LXCMON_BLK_OFF.load();
     if k.enabled == 0 {
-        return 0;
+        return;
     }
     // SAFETY: helper valid in tracing programs.
     let Some(slot) = slot_of(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }) else {
-        return 0;
-    };
-    let bio: *const u8 = if k.issue_rq_arg == 0 {
-        ctx.arg(0)
-    } else {
-        ctx.arg(1)
+        return;
     };
     let op = load::<u32>(bio, k.bio_opf) & REQ_OP_MASK;
     if op != REQ_OP_READ && op != REQ_OP_WRITE {
-        return 0;
+        return;
     }
     let sector: u64 = load(bio, k.bio_sector);
     let start = IoStart {
@@ -91,35 +100,41 @@ pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
         generation: generation(),
     };
     let _ = LXCMON_IOLAT_INFLIGHT.insert(&(bio as u64), &start, 0);
+}
+
+/// `block_rq_issue(rq)`: the request goes to the device.
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn lxcmon_iolat_issue(ctx: BtfTracePointContext) -> i32 {
+    on_issue(ctx.arg(0));
     0
 }
 
-/// `block_rq_issue(rq)` (`(q, rq)` before 5.11): the request goes to the device.
+/// `block_rq_issue(q, rq)` before 5.11.
 #[btf_tracepoint(function = "block_rq_issue")]
-pub fn lxcmon_iolat_issue(ctx: BtfTracePointContext) -> i32 {
+pub fn lxcmon_iolat_issue_old(ctx: BtfTracePointContext) -> i32 {
+    on_issue(ctx.arg(1));
+    0
+}
+
+#[inline(always)]
+fn on_issue(rq: *const u8) {
     let k = LXCMON_BLK_OFF.load();
     if k.enabled == 0 {
-        return 0;
+        return;
     }
-    let rq: *const u8 = if k.issue_rq_arg == 0 {
-        ctx.arg(0)
-    } else {
-        ctx.arg(1)
-    };
     let bio: u64 = load(rq, k.rq_bio);
     let Some(st) = LXCMON_IOLAT_INFLIGHT.get_ptr_mut(&bio) else {
-        return 0;
+        return;
     };
     let sector: u64 = load(rq, k.rq_sector);
     // SAFETY: the entry is valid for this run.
     unsafe {
         if (*st).sector != sector {
             let _ = LXCMON_IOLAT_INFLIGHT.remove(&bio);
-            return 0;
+            return;
         }
         (*st).ts = bpf_ktime_get_ns();
     }
-    0
 }
 
 /// `block_rq_complete(rq, error, nr_bytes)`: fires before the request's bios are ended, so

@@ -56,6 +56,7 @@ pub struct KernelCounters {
     runqueue: HashMap<String, Monotonic>,
     /// Block I/O latency per container (reads, writes), monotonic per instance.
     io_latency: HashMap<String, [Monotonic; 2]>,
+
     latency: HashMap<String, Latency>,
 }
 
@@ -295,8 +296,9 @@ impl KernelCounters {
             self.runqueue.clear();
             self.log_runqueue();
         }
-        let counting = *self.bpf.io_latency() == RunqMode::Counting;
-        if counting != m.enable_io_latency {
+        // Only a changed switch retries the programs, not every reload after the kernel refused
+        // them (a try parses BTF and runs the verifier: long enough to delay a cycle).
+        if self.bpf.io_latency_wanted() != m.enable_io_latency {
             self.bpf.set_io_latency(m.enable_io_latency);
             self.io_latency.clear();
             self.log_io_latency();

@@ -15,14 +15,22 @@ use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use lxcmon_common::{
     BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_HIST, MAP_IOLAT_INFLIGHT, PROG_IOLAT_BIO,
-    PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE,
+    PROG_IOLAT_BIO_OLD, PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE, PROG_IOLAT_ISSUE_OLD,
 };
 use std::collections::HashMap;
 
+/// Attached in this order: completion first and bio queueing last, so no entry is made that
+/// nothing would consume.
 const PROGRAMS: [(&str, &str); 3] = [
     (PROG_IOLAT_COMPLETE, "block_rq_complete"),
     (PROG_IOLAT_ISSUE, "block_rq_issue"),
     (PROG_IOLAT_BIO, "block_bio_queue"),
+];
+/// Before 5.11 (the queue as the first argument).
+const PROGRAMS_OLD: [(&str, &str); 3] = [
+    (PROG_IOLAT_COMPLETE, "block_rq_complete"),
+    (PROG_IOLAT_ISSUE_OLD, "block_rq_issue"),
+    (PROG_IOLAT_BIO_OLD, "block_bio_queue"),
 ];
 
 /// The request and bio offsets the programs need, from the kernel's BTF; the error is why
@@ -52,15 +60,23 @@ fn link_name(tp: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct IoLatState {
     pub(crate) mode: RunqMode,
+    /// The kernel predates 5.11: the `_old` programs.
+    old: bool,
+    /// The switch as last set (the mode may be off for the kernel's reason).
+    wanted: bool,
     offsets: Result<(), String>,
     /// (reads, writes) by cgroup id, as of the last refresh.
     hists: HashMap<u64, [LatencyHist; 2]>,
 }
 
 impl IoLatState {
-    pub(crate) fn new(offsets: Result<(), String>) -> Self {
+    pub(crate) fn new(offsets: Result<bool, String>) -> Self {
+        let old = offsets.as_ref().is_ok_and(|o| *o);
+        let offsets = offsets.map(drop);
         Self {
             mode: RunqMode::Off("not attached yet".into()),
+            old,
+            wanted: false,
             offsets,
             hists: HashMap::new(),
         }
@@ -73,9 +89,15 @@ impl BpfCollector {
         &self.latency.io.mode
     }
 
+    /// Whether block I/O latency was last switched on (measured or refused by the kernel).
+    pub fn io_latency_wanted(&self) -> bool {
+        self.latency.io.wanted
+    }
+
     /// Switches the request programs on (keeping an earlier agent's pinned links) or off.
     /// Returns the new mode; a refusal is the reason, the rest goes on.
     pub fn set_io_latency(&mut self, on: bool) -> &RunqMode {
+        self.latency.io.wanted = on;
         self.latency.io.mode = if !on {
             self.detach_iolat();
             RunqMode::Off("disabled by configuration (enable_io_latency)".into())
@@ -97,17 +119,25 @@ impl BpfCollector {
         &self.latency.io.mode
     }
 
+    fn programs(&self) -> [(&'static str, &'static str); 3] {
+        if self.latency.io.old {
+            PROGRAMS_OLD
+        } else {
+            PROGRAMS
+        }
+    }
+
     fn detach_iolat(&mut self) {
         for (_, tp) in PROGRAMS {
             let _ = self.links.remove(&link_name(tp));
         }
     }
 
-    /// Loads all three, then attaches completion first and bio queueing last, so no entry is
-    /// made that nothing would consume.
+    /// Loads all three, then attaches them in [`PROGRAMS`]' order.
     fn attach_iolat(&mut self) -> Result<(), String> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
-        for (name, tp) in PROGRAMS {
+        let programs = self.programs();
+        for (name, tp) in programs {
             let prog: &mut BtfTracePoint =
                 program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
             if prog.fd().is_err() {
@@ -115,7 +145,7 @@ impl BpfCollector {
                     .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
             }
         }
-        for (name, tp) in PROGRAMS {
+        for (name, tp) in programs {
             let link = link_name(tp);
             if self.links.has(&link) {
                 continue;

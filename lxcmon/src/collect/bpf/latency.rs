@@ -77,7 +77,7 @@ pub(crate) struct LatencyState {
 }
 
 impl LatencyState {
-    pub(crate) fn new(offsets: Result<(), String>, io_offsets: Result<(), String>) -> Self {
+    pub(crate) fn new(offsets: Result<(), String>, io_offsets: Result<bool, String>) -> Self {
         Self {
             mode: RunqMode::Off("not attached yet".into()),
             offsets,

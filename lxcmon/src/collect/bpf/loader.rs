@@ -156,7 +156,7 @@ impl BpfCollector {
             io_mode: IoMode::Files(String::new()),
             network: opts.network,
             batched: None,
-            latency: latency::LatencyState::new(sched.map(drop), blk.map(drop)),
+            latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
         };
         this.io_mode = this.attach_block(koff.map(drop));
         this.set_runqueue(opts.runqueue);
