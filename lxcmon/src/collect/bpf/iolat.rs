@@ -133,10 +133,27 @@ impl BpfCollector {
         }
     }
 
-    /// Loads all three, then attaches them in [`PROGRAMS`]' order.
+    /// Loads all three, then attaches them in [`PROGRAMS`]' order. The tracepoints' argument
+    /// lists changed in 5.11 but some 5.10 stable kernels (Debian's 5.10.223) have the new
+    /// ones: when the set the version chose is refused, the other is tried.
     fn attach_iolat(&mut self) -> Result<(), String> {
+        let first = self.programs();
+        match self.attach_iolat_set(first) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.detach_iolat();
+                self.latency.io.old = !self.latency.io.old;
+                let other = self.programs();
+                self.attach_iolat_set(other).map_err(|_| why)
+            }
+        }
+    }
+
+    fn attach_iolat_set(
+        &mut self,
+        programs: [(&'static str, &'static str); 3],
+    ) -> Result<(), String> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
-        let programs = self.programs();
         for (name, tp) in programs {
             let prog: &mut BtfTracePoint =
                 program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
