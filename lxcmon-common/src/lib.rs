@@ -250,6 +250,53 @@ pub struct SchedOffsets {
     pub _pad: u32,
 }
 
+/// Block I/O latency: a per-CPU array of [`LatencyHist`] indexed by `slot * 2 + write`
+/// (0: reads, 1: writes).
+pub const MAP_IOLAT_HIST: &str = "LXCMON_IOLAT";
+/// Block I/O latency: LRU hash from a bio's kernel address to [`IoStart`], for bios queued by
+/// tracked containers' tasks (bounded to [`IO_INFLIGHT_MAX`]; entries that never complete are
+/// evicted).
+pub const MAP_IOLAT_INFLIGHT: &str = "LXCMON_IOLAT_INFLIGHT";
+pub const IO_INFLIGHT_MAX: u32 = 16384;
+/// `tp_btf/block_bio_queue`: remembers a tracked container's bio.
+pub const PROG_IOLAT_BIO: &str = "lxcmon_iolat_bio";
+/// `tp_btf/block_rq_issue`: a remembered request goes to the device.
+pub const PROG_IOLAT_ISSUE: &str = "lxcmon_iolat_issue";
+/// Their variants for kernels before 5.11 (`block_bio_queue(q, bio)`, `block_rq_issue(q, rq)`).
+pub const PROG_IOLAT_BIO_OLD: &str = "lxcmon_iolat_bio_old";
+pub const PROG_IOLAT_ISSUE_OLD: &str = "lxcmon_iolat_issue_old";
+/// `tp_btf/block_rq_complete`: its latency goes into the container's histogram.
+pub const PROG_IOLAT_COMPLETE: &str = "lxcmon_iolat_complete";
+/// Global holding [`BlkLatOffsets`].
+pub const GLOBAL_BLK_OFFSETS: &str = "LXCMON_BLK_OFF";
+
+/// An in-flight bio of a tracked container: issue time (0 until issued), its first sector
+/// (checked against the request's at issue), `slot * 2 + write` and the tracking generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStart {
+    pub ts: u64,
+    pub sector: u64,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// Byte offsets the block latency programs need, from the running kernel's BTF.
+/// `enabled == 0` leaves them idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkLatOffsets {
+    pub enabled: u32,
+    /// 1 before 5.11, where `block_rq_issue` and `block_bio_queue` take the queue first: the
+    /// agent then attaches the `_old` programs.
+    pub issue_rq_arg: u32,
+    /// `request`: `bio`, `__sector`; `bio`: `bi_opf`, `bi_iter.bi_sector`.
+    pub rq_bio: u32,
+    pub rq_sector: u32,
+    pub bio_opf: u32,
+    pub bio_sector: u32,
+}
+
 // SAFETY: all are `#[repr(C)]`, made of integers only, without padding.
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for TrackedCgroup {}
@@ -263,6 +310,10 @@ unsafe impl aya::Pod for LatencyHist {}
 unsafe impl aya::Pod for RunqStart {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for SchedOffsets {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for IoStart {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for BlkLatOffsets {}
 
 #[cfg(test)]
 mod tests {

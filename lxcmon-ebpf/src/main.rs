@@ -14,9 +14,11 @@
 //! Counters are per-CPU, so the hot path has no atomics.
 //!
 //! * The scheduler programs (`sched.rs`) measure each tracked task's run-queue wait.
+//! * The block request programs (`blk_latency.rs`) measure each tracked container's I/O latency.
 #![no_std]
 #![no_main]
 
+mod blk_latency;
 mod sched;
 
 use aya_ebpf::{

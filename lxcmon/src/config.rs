@@ -150,6 +150,9 @@ pub struct MonitoringConfig {
     pub enable_per_mount: bool,
     /// Run-queue wait histograms per container (BPF collector: scheduler programs attached).
     pub enable_runqueue_latency: bool,
+    /// Block I/O latency histograms per container, reads and writes (BPF collector: block
+    /// request programs attached).
+    pub enable_io_latency: bool,
     pub parallel_processing: bool,
     #[serde(deserialize_with = "max_workers")]
     pub max_workers: usize,
@@ -194,6 +197,7 @@ impl Default for MonitoringConfig {
             enable_per_interface: true,
             enable_per_mount: true,
             enable_runqueue_latency: true,
+            enable_io_latency: true,
             parallel_processing: true,
             max_workers: 8,
             excluded_devices: vec!["loop".into(), "dm-".into()],

@@ -1,4 +1,4 @@
-//! Latency distributions per container (run-queue wait), as the BPF collector counts them:
+//! Latency distributions per container (run-queue wait, block I/O latency), as the BPF collector counts them:
 //! log-spaced buckets (powers of two from 1 µs, see `lxcmon_common::latency_bucket`), kept
 //! cumulative and monotonic per container instance, with the growth over the last interval for
 //! the per-interval figures (`records`' p50 / p99 / total).
@@ -106,6 +106,13 @@ pub struct Latency {
     pub runqueue: Option<Histogram>,
     /// The growth of `runqueue` over the last interval (`None` in an instance's first cycle).
     pub runqueue_interval: Option<Histogram>,
+    /// Block I/O latency from a request's issue to its completion, reads and writes,
+    /// cumulative for this instance.
+    pub io_read: Option<Histogram>,
+    pub io_write: Option<Histogram>,
+    /// Their growth over the last interval (`None` in an instance's first cycle).
+    pub io_read_interval: Option<Histogram>,
+    pub io_write_interval: Option<Histogram>,
 }
 
 /// Per-interval summary of a latency histogram's growth (`records`): the median and 99th
@@ -130,7 +137,45 @@ impl IntervalSummary {
     }
 }
 
+/// Per-interval summary of an I/O latency histogram's growth: median and 99th percentile in
+/// milliseconds (omitted without requests) and how many requests completed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IoSummary {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    pub count: u64,
+}
+
+impl IoSummary {
+    pub fn new(growth: &Histogram) -> Self {
+        let ms = |q: f64| growth.quantile(q).map(|s| (s * 1e6).round() / 1e3);
+        Self {
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            count: growth.count(),
+        }
+    }
+}
+
+/// `records`' `io_latency`: reads and writes of the last interval.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IoLatencySummary {
+    pub read: IoSummary,
+    pub write: IoSummary,
+}
+
 impl Latency {
+    /// The block I/O latency of the last interval (`None` in an instance's first cycle, or
+    /// when not measured).
+    pub fn io_summary(&self) -> Option<IoLatencySummary> {
+        Some(IoLatencySummary {
+            read: IoSummary::new(self.io_read_interval.as_ref()?),
+            write: IoSummary::new(self.io_write_interval.as_ref()?),
+        })
+    }
+
     /// The run-queue wait of the last interval (`None` in an instance's first cycle, or when
     /// not measured).
     pub fn runqueue_summary(&self) -> Option<IntervalSummary> {
@@ -238,6 +283,20 @@ mod tests {
             serde_json::to_string(&s).unwrap(),
             r#"{"total_seconds":0.0}"#
         );
+    }
+
+    #[test]
+    fn io_summary_counts_requests_and_needs_both_growths() {
+        let mut l = Latency {
+            io_read_interval: Some(hist(&[(7, 10)], 1_000_000)),
+            ..Latency::default()
+        };
+        assert_eq!(l.io_summary(), None, "first cycle: no growth yet");
+        l.io_write_interval = Some(hist(&[], 0));
+        let s = l.io_summary().unwrap();
+        assert_eq!(s.read.count, 10);
+        assert_eq!(s.read.p50_ms, Some(0.096)); // (64 us, 128 us], halfway
+        assert_eq!(serde_json::to_string(&s.write).unwrap(), r#"{"count":0}"#);
     }
 
     #[test]

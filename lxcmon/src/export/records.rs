@@ -51,6 +51,8 @@ struct Record<'a> {
     mounts: Vec<Mount<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     runqueue_wait: Option<crate::collect::latency::IntervalSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    io_latency: Option<crate::collect::latency::IoLatencySummary>,
 }
 
 /// Kernel event counters; each omitted where the kernel does not have it.
@@ -357,6 +359,7 @@ pub fn encode(cycle: &Cycle) -> Vec<u8> {
                 .collect(),
             mounts: m.mounts.iter().map(Mount::new).collect(),
             runqueue_wait: m.latency.as_ref().and_then(|l| l.runqueue_summary()),
+            io_latency: m.latency.as_ref().and_then(|l| l.io_summary()),
         };
         // Serialising plain structs of numbers and strings into memory cannot fail.
         let _ = serde_json::to_writer(&mut out, &record);

@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod contract;
 pub mod ct;
+pub mod direct_io;
 pub mod incus;
 pub mod lab;
 pub mod proc;

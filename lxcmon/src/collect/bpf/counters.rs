@@ -54,6 +54,9 @@ pub struct KernelCounters {
     /// Run-queue wait per container: kept monotonic per instance (cgroup id), and this
     /// cycle's figures, handed on by [`Self::take_latency`].
     runqueue: HashMap<String, Monotonic>,
+    /// Block I/O latency per container (reads, writes), monotonic per instance.
+    io_latency: HashMap<String, [Monotonic; 2]>,
+
     latency: HashMap<String, Latency>,
 }
 
@@ -113,28 +116,40 @@ fn release_pins(pin_dir: &Path, purpose: Purpose) {
 }
 
 impl KernelCounters {
-    /// Each counted container's run-queue histogram, monotonic per instance, with its growth
-    /// over the interval.
+    /// Each counted container's run-queue and block I/O latency histograms, monotonic per
+    /// instance, with their growth over the interval.
     fn collect_latency(&mut self) {
         self.latency.clear();
         self.runqueue.retain(|id, _| self.ids.contains_key(id));
+        self.io_latency.retain(|id, _| self.ids.contains_key(id));
         for (id, cgroup_id) in &self.ids {
-            let Some(raw) = self.bpf.runqueue_hist(*cgroup_id) else {
-                continue;
-            };
-            let raw = Histogram::from_buckets(&raw.buckets, raw.sum_ns);
-            let (cumulative, interval) = self
-                .runqueue
-                .entry(id.clone())
-                .or_default()
-                .advance(*cgroup_id, raw);
-            self.latency.insert(
-                id.clone(),
-                Latency {
-                    runqueue: Some(cumulative),
-                    runqueue_interval: interval,
-                },
-            );
+            let mut l = Latency::default();
+            if let Some(raw) = self.bpf.runqueue_hist(*cgroup_id) {
+                let raw = Histogram::from_buckets(&raw.buckets, raw.sum_ns);
+                let (cumulative, interval) = self
+                    .runqueue
+                    .entry(id.clone())
+                    .or_default()
+                    .advance(*cgroup_id, raw);
+                l.runqueue = Some(cumulative);
+                l.runqueue_interval = interval;
+            }
+            if let Some([read, write]) = self.bpf.io_latency_hists(*cgroup_id) {
+                let mono = self.io_latency.entry(id.clone()).or_default();
+                let (r, ri) = mono[0].advance(
+                    *cgroup_id,
+                    Histogram::from_buckets(&read.buckets, read.sum_ns),
+                );
+                let (w, wi) = mono[1].advance(
+                    *cgroup_id,
+                    Histogram::from_buckets(&write.buckets, write.sum_ns),
+                );
+                (l.io_read, l.io_read_interval) = (Some(r), ri);
+                (l.io_write, l.io_write_interval) = (Some(w), wi);
+            }
+            if l != Latency::default() {
+                self.latency.insert(id.clone(), l);
+            }
         }
     }
 
@@ -166,6 +181,7 @@ impl KernelCounters {
                     tracing::warn!(%reason, "the kernel refused the block I/O programs: network bytes come from BPF, block I/O from the file readers");
                 }
                 k.log_runqueue();
+                k.log_io_latency();
                 Ok(Some(k))
             }
             Err(e) if choice == CollectorChoice::Auto => {
@@ -204,6 +220,7 @@ impl KernelCounters {
             ephemeral: purpose == Purpose::Once,
             network: m.enable_network,
             runqueue: m.enable_runqueue_latency,
+            io_latency: m.enable_io_latency,
             ..BpfOptions::default()
         };
         let bpf = BpfCollector::load(&opts)?;
@@ -221,6 +238,7 @@ impl KernelCounters {
             failures: 0,
             network,
             runqueue: HashMap::new(),
+            io_latency: HashMap::new(),
             latency: HashMap::new(),
         }
     }
@@ -231,6 +249,16 @@ impl KernelCounters {
             RunqMode::Counting => tracing::info!("run-queue wait: measured per container"),
             RunqMode::Off(reason) => {
                 tracing::warn!(%reason, "run-queue wait: not measured, its figures are absent")
+            }
+        }
+    }
+
+    /// Says once why block I/O latency is not measured (when it is not).
+    fn log_io_latency(&self) {
+        match self.bpf.io_latency() {
+            RunqMode::Counting => tracing::info!("block I/O latency: measured per container"),
+            RunqMode::Off(reason) => {
+                tracing::warn!(%reason, "block I/O latency: not measured, its figures are absent")
             }
         }
     }
@@ -267,6 +295,13 @@ impl KernelCounters {
             self.bpf.set_runqueue(m.enable_runqueue_latency);
             self.runqueue.clear();
             self.log_runqueue();
+        }
+        // Only a changed switch retries the programs, not every reload after the kernel refused
+        // them (a try parses BTF and runs the verifier: long enough to delay a cycle).
+        if self.bpf.io_latency_wanted() != m.enable_io_latency {
+            self.bpf.set_io_latency(m.enable_io_latency);
+            self.io_latency.clear();
+            self.log_io_latency();
         }
         let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), &m.excluded_devices));
         if let Err(e) = self.bpf.set_excluded_devices(&devs) {

@@ -15,8 +15,8 @@ use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use lxcmon_common::{
-    LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_RARE, MAP_RUNQ_HIST, PROG_SCHED_SWITCH,
-    PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
+    LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_IOLAT_HIST, MAP_RARE, MAP_RUNQ_HIST,
+    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
 };
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -70,16 +70,19 @@ pub(crate) struct LatencyState {
     /// `Ok` when the offsets resolved (the programs can run), else why not.
     offsets: Result<(), String>,
     hists: HashMap<u64, LatencyHist>,
+    /// Block I/O latency: whether measured, and each container's (read, write) histograms.
+    pub(crate) io: super::iolat::IoLatState,
     rare_seen: [u64; RARE_EVENTS as usize],
     rare_checked: Option<Instant>,
 }
 
 impl LatencyState {
-    pub(crate) fn new(offsets: Result<(), String>) -> Self {
+    pub(crate) fn new(offsets: Result<(), String>, io_offsets: Result<bool, String>) -> Self {
         Self {
             mode: RunqMode::Off("not attached yet".into()),
             offsets,
             hists: HashMap::new(),
+            io: super::iolat::IoLatState::new(io_offsets),
             rare_seen: [0; RARE_EVENTS as usize],
             rare_checked: None,
         }
@@ -149,72 +152,104 @@ impl BpfCollector {
         Ok(())
     }
 
-    /// Zeroes a slot's histogram on every CPU (a slot newly given to a container).
+    /// Zeroes a slot's histograms on every CPU (a slot newly given to a container).
     pub(crate) fn reset_latency_slot(&mut self, slot: u32) -> Result<(), BpfError> {
-        let ncpus = self.ncpus;
-        let mut map: PerCpuArray<&mut MapData, LatencyHist> =
-            PerCpuArray::try_from(self.map_mut(MAP_RUNQ_HIST)?).map_err(map_err(MAP_RUNQ_HIST))?;
-        let zeros = PerCpuValues::try_from(vec![LatencyHist::default(); ncpus]).map_err(|e| {
-            BpfError::Map {
-                map: MAP_RUNQ_HIST,
-                source: aya::maps::MapError::IoError(e),
-            }
-        })?;
-        map.set(slot, zeros, 0).map_err(map_err(MAP_RUNQ_HIST))
+        self.zero_hists(MAP_RUNQ_HIST, &[slot])?;
+        self.zero_hists(MAP_IOLAT_HIST, &[slot * 2, slot * 2 + 1])
     }
 
-    /// Reads every tracked container's histogram (CPUs folded), in one batched map read
-    /// where the kernel supports it. Nothing is read while run-queue wait is off.
+    fn zero_hists(&mut self, name: &'static str, indices: &[u32]) -> Result<(), BpfError> {
+        let ncpus = self.ncpus;
+        let mut map: PerCpuArray<&mut MapData, LatencyHist> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for i in indices {
+            let zeros =
+                PerCpuValues::try_from(vec![LatencyHist::default(); ncpus]).map_err(|e| {
+                    BpfError::Map {
+                        map: name,
+                        source: aya::maps::MapError::IoError(e),
+                    }
+                })?;
+            map.set(*i, zeros, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Reads every tracked container's histograms (run-queue wait, block I/O latency; CPUs
+    /// folded), each in one batched map read where the kernel supports it. Nothing is read for
+    /// a family that is off.
     pub(crate) fn refresh_latency(&mut self) -> Result<(), BpfError> {
         self.latency.hists.clear();
-        if self.latency.mode != RunqMode::Counting {
-            return Ok(());
+        if self.latency.mode == RunqMode::Counting {
+            self.check_rare();
+            self.latency.hists = self
+                .read_hists(MAP_RUNQ_HIST, 1)?
+                .into_iter()
+                .filter_map(|(id, h)| Some((id, *h.first()?)))
+                .collect();
         }
-        self.check_rare();
+        self.refresh_io_latency()
+    }
+
+    /// Every tracked container's `per_slot` consecutive histograms of `name` (a per-CPU array
+    /// indexed by `slot * per_slot + i`), CPUs folded.
+    pub(crate) fn read_hists(
+        &self,
+        name: &'static str,
+        per_slot: u32,
+    ) -> Result<HashMap<u64, Vec<LatencyHist>>, BpfError> {
+        let mut out = HashMap::new();
         let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
-            return Ok(());
+            return Ok(out);
         };
-        let count = max_slot + 1;
+        let count = (max_slot + 1) * per_slot;
         let value_size = std::mem::size_of::<LatencyHist>();
         let stride = value_size.div_ceil(8) * 8;
-        let raw = match self.map(MAP_RUNQ_HIST)? {
+        let raw = match self.map(name)? {
             Map::PerCpuArray(data) if self.batched != Some(false) => {
                 sys::percpu_array_lookup_batch(data.fd().as_fd(), count, value_size, self.ncpus)
                     .ok()
             }
             _ => None,
         };
-        let per_slot = stride * self.ncpus;
+        let per_index = stride * self.ncpus;
         match raw {
-            Some(raw) if raw.len() >= per_slot * count as usize => {
+            Some(raw) if raw.len() >= per_index * count as usize => {
                 for (id, t) in &self.tracked {
-                    let base = t.slot as usize * per_slot;
-                    let mut sum = LatencyHist::default();
-                    for cpu in 0..self.ncpus {
-                        let off = base + cpu * stride;
-                        sum.add(&hist_from_bytes(&raw[off..off + value_size]));
+                    let mut v = Vec::with_capacity(per_slot as usize);
+                    for i in 0..per_slot {
+                        let base = (t.slot * per_slot + i) as usize * per_index;
+                        let mut sum = LatencyHist::default();
+                        for cpu in 0..self.ncpus {
+                            let off = base + cpu * stride;
+                            sum.add(&hist_from_bytes(&raw[off..off + value_size]));
+                        }
+                        v.push(sum);
                     }
-                    self.latency.hists.insert(*id, sum);
+                    out.insert(*id, v);
                 }
             }
             _ => {
                 // Older kernels without batched array reads: one read per container.
                 let map: PerCpuArray<&MapData, LatencyHist> =
-                    PerCpuArray::try_from(self.map(MAP_RUNQ_HIST)?)
-                        .map_err(map_err(MAP_RUNQ_HIST))?;
-                let mut hists = HashMap::new();
+                    PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
                 for (id, t) in &self.tracked {
-                    let per_cpu = map.get(&t.slot, 0).map_err(map_err(MAP_RUNQ_HIST))?;
-                    let mut sum = LatencyHist::default();
-                    for h in per_cpu.iter() {
-                        sum.add(h);
+                    let mut v = Vec::with_capacity(per_slot as usize);
+                    for i in 0..per_slot {
+                        let per_cpu = map
+                            .get(&(t.slot * per_slot + i), 0)
+                            .map_err(map_err(name))?;
+                        let mut sum = LatencyHist::default();
+                        for h in per_cpu.iter() {
+                            sum.add(h);
+                        }
+                        v.push(sum);
                     }
-                    hists.insert(*id, sum);
+                    out.insert(*id, v);
                 }
-                self.latency.hists = hists;
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A tracked container's run-queue wait histogram as of the last refresh (`None` while

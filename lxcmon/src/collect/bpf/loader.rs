@@ -5,14 +5,14 @@
 use super::block::IoMode;
 use super::error::BpfError;
 use super::pins::{Links, PinLock};
-use super::{btf, format, latency, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
+use super::{btf, format, iolat, latency, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use aya::maps::Map;
 use aya::programs::{CgroupSkb, Program, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
-    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_KERNEL_OFFSETS, GLOBAL_SCHED_OFFSETS,
-    MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_BLK_OFFSETS, GLOBAL_KERNEL_OFFSETS,
+    GLOBAL_SCHED_OFFSETS, MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,6 +85,11 @@ impl BpfCollector {
             .map_err(Clone::clone)
             .and_then(latency::sched_offsets);
         let sched_value = sched.clone().unwrap_or_default();
+        let blk = btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(iolat::blk_offsets);
+        let blk_value = blk.clone().unwrap_or_default();
         drop(btf);
         let load = |standin: Option<&Path>| {
             let mut loader = EbpfLoader::new();
@@ -96,7 +101,8 @@ impl BpfCollector {
                 .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
                 .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
                 .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
-                .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true);
+                .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
+                .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true);
             if let Some(path) = standin {
                 loader.map_pin_path(MAP_RUNQ_TASK, path);
             }
@@ -150,10 +156,11 @@ impl BpfCollector {
             io_mode: IoMode::Files(String::new()),
             network: opts.network,
             batched: None,
-            latency: latency::LatencyState::new(sched.map(drop)),
+            latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
         };
         this.io_mode = this.attach_block(koff.map(drop));
         this.set_runqueue(opts.runqueue);
+        this.set_io_latency(opts.io_latency);
         this.set_excluded_devices(&opts.excluded_devices)?;
         this.restore_tracked()?;
         info!(
@@ -161,6 +168,7 @@ impl BpfCollector {
             tracked = this.tracked.len(),
             io_mode = ?this.io_mode,
             runqueue = ?this.latency.mode,
+            io_latency = ?this.latency.io.mode,
             "BPF collector loaded"
         );
         Ok(this)

@@ -11,6 +11,7 @@
 //!   the counters;
 //! - [`pins`](self::pins): pinned or process-held links, the pin directory lock, clean-up;
 //! - [`latency`](self::latency): the scheduler programs and the run-queue wait histograms;
+//! - [`iolat`](self::iolat): the block request programs and the I/O latency histograms;
 //! - [`counters`]: what the cycle sees (choice of collector, per-container fallback);
 //! - [`testing`](self::testing): `BPF_PROG_TEST_RUN` for tests.
 //!
@@ -31,6 +32,7 @@ mod btf;
 pub mod counters;
 mod error;
 mod format;
+mod iolat;
 mod latency;
 mod loader;
 mod net;
@@ -73,6 +75,8 @@ pub struct BpfOptions {
     pub network: bool,
     /// Attach the scheduler programs (`enable_runqueue_latency`).
     pub runqueue: bool,
+    /// Attach the block request programs (`enable_io_latency`).
+    pub io_latency: bool,
 }
 
 impl Default for BpfOptions {
@@ -84,6 +88,7 @@ impl Default for BpfOptions {
             count_dirtied: true,
             network: true,
             runqueue: true,
+            io_latency: true,
         }
     }
 }

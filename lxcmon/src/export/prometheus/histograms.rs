@@ -10,11 +10,26 @@ const RUNQUEUE: &str = "lxcmon_container_runqueue_wait_seconds";
 const RUNQUEUE_HELP: &str =
     "Time the container's tasks waited on a run queue for a CPU, from becoming runnable to running.";
 
+const IO: &str = "lxcmon_container_io_latency_seconds";
+const IO_HELP: &str =
+    "Time the container's block I/O requests took from issue to the device to completion, by operation.";
+
 pub fn render(w: &mut Writer, metrics: &[ContainerMetrics]) {
     family(w, RUNQUEUE, RUNQUEUE_HELP);
     for m in metrics {
         if let Some(h) = m.latency.as_ref().and_then(|l| l.runqueue.as_ref()) {
-            histogram(w, RUNQUEUE, m, h);
+            histogram(w, RUNQUEUE, m, None, h);
+        }
+    }
+    family(w, IO, IO_HELP);
+    for m in metrics {
+        let Some(l) = m.latency.as_ref() else {
+            continue;
+        };
+        for (op, h) in [("read", &l.io_read), ("write", &l.io_write)] {
+            if let Some(h) = h {
+                histogram(w, IO, m, Some(op), h);
+            }
         }
     }
 }
@@ -29,24 +44,22 @@ fn family(w: &mut Writer, name: &str, help: &str) {
     w.out.push_str(" histogram\n");
 }
 
-fn histogram(w: &mut Writer, name: &str, m: &ContainerMetrics, h: &Histogram) {
+/// One histogram's series; `op` adds the `op` label (I/O latency).
+fn histogram(w: &mut Writer, name: &str, m: &ContainerMetrics, op: Option<&str>, h: &Histogram) {
     let bucket = format!("{name}_bucket");
     let bounds = bounds_seconds();
+    let mut ids: Vec<(&str, &str)> = vec![("container_id", &m.id), ("container_name", &m.name)];
+    if let Some(op) = op {
+        ids.push(("op", op));
+    }
     for (i, c) in h.cumulative.iter().enumerate() {
         let le = bounds
             .get(i)
             .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-        w.sample(
-            &bucket,
-            &[
-                ("container_id", &m.id),
-                ("container_name", &m.name),
-                ("le", &le),
-            ],
-            *c as f64,
-        );
+        let mut labels = ids.clone();
+        labels.push(("le", &le));
+        w.sample(&bucket, &labels, *c as f64);
     }
-    let ids = [("container_id", m.id.as_str()), ("container_name", &m.name)];
     w.sample(&format!("{name}_sum"), &ids, h.sum_seconds());
     w.sample(&format!("{name}_count"), &ids, h.count() as f64);
 }
@@ -65,7 +78,7 @@ mod tests {
         ContainerMetrics {
             latency: Some(Latency {
                 runqueue: Some(Histogram::from_buckets(&b, 2_500_000_000)),
-                runqueue_interval: None,
+                ..Latency::default()
             }),
             ..crate::export::tests::metrics(id, 1)
         }
@@ -97,6 +110,51 @@ mod tests {
             assert!(line("_count{").ends_with(" 8"));
             assert_eq!(out.matches("_bucket{").count(), LATENCY_BUCKETS);
             assert!(!out.contains(r#"container_id="b""#), "absent, not 0");
+            assert!(out.contains("# TYPE lxcmon_container_io_latency_seconds histogram\n"));
+            assert!(!out.contains("lxcmon_container_io_latency_seconds_count"));
         }
+    }
+
+    #[test]
+    fn io_latency_has_an_op_label_per_operation() {
+        let mut b = [0u64; LATENCY_BUCKETS];
+        b[6] = 4; // (32 us, 64 us]
+        let mut m = crate::export::tests::metrics("a", 1);
+        m.latency = Some(Latency {
+            io_read: Some(Histogram::from_buckets(&b, 200_000)),
+            io_write: Some(Histogram::default()),
+            ..Latency::default()
+        });
+        let mut w = Writer {
+            out: String::new(),
+            openmetrics: false,
+        };
+        render(&mut w, &[m]);
+        let out = w.out;
+        let read = out
+            .lines()
+            .find(|l| {
+                l.starts_with("lxcmon_container_io_latency_seconds_count")
+                    && l.contains(r#"op="read""#)
+            })
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(read.ends_with(" 4"), "{read}");
+        assert!(out.contains(r#"op="read",le="0.000064"} 4"#), "{out}");
+        assert!(out.contains(r#"op="read",le="0.000032"} 0"#), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("lxcmon_container_io_latency_seconds_sum")
+                    && l.contains(r#"op="read""#)
+                    && l.ends_with(" 0.0002")),
+            "{out}"
+        );
+        assert!(
+            out.lines().any(
+                |l| l.starts_with("lxcmon_container_io_latency_seconds_count")
+                    && l.contains(r#"op="write""#)
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("lxcmon_container_runqueue_wait_seconds_count"));
     }
 }

@@ -1,0 +1,227 @@
+//! Block I/O latency: the request programs (`tp_btf/block_bio_queue`, `block_rq_issue`,
+//! `block_rq_complete`), the struct offsets they read from the kernel's BTF, and the
+//! per-container read and write histograms, read in one batched map read per cycle.
+//!
+//! In-flight requests live in an LRU hash keyed by their first bio's address (bounded: entries
+//! of requests that never complete, or of bios merged behind another, are evicted).
+
+use super::btf::Btf;
+use super::error::{map_err, BpfError};
+use super::latency::RunqMode;
+use super::loader::program_mut;
+use super::BpfCollector;
+use crate::logging::Chain;
+use aya::programs::links::FdLink;
+use aya::programs::BtfTracePoint;
+use lxcmon_common::{
+    BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_HIST, MAP_IOLAT_INFLIGHT, PROG_IOLAT_BIO,
+    PROG_IOLAT_BIO_OLD, PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE, PROG_IOLAT_ISSUE_OLD,
+};
+use std::collections::HashMap;
+
+/// Attached in this order: completion first and bio queueing last, so no entry is made that
+/// nothing would consume.
+const PROGRAMS: [(&str, &str); 3] = [
+    (PROG_IOLAT_COMPLETE, "block_rq_complete"),
+    (PROG_IOLAT_ISSUE, "block_rq_issue"),
+    (PROG_IOLAT_BIO, "block_bio_queue"),
+];
+/// Before 5.11 (the queue as the first argument).
+const PROGRAMS_OLD: [(&str, &str); 3] = [
+    (PROG_IOLAT_COMPLETE, "block_rq_complete"),
+    (PROG_IOLAT_ISSUE_OLD, "block_rq_issue"),
+    (PROG_IOLAT_BIO_OLD, "block_bio_queue"),
+];
+
+/// The request and bio offsets the programs need, from the kernel's BTF; the error is why
+/// block I/O latency cannot be measured.
+pub(crate) fn blk_offsets(btf: &Btf) -> Result<BlkLatOffsets, String> {
+    let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
+    // `block_rq_issue(struct request *)` and `block_bio_queue(struct bio *)` since 5.11, both
+    // with the `struct request_queue *` first before.
+    let before_5_11 = aya::util::KernelVersion::current()
+        .map(|v| v < aya::util::KernelVersion::new(5, 11, 0))
+        .map_err(|e| format!("kernel version: {e}"))?;
+    Ok(BlkLatOffsets {
+        enabled: 1,
+        issue_rq_arg: u32::from(before_5_11),
+        rq_bio: m("request", "bio")?,
+        rq_sector: m("request", "__sector")?,
+        bio_opf: m("bio", "bi_opf")?,
+        bio_sector: m("bio", "bi_iter.bi_sector")?,
+    })
+}
+
+fn link_name(tp: &str) -> String {
+    format!("iolat-{tp}")
+}
+
+/// Block I/O latency state of the collector.
+#[derive(Debug)]
+pub(crate) struct IoLatState {
+    pub(crate) mode: RunqMode,
+    /// The kernel predates 5.11: the `_old` programs.
+    old: bool,
+    /// The switch as last set (the mode may be off for the kernel's reason).
+    wanted: bool,
+    offsets: Result<(), String>,
+    /// (reads, writes) by cgroup id, as of the last refresh.
+    hists: HashMap<u64, [LatencyHist; 2]>,
+}
+
+impl IoLatState {
+    pub(crate) fn new(offsets: Result<bool, String>) -> Self {
+        let old = offsets.as_ref().is_ok_and(|o| *o);
+        let offsets = offsets.map(drop);
+        Self {
+            mode: RunqMode::Off("not attached yet".into()),
+            old,
+            wanted: false,
+            offsets,
+            hists: HashMap::new(),
+        }
+    }
+}
+
+impl BpfCollector {
+    /// Whether block I/O latency is measured on this kernel and configuration.
+    pub fn io_latency(&self) -> &RunqMode {
+        &self.latency.io.mode
+    }
+
+    /// Whether block I/O latency was last switched on (measured or refused by the kernel).
+    pub fn io_latency_wanted(&self) -> bool {
+        self.latency.io.wanted
+    }
+
+    /// Switches the request programs on (keeping an earlier agent's pinned links) or off.
+    /// Returns the new mode; a refusal is the reason, the rest goes on.
+    pub fn set_io_latency(&mut self, on: bool) -> &RunqMode {
+        self.latency.io.wanted = on;
+        self.latency.io.mode = if !on {
+            self.detach_iolat();
+            RunqMode::Off("disabled by configuration (enable_io_latency)".into())
+        } else {
+            match self
+                .latency
+                .io
+                .offsets
+                .clone()
+                .and_then(|()| self.attach_iolat())
+            {
+                Ok(()) => RunqMode::Counting,
+                Err(why) => {
+                    self.detach_iolat();
+                    RunqMode::Off(why)
+                }
+            }
+        };
+        &self.latency.io.mode
+    }
+
+    fn programs(&self) -> [(&'static str, &'static str); 3] {
+        if self.latency.io.old {
+            PROGRAMS_OLD
+        } else {
+            PROGRAMS
+        }
+    }
+
+    fn detach_iolat(&mut self) {
+        for (_, tp) in PROGRAMS {
+            let _ = self.links.remove(&link_name(tp));
+        }
+    }
+
+    /// Loads all three, then attaches them in [`PROGRAMS`]' order. The tracepoints' argument
+    /// lists changed in 5.11 but some 5.10 stable kernels (Debian's 5.10.223) have the new
+    /// ones: when the set the version chose is refused, the other is tried.
+    fn attach_iolat(&mut self) -> Result<(), String> {
+        let first = self.programs();
+        match self.attach_iolat_set(first) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.detach_iolat();
+                self.latency.io.old = !self.latency.io.old;
+                let other = self.programs();
+                self.attach_iolat_set(other).map_err(|_| why)
+            }
+        }
+    }
+
+    fn attach_iolat_set(
+        &mut self,
+        programs: [(&'static str, &'static str); 3],
+    ) -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
+        for (name, tp) in programs {
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            if prog.fd().is_err() {
+                prog.load(tp, &btf)
+                    .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
+            }
+        }
+        for (name, tp) in programs {
+            let link = link_name(tp);
+            if self.links.has(&link) {
+                continue;
+            }
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            let fail =
+                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
+            let id = prog.attach().map_err(|e| fail(&e))?;
+            let fd: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
+            self.links
+                .put(&link, fd)
+                .map_err(|e| format!("pinning {link}: {}", Chain(e.as_ref())))?;
+        }
+        Ok(())
+    }
+
+    /// Reads every tracked container's (read, write) histograms; nothing while off.
+    pub(crate) fn refresh_io_latency(&mut self) -> Result<(), BpfError> {
+        self.latency.io.hists.clear();
+        if self.latency.io.mode != RunqMode::Counting {
+            return Ok(());
+        }
+        self.latency.io.hists = self
+            .read_hists(MAP_IOLAT_HIST, 2)?
+            .into_iter()
+            .filter_map(|(id, h)| Some((id, [*h.first()?, *h.get(1)?])))
+            .collect();
+        Ok(())
+    }
+
+    /// How many requests are in flight in the kernel side's map (tests: nothing is left once
+    /// the I/O is done).
+    pub fn io_inflight(&self) -> Result<usize, BpfError> {
+        let map: aya::maps::HashMap<&aya::maps::MapData, u64, IoStart> =
+            aya::maps::HashMap::try_from(self.map(MAP_IOLAT_INFLIGHT)?)
+                .map_err(map_err(MAP_IOLAT_INFLIGHT))?;
+        Ok(map.keys().filter(Result::is_ok).count())
+    }
+
+    /// A tracked container's block I/O latency histograms (reads, writes) as of the last
+    /// refresh (`None` while block I/O latency is off).
+    pub fn io_latency_hists(&self, cgroup_id: u64) -> Option<[LatencyHist; 2]> {
+        self.latency.io.hists.get(&cgroup_id).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_kernel_has_the_request_offsets() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            return; // no kernel BTF here
+        };
+        let o = blk_offsets(&btf).expect("offsets");
+        assert_eq!((o.enabled, o.issue_rq_arg), (1, 0));
+        assert!(o.rq_bio > 0 && o.rq_sector > 0 && o.bio_sector > 0);
+        assert_ne!(o.bio_opf, o.bio_sector);
+    }
+}
