@@ -111,6 +111,14 @@ pub fn run_lxc_tests() -> Result<()> {
         true,
         &[&["--test", "collectors"], deps::ROOT_TESTS].concat(),
     ))?;
+    // Latency from the BPF programs: run-queue wait against schedstat, block I/O latency
+    // against timed direct I/O, both switched off and on.
+    eprintln!("xtask: latency histograms against the kernel's own accounting");
+    deps::exec(&mut deps::cargo_test(
+        "lxcmon",
+        true,
+        &[&["--test", "latency_truth"], deps::ROOT_TESTS].concat(),
+    ))?;
     // Incus as a third runtime: discovery in a non-default project, and the figures side
     // by side with Incus's own /1.0/metrics (file readers, as Incus reads the same files).
     eprintln!("xtask: real Incus containers against Incus's own metrics");
