@@ -189,15 +189,39 @@ fn switched_off_the_programs_are_not_attached() {
     drop(lab);
 }
 
-/// Scheduler programs attached anywhere (bpftool link list of tracing links).
+/// Scheduler programs this process holds (another agent on the host, or the pinned programs
+/// an earlier test's daemon left until the suite's clean-up, do not count).
 fn loaded_sched_programs() -> usize {
+    own_programs("lxcmon_sched_")
+}
+
+/// Programs whose name starts with `prefix` that this process holds a descriptor of: their
+/// ids from `/proc/self/fdinfo` (`prog_id:`), their names from `bpftool prog show`.
+fn own_programs(prefix: &str) -> usize {
+    let ids: std::collections::HashSet<u64> = std::fs::read_dir("/proc/self/fdinfo")
+        .expect("fdinfo")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
     let out = Command::new("bpftool")
         .args(["prog", "show"])
         .output()
         .expect("bpftool");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("name lxcmon_sched_"))
+        .filter(|l| {
+            let id = l
+                .split(':')
+                .next()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let name = l.split_whitespace().skip_while(|w| *w != "name").nth(1);
+            id.is_some_and(|id| ids.contains(&id)) && name.is_some_and(|n| n.starts_with(prefix))
+        })
         .count()
 }
 
@@ -540,7 +564,7 @@ fn io_latency_switched_off_is_absent() {
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.io_latency_hists(id), None, "absent, not 0");
     assert_eq!(
-        prog_stats("lxcmon_iolat_").len(),
+        own_programs("lxcmon_iolat_"),
         0,
         "no request program loaded"
     );
