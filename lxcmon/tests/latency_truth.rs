@@ -11,7 +11,7 @@
 //! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --features ebpf --test latency_truth -- --ignored --test-threads=1 --nocapture`
 #![cfg(feature = "ebpf")]
 
-use lxcmon::collect::bpf::{BpfCollector, BpfOptions, RunqMode};
+use lxcmon::collect::bpf::{BpfCollector, BpfOptions, LatencyMode};
 use lxcmon::readers::cgroup::Layout;
 use lxcmon_common::LatencyHist;
 use lxcmon_testkit::direct_io;
@@ -72,7 +72,7 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
         .expect("idle container");
     let (bdir, idir) = (v2_dir(&busy), v2_dir(&idle));
     let mut bpf = load(true);
-    assert_eq!(*bpf.runqueue(), RunqMode::Counting);
+    assert_eq!(*bpf.runqueue(), LatencyMode::Counting);
     let ids = [
         bpf.track(&bdir).expect("track busy"),
         bpf.track(&idir).expect("track idle"),
@@ -174,18 +174,18 @@ fn switched_off_the_programs_are_not_attached() {
         .container("rqoff", &ContainerSpec::default())
         .expect("container");
     let mut bpf = load(false);
-    assert!(matches!(bpf.runqueue(), RunqMode::Off(_)));
+    assert!(matches!(bpf.runqueue(), LatencyMode::Off(_)));
     let id = bpf.track(&v2_dir(&c)).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.runqueue_hist(id), None, "absent, not 0");
     assert_eq!(loaded_sched_programs(), 0, "no scheduler program loaded");
     // Switched on at run time (a reload), then off again.
-    assert_eq!(*bpf.set_runqueue(true), RunqMode::Counting);
+    assert_eq!(*bpf.set_runqueue(true), LatencyMode::Counting);
     c.sh("i=0; while [ $i -lt 20 ]; do sh -c : ; i=$((i+1)); done")
         .expect("processes");
     bpf.refresh().expect("refresh");
     assert!(bpf.runqueue_hist(id).is_some_and(|h| count(&h) >= 20));
-    assert!(matches!(bpf.set_runqueue(false), RunqMode::Off(_)));
+    assert!(matches!(bpf.set_runqueue(false), LatencyMode::Off(_)));
     drop(lab);
 }
 
@@ -446,7 +446,7 @@ fn io_latency_matches_timed_direct_io() {
         procs.push(blkio.join("cgroup.procs"));
     }
     let mut bpf = load(false);
-    assert_eq!(*bpf.io_latency(), RunqMode::Counting);
+    assert_eq!(*bpf.io_latency(), LatencyMode::Counting);
     let id = bpf.track(&dir).expect("track");
     let file = c.rootfs().join("lxcmon-iolat");
     direct_io::prepare(&file, IO_COUNT).expect("prepare");
@@ -559,7 +559,7 @@ fn io_latency_switched_off_is_absent() {
         ..BpfOptions::default()
     })
     .expect("loading the BPF collector");
-    assert!(matches!(bpf.io_latency(), RunqMode::Off(_)));
+    assert!(matches!(bpf.io_latency(), LatencyMode::Off(_)));
     let id = bpf.track(&v2_dir(&c)).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.io_latency_hists(id), None, "absent, not 0");
@@ -568,11 +568,11 @@ fn io_latency_switched_off_is_absent() {
         0,
         "no request program loaded"
     );
-    assert_eq!(*bpf.set_io_latency(true), RunqMode::Counting);
+    assert_eq!(*bpf.set_io_latency(true), LatencyMode::Counting);
     c.dd_write_direct("/lxcmon-iooff", 1).expect("direct write");
     bpf.refresh().expect("refresh");
     let h = bpf.io_latency_hists(id).expect("counting");
     assert!(count(&h[1]) >= 1, "the direct write's requests");
-    assert!(matches!(bpf.set_io_latency(false), RunqMode::Off(_)));
+    assert!(matches!(bpf.set_io_latency(false), LatencyMode::Off(_)));
     drop(lab);
 }

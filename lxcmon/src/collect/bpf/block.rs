@@ -9,7 +9,7 @@ use super::BpfCollector;
 use crate::logging::Chain;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::FdLink;
-use aya::programs::{BtfTracePoint, TracePoint};
+use aya::programs::TracePoint;
 use lxcmon_common::{MAP_EXCLUDED_DEVS, PROG_BIO_QUEUE, PROG_BIO_QUEUE_BTF, PROG_DIRTY_FOLIO};
 use tracing::debug;
 
@@ -56,8 +56,7 @@ impl BpfCollector {
                 IoMode::BiosAndDirtied
             }
             Err(why) => {
-                let _ = self.links.remove(LINK_BIO_BTF);
-                let _ = self.links.remove(LINK_DIRTY);
+                self.detach_links([LINK_BIO_BTF, LINK_DIRTY]);
                 match self.attach_classic_io() {
                     Ok(()) => IoMode::BiosOnly(why),
                     Err(e) => {
@@ -70,36 +69,13 @@ impl BpfCollector {
     }
 
     /// Loads and attaches the BTF block and dirtied-page programs, keeping the attachments of
-    /// an earlier agent. Errors are the reason to fall back to the classic one.
+    /// an earlier agent. Errors are the reason to fall back to the classic one (the caller
+    /// detaches both, so neither counts alone).
     fn attach_btf_io(&mut self) -> Result<(), String> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
-        for (name, tp) in [(PROG_BIO_QUEUE_BTF, TP_NAME), (PROG_DIRTY_FOLIO, TP_DIRTY)] {
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            prog.load(tp, &btf)
-                .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
-        }
-        for (name, link_name) in [
-            (PROG_BIO_QUEUE_BTF, LINK_BIO_BTF),
-            (PROG_DIRTY_FOLIO, LINK_DIRTY),
-        ] {
-            if self.links.has(link_name) {
-                continue;
-            }
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            let fail =
-                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
-            let id = prog.attach().map_err(|e| fail(&e))?;
-            let link: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
-            if let Err(e) = self.links.put(link_name, link) {
-                // Do not leave one of the pair counting alone.
-                let _ = self.links.remove(LINK_BIO_BTF);
-                let _ = self.links.remove(LINK_DIRTY);
-                return Err(format!("pinning {link_name}: {}", Chain(e.as_ref())));
-            }
-        }
-        Ok(())
+        self.attach_tp_btf(&[
+            (PROG_BIO_QUEUE_BTF, TP_NAME, LINK_BIO_BTF),
+            (PROG_DIRTY_FOLIO, TP_DIRTY, LINK_DIRTY),
+        ])
     }
 
     /// Loads and attaches the classic `block/block_bio_queue` program.

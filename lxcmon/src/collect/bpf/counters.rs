@@ -4,7 +4,7 @@
 //! a failure of the whole collector (returned by [`KernelCounters::apply`]) stops it for all.
 
 use super::{cleanup_pinned, default_pin_dir, kernel_dev_t, BpfCollector, BpfError, BpfOptions};
-use super::{Counters, IoMode, RunqMode};
+use super::{Counters, IoMode, LatencyMode};
 use crate::collect::discovery::Discovered;
 use crate::collect::latency::{Histogram, Latency, Monotonic};
 use crate::collect::sample::{ContainerSample, CounterSource};
@@ -246,8 +246,8 @@ impl KernelCounters {
     /// Says once why run-queue wait is not measured (when it is not).
     fn log_runqueue(&self) {
         match self.bpf.runqueue() {
-            RunqMode::Counting => tracing::info!("run-queue wait: measured per container"),
-            RunqMode::Off(reason) => {
+            LatencyMode::Counting => tracing::info!("run-queue wait: measured per container"),
+            LatencyMode::Off(reason) => {
                 tracing::warn!(%reason, "run-queue wait: not measured, its figures are absent")
             }
         }
@@ -256,8 +256,8 @@ impl KernelCounters {
     /// Says once why block I/O latency is not measured (when it is not).
     fn log_io_latency(&self) {
         match self.bpf.io_latency() {
-            RunqMode::Counting => tracing::info!("block I/O latency: measured per container"),
-            RunqMode::Off(reason) => {
+            LatencyMode::Counting => tracing::info!("block I/O latency: measured per container"),
+            LatencyMode::Off(reason) => {
                 tracing::warn!(%reason, "block I/O latency: not measured, its figures are absent")
             }
         }
@@ -290,7 +290,7 @@ impl KernelCounters {
             }
         }
         self.network = m.enable_network;
-        let counting = *self.bpf.runqueue() == RunqMode::Counting;
+        let counting = *self.bpf.runqueue() == LatencyMode::Counting;
         if counting != m.enable_runqueue_latency {
             self.bpf.set_runqueue(m.enable_runqueue_latency);
             self.runqueue.clear();

@@ -7,12 +7,9 @@
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
-use super::latency::RunqMode;
-use super::loader::program_mut;
+use super::latency::LatencyMode;
+use super::loader::TpBtf;
 use super::BpfCollector;
-use crate::logging::Chain;
-use aya::programs::links::FdLink;
-use aya::programs::BtfTracePoint;
 use lxcmon_common::{
     BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_HIST, MAP_IOLAT_INFLIGHT, PROG_IOLAT_BIO,
     PROG_IOLAT_BIO_OLD, PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE, PROG_IOLAT_ISSUE_OLD,
@@ -20,17 +17,33 @@ use lxcmon_common::{
 use std::collections::HashMap;
 
 /// Attached in this order: completion first and bio queueing last, so no entry is made that
-/// nothing would consume.
-const PROGRAMS: [(&str, &str); 3] = [
-    (PROG_IOLAT_COMPLETE, "block_rq_complete"),
-    (PROG_IOLAT_ISSUE, "block_rq_issue"),
-    (PROG_IOLAT_BIO, "block_bio_queue"),
+/// nothing would consume. Link names are `iolat-<tracepoint>`.
+const PROGRAMS: [TpBtf<'static>; 3] = [
+    (
+        PROG_IOLAT_COMPLETE,
+        "block_rq_complete",
+        "iolat-block_rq_complete",
+    ),
+    (PROG_IOLAT_ISSUE, "block_rq_issue", "iolat-block_rq_issue"),
+    (PROG_IOLAT_BIO, "block_bio_queue", "iolat-block_bio_queue"),
 ];
 /// Before 5.11 (the queue as the first argument).
-const PROGRAMS_OLD: [(&str, &str); 3] = [
-    (PROG_IOLAT_COMPLETE, "block_rq_complete"),
-    (PROG_IOLAT_ISSUE_OLD, "block_rq_issue"),
-    (PROG_IOLAT_BIO_OLD, "block_bio_queue"),
+const PROGRAMS_OLD: [TpBtf<'static>; 3] = [
+    (
+        PROG_IOLAT_COMPLETE,
+        "block_rq_complete",
+        "iolat-block_rq_complete",
+    ),
+    (
+        PROG_IOLAT_ISSUE_OLD,
+        "block_rq_issue",
+        "iolat-block_rq_issue",
+    ),
+    (
+        PROG_IOLAT_BIO_OLD,
+        "block_bio_queue",
+        "iolat-block_bio_queue",
+    ),
 ];
 
 /// The request and bio offsets the programs need, from the kernel's BTF; the error is why
@@ -52,14 +65,10 @@ pub(crate) fn blk_offsets(btf: &Btf) -> Result<BlkLatOffsets, String> {
     })
 }
 
-fn link_name(tp: &str) -> String {
-    format!("iolat-{tp}")
-}
-
 /// Block I/O latency state of the collector.
 #[derive(Debug)]
 pub(crate) struct IoLatState {
-    pub(crate) mode: RunqMode,
+    pub(crate) mode: LatencyMode,
     /// The kernel predates 5.11: the `_old` programs.
     old: bool,
     /// The switch as last set (the mode may be off for the kernel's reason).
@@ -74,7 +83,7 @@ impl IoLatState {
         let old = offsets.as_ref().is_ok_and(|o| *o);
         let offsets = offsets.map(drop);
         Self {
-            mode: RunqMode::Off("not attached yet".into()),
+            mode: LatencyMode::Off("not attached yet".into()),
             old,
             wanted: false,
             offsets,
@@ -85,7 +94,7 @@ impl IoLatState {
 
 impl BpfCollector {
     /// Whether block I/O latency is measured on this kernel and configuration.
-    pub fn io_latency(&self) -> &RunqMode {
+    pub fn io_latency(&self) -> &LatencyMode {
         &self.latency.io.mode
     }
 
@@ -96,30 +105,20 @@ impl BpfCollector {
 
     /// Switches the request programs on (keeping an earlier agent's pinned links) or off.
     /// Returns the new mode; a refusal is the reason, the rest goes on.
-    pub fn set_io_latency(&mut self, on: bool) -> &RunqMode {
+    pub fn set_io_latency(&mut self, on: bool) -> &LatencyMode {
         self.latency.io.wanted = on;
-        self.latency.io.mode = if !on {
-            self.detach_iolat();
-            RunqMode::Off("disabled by configuration (enable_io_latency)".into())
-        } else {
-            match self
-                .latency
-                .io
-                .offsets
-                .clone()
-                .and_then(|()| self.attach_iolat())
-            {
-                Ok(()) => RunqMode::Counting,
-                Err(why) => {
-                    self.detach_iolat();
-                    RunqMode::Off(why)
-                }
-            }
-        };
+        let offsets = self.latency.io.offsets.clone();
+        self.latency.io.mode = self.switch_family(
+            on,
+            "enable_io_latency",
+            offsets,
+            &PROGRAMS.map(|p| p.2),
+            Self::attach_iolat,
+        );
         &self.latency.io.mode
     }
 
-    fn programs(&self) -> [(&'static str, &'static str); 3] {
+    fn programs(&self) -> [TpBtf<'static>; 3] {
         if self.latency.io.old {
             PROGRAMS_OLD
         } else {
@@ -127,63 +126,21 @@ impl BpfCollector {
         }
     }
 
-    fn detach_iolat(&mut self) {
-        for (_, tp) in PROGRAMS {
-            let _ = self.links.remove(&link_name(tp));
-        }
-    }
-
     /// Loads all three, then attaches them in [`PROGRAMS`]' order. The tracepoints' argument
     /// lists changed in 5.11 but some 5.10 stable kernels (Debian's 5.10.223) have the new
     /// ones: when the set the version chose is refused, the other is tried.
     fn attach_iolat(&mut self) -> Result<(), String> {
-        let first = self.programs();
-        match self.attach_iolat_set(first) {
-            Ok(()) => Ok(()),
-            Err(why) => {
-                self.detach_iolat();
-                self.latency.io.old = !self.latency.io.old;
-                let other = self.programs();
-                self.attach_iolat_set(other).map_err(|_| why)
-            }
-        }
-    }
-
-    fn attach_iolat_set(
-        &mut self,
-        programs: [(&'static str, &'static str); 3],
-    ) -> Result<(), String> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
-        for (name, tp) in programs {
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            if prog.fd().is_err() {
-                prog.load(tp, &btf)
-                    .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
-            }
-        }
-        for (name, tp) in programs {
-            let link = link_name(tp);
-            if self.links.has(&link) {
-                continue;
-            }
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            let fail =
-                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
-            let id = prog.attach().map_err(|e| fail(&e))?;
-            let fd: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
-            self.links
-                .put(&link, fd)
-                .map_err(|e| format!("pinning {link}: {}", Chain(e.as_ref())))?;
-        }
-        Ok(())
+        self.attach_tp_btf(&self.programs()).or_else(|why| {
+            self.detach_links(PROGRAMS.map(|p| p.2));
+            self.latency.io.old = !self.latency.io.old;
+            self.attach_tp_btf(&self.programs()).map_err(|_| why)
+        })
     }
 
     /// Reads every tracked container's (read, write) histograms; nothing while off.
     pub(crate) fn refresh_io_latency(&mut self) -> Result<(), BpfError> {
         self.latency.io.hists.clear();
-        if self.latency.io.mode != RunqMode::Counting {
+        if self.latency.io.mode != LatencyMode::Counting {
             return Ok(());
         }
         self.latency.io.hists = self

@@ -8,12 +8,9 @@
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
-use super::loader::program_mut;
+use super::loader::TpBtf;
 use super::{sys, BpfCollector};
-use crate::logging::Chain;
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::links::FdLink;
-use aya::programs::BtfTracePoint;
 use lxcmon_common::{
     LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_IOLAT_HIST, MAP_RARE, MAP_RUNQ_HIST,
     PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
@@ -22,10 +19,15 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-const PROGRAMS: [(&str, &str); 3] = [
-    (PROG_SCHED_WAKEUP, "sched_wakeup"),
-    (PROG_SCHED_WAKEUP_NEW, "sched_wakeup_new"),
-    (PROG_SCHED_SWITCH, "sched_switch"),
+/// The scheduler programs, their tracepoints and link names (`sched-<tracepoint>`).
+const PROGRAMS: [TpBtf<'static>; 3] = [
+    (PROG_SCHED_WAKEUP, "sched_wakeup", "sched-sched_wakeup"),
+    (
+        PROG_SCHED_WAKEUP_NEW,
+        "sched_wakeup_new",
+        "sched-sched_wakeup_new",
+    ),
+    (PROG_SCHED_SWITCH, "sched_switch", "sched-sched_switch"),
 ];
 
 /// How often the rare-condition counters are read (and logged when they grew).
@@ -33,7 +35,7 @@ const RARE_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether run-queue wait is measured (see [`BpfCollector::runqueue`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunqMode {
+pub enum LatencyMode {
     Counting,
     /// Not measured, and why (configuration, or the kernel's reason).
     Off(String),
@@ -59,14 +61,10 @@ pub(crate) fn sched_offsets(btf: &Btf) -> Result<SchedOffsets, String> {
     })
 }
 
-fn link_name(tp: &str) -> String {
-    format!("sched-{tp}")
-}
-
 /// Latency state of the collector.
 #[derive(Debug)]
 pub(crate) struct LatencyState {
-    pub(crate) mode: RunqMode,
+    pub(crate) mode: LatencyMode,
     /// `Ok` when the offsets resolved (the programs can run), else why not.
     offsets: Result<(), String>,
     hists: HashMap<u64, LatencyHist>,
@@ -79,7 +77,7 @@ pub(crate) struct LatencyState {
 impl LatencyState {
     pub(crate) fn new(offsets: Result<(), String>, io_offsets: Result<bool, String>) -> Self {
         Self {
-            mode: RunqMode::Off("not attached yet".into()),
+            mode: LatencyMode::Off("not attached yet".into()),
             offsets,
             hists: HashMap::new(),
             io: super::iolat::IoLatState::new(io_offsets),
@@ -91,65 +89,22 @@ impl LatencyState {
 
 impl BpfCollector {
     /// Whether run-queue wait is measured on this kernel and configuration.
-    pub fn runqueue(&self) -> &RunqMode {
+    pub fn runqueue(&self) -> &LatencyMode {
         &self.latency.mode
     }
 
     /// Switches the scheduler programs on (attached, keeping an earlier agent's pinned links)
     /// or off (detached). Returns the new mode; a refusal is the reason, the rest goes on.
-    pub fn set_runqueue(&mut self, on: bool) -> &RunqMode {
-        self.latency.mode = if !on {
-            self.detach_sched();
-            RunqMode::Off("disabled by configuration (enable_runqueue_latency)".into())
-        } else {
-            match self
-                .latency
-                .offsets
-                .clone()
-                .and_then(|()| self.attach_sched())
-            {
-                Ok(()) => RunqMode::Counting,
-                Err(why) => {
-                    self.detach_sched();
-                    RunqMode::Off(why)
-                }
-            }
-        };
+    pub fn set_runqueue(&mut self, on: bool) -> &LatencyMode {
+        let offsets = self.latency.offsets.clone();
+        self.latency.mode = self.switch_family(
+            on,
+            "enable_runqueue_latency",
+            offsets,
+            &PROGRAMS.map(|p| p.2),
+            |c| c.attach_tp_btf(&PROGRAMS),
+        );
         &self.latency.mode
-    }
-
-    fn detach_sched(&mut self) {
-        for (_, tp) in PROGRAMS {
-            let _ = self.links.remove(&link_name(tp));
-        }
-    }
-
-    fn attach_sched(&mut self) -> Result<(), String> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
-        for (name, tp) in PROGRAMS {
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            if prog.fd().is_err() {
-                prog.load(tp, &btf)
-                    .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
-            }
-        }
-        for (name, tp) in PROGRAMS {
-            let link = link_name(tp);
-            if self.links.has(&link) {
-                continue;
-            }
-            let prog: &mut BtfTracePoint =
-                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
-            let fail =
-                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
-            let id = prog.attach().map_err(|e| fail(&e))?;
-            let fd: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
-            self.links
-                .put(&link, fd)
-                .map_err(|e| format!("pinning {link}: {}", Chain(e.as_ref())))?;
-        }
-        Ok(())
     }
 
     /// Zeroes a slot's histograms on every CPU (a slot newly given to a container).
@@ -180,7 +135,7 @@ impl BpfCollector {
     /// a family that is off.
     pub(crate) fn refresh_latency(&mut self) -> Result<(), BpfError> {
         self.latency.hists.clear();
-        if self.latency.mode == RunqMode::Counting {
+        if self.latency.mode == LatencyMode::Counting {
             self.check_rare();
             self.latency.hists = self
                 .read_hists(MAP_RUNQ_HIST, 1)?

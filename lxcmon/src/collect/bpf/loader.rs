@@ -4,9 +4,13 @@
 
 use super::block::IoMode;
 use super::error::BpfError;
+use super::latency::LatencyMode;
 use super::pins::{Links, PinLock};
 use super::{btf, format, iolat, latency, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
+use crate::logging::Chain;
 use aya::maps::Map;
+use aya::programs::links::FdLink;
+use aya::programs::BtfTracePoint;
 use aya::programs::{CgroupSkb, Program, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
@@ -212,6 +216,71 @@ where
             program: name,
             source,
         })
+}
+
+/// One BTF tracepoint program of a set: its name in the object, the tracepoint, and the name
+/// its link is pinned under.
+pub(crate) type TpBtf<'a> = (&'static str, &'static str, &'a str);
+
+impl BpfCollector {
+    /// Loads every program of a set (once per object), then attaches each in the set's order
+    /// under its link name, keeping a link an earlier agent pinned. The error names the step
+    /// that failed; the caller detaches the set ([`Self::detach_links`]).
+    pub(crate) fn attach_tp_btf(&mut self, set: &[TpBtf<'_>]) -> Result<(), String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", Chain(&e)))?;
+        for &(name, tp, _) in set {
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            if prog.fd().is_err() {
+                prog.load(tp, &btf)
+                    .map_err(|e| format!("loading {name} for tp_btf/{tp}: {}", Chain(&e)))?;
+            }
+        }
+        for &(name, _, link) in set {
+            if self.links.has(link) {
+                continue;
+            }
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut self.ebpf, name).map_err(|e| Chain(&e).to_string())?;
+            let fail =
+                |e: &(dyn std::error::Error + 'static)| format!("attaching {name}: {}", Chain(e));
+            let id = prog.attach().map_err(|e| fail(&e))?;
+            let fd: FdLink = prog.take_link(id).map_err(|e| fail(&e))?.into();
+            self.links
+                .put(link, fd)
+                .map_err(|e| format!("pinning {link}: {}", Chain(e.as_ref())))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches (and unpins) the named links; a missing one is not an error.
+    pub(crate) fn detach_links<'a>(&mut self, links: impl IntoIterator<Item = &'a str>) {
+        for link in links {
+            let _ = self.links.remove(link);
+        }
+    }
+
+    /// A latency family switched on (attached by `attach` when its offsets resolved) or off:
+    /// its new mode. A refusal detaches `links` and is the reason; the rest goes on.
+    pub(crate) fn switch_family(
+        &mut self,
+        on: bool,
+        config_key: &str,
+        offsets: Result<(), String>,
+        links: &[&str],
+        attach: impl FnOnce(&mut Self) -> Result<(), String>,
+    ) -> LatencyMode {
+        let why = if on {
+            match offsets.and_then(|()| attach(self)) {
+                Ok(()) => return LatencyMode::Counting,
+                Err(why) => why,
+            }
+        } else {
+            format!("disabled by configuration ({config_key})")
+        };
+        self.detach_links(links.iter().copied());
+        LatencyMode::Off(why)
+    }
 }
 
 /// Reads the record offsets of `block/block_bio_queue` from tracefs.

@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 
 pub use block::IoMode;
 pub use error::BpfError;
-pub use latency::RunqMode;
+pub use latency::LatencyMode;
 pub use lxcmon_common::Counters;
 pub use pins::{cleanup_all, cleanup_pinned, default_pin_dir};
 pub use sys::kernel_dev_t;
