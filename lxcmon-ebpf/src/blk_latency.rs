@@ -12,7 +12,7 @@
 //! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
 //! completion.
 
-use crate::{slot_of, LXCMON_LEVELS};
+use crate::{slot_of, LXCMON_LEVELS, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map},
@@ -30,8 +30,7 @@ use lxcmon_common::{
 static LXCMON_IOLAT: PerCpuArray<LatencyHist> = PerCpuArray::pinned(MAX_CONTAINERS * 2, 0);
 
 #[map]
-static LXCMON_IOLAT_INFLIGHT: LruHashMap<u64, IoStart> =
-    LruHashMap::pinned(IO_INFLIGHT_MAX, 0);
+static LXCMON_IOLAT_INFLIGHT: LruHashMap<u64, IoStart> = LruHashMap::pinned(IO_INFLIGHT_MAX, 0);
 
 #[no_mangle]
 static LXCMON_BLK_OFF: Global<BlkLatOffsets> = Global::new(BlkLatOffsets {
@@ -42,10 +41,6 @@ static LXCMON_BLK_OFF: Global<BlkLatOffsets> = Global::new(BlkLatOffsets {
     bio_opf: 0,
     bio_sector: 0,
 });
-
-const REQ_OP_MASK: u32 = 0xff;
-const REQ_OP_READ: u32 = 0;
-const REQ_OP_WRITE: u32 = 1;
 
 /// A plain load of a kernel struct member through a BTF-typed pointer (the offsets are
 /// constants of the frozen read-only data: the verifier checks each against the kernel's

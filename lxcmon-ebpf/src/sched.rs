@@ -148,7 +148,10 @@ fn cgroup_slot(s: &SchedOffsets, cgrp: *const u8, level: u32, mask: u64) -> Opti
 #[inline(always)]
 fn levels() -> Option<(u64, u32)> {
     let word = *LXCMON_LEVELS.get(0)?;
-    Some((word & ((1u64 << MAX_TRACKED_LEVEL) - 1), (word >> 32) as u32))
+    Some((
+        word & ((1u64 << MAX_TRACKED_LEVEL) - 1),
+        (word >> 32) as u32,
+    ))
 }
 
 /// The slot cached in the task's storage, when it was resolved for this cgroup in this
@@ -166,7 +169,11 @@ fn cached(st: *mut RunqStart, cgrp: *const u8, generation: u32) -> Option<u32> {
 /// gets the time and the resolved slot.
 #[inline(always)]
 fn start_wait(task: *const u8, st: *mut RunqStart, key: (*const u8, u32, u32), now: u64) {
-    let st = if st.is_null() { storage(task, true) } else { st };
+    let st = if st.is_null() {
+        storage(task, true)
+    } else {
+        st
+    };
     if st.is_null() {
         rare(RARE_INFLIGHT_FAILED);
         return;
