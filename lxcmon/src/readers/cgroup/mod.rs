@@ -353,14 +353,15 @@ impl CgroupReader {
 
     /// Controllers that are not there for this cgroup, so their figures read 0.
     pub fn missing(&self) -> Vec<&'static str> {
-        let present = match self {
-            Self::V1(r) => r.present(),
-            Self::V2(r) => r.present(),
+        let (names, present) = match self {
+            Self::V1(r) => (v1::CONTROLLERS, r.present()),
+            Self::V2(r) => (v2::CONTROLLERS, r.present()),
         };
-        present
-            .iter()
+        names
+            .into_iter()
+            .zip(present)
             .filter(|(_, there)| !there)
-            .map(|(name, _)| *name)
+            .map(|(name, _)| name)
             .collect()
     }
 

@@ -160,6 +160,9 @@ impl DetailFiles {
     }
 }
 
+/// The controllers whose files [`Reader::present`] reports, in its order.
+pub(super) const CONTROLLERS: [&str; 3] = ["memory", "blkio", "pids"];
+
 impl Reader {
     pub fn open(
         layout: &Layout,
@@ -232,15 +235,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Whether each controller's files are there (memory, blkio, pids).
-    pub(super) fn present(&self) -> [(&'static str, bool); 3] {
+    /// Whether the memory, blkio and pids controllers' files are there ([`CONTROLLERS`]' order).
+    pub(super) fn present(&self) -> [bool; 3] {
         [
-            (
-                "memory",
-                self.memory_usage.is_some() && self.memory_stat.is_some(),
-            ),
-            ("blkio", self.blkio.is_some()),
-            ("pids", self.shared.pids_current.is_some()),
+            self.memory_usage.is_some() && self.memory_stat.is_some(),
+            self.blkio.is_some(),
+            self.shared.pids_current.is_some(),
         ]
     }
 

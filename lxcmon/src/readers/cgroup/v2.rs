@@ -77,6 +77,9 @@ impl DetailFiles {
     }
 }
 
+/// The controllers whose files [`Reader::present`] reports, in its order.
+pub(super) const CONTROLLERS: [&str; 3] = ["memory", "io", "pids"];
+
 impl Reader {
     pub fn open(
         dir: PathBuf,
@@ -126,15 +129,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Whether each controller's files are there (memory, io, pids).
-    pub(super) fn present(&self) -> [(&'static str, bool); 3] {
+    /// Whether the memory, io and pids files are there ([`CONTROLLERS`]' order).
+    pub(super) fn present(&self) -> [bool; 3] {
         [
-            (
-                "memory",
-                self.memory_current.is_some() && self.memory_stat.is_some(),
-            ),
-            ("io", self.io_stat.is_some()),
-            ("pids", self.shared.pids_current.is_some()),
+            self.memory_current.is_some() && self.memory_stat.is_some(),
+            self.io_stat.is_some(),
+            self.shared.pids_current.is_some(),
         ]
     }
 
