@@ -193,6 +193,6 @@ trait DeviceByName {
 
 impl DeviceByName for lxcmon::readers::cgroup::details::Details {
     fn details_device(&self, name: &str) -> Option<&lxcmon::readers::cgroup::details::DeviceIo> {
-        self.devices.iter().find(|d| d.name == name)
+        self.devices.iter().find(|d| &*d.name == name)
     }
 }

@@ -203,10 +203,20 @@ impl Deriver {
     /// running: one left out of this cycle (a failed read) keeps its state for the next.
     pub fn derive(
         &mut self,
-        samples: &[ContainerSample],
+        samples: Vec<ContainerSample>,
         discovered: &[Discovered],
         host: HostFacts,
     ) -> Vec<ContainerMetrics> {
+        // Stopped containers, and instances replaced by a new one, lose their state.
+        let live: HashSet<(&str, u64)> = discovered
+            .iter()
+            .map(|d| (d.id.as_str(), d.instance))
+            .chain(samples.iter().map(|s| (s.id.as_str(), s.instance)))
+            .collect();
+        self.previous
+            .retain(|id, p| live.contains(&(id.as_str(), p.instance)));
+        drop(live);
+        // The samples are moved into the metrics: their per-container lists are not copied.
         let mut out = Vec::with_capacity(samples.len());
         for s in samples {
             match self.previous.get_mut(&s.id) {
@@ -216,25 +226,18 @@ impl Deriver {
                     }
                 }
                 _ => {
-                    self.previous.insert(s.id.clone(), Previous::new(s));
+                    let p = Previous::new(&s);
+                    self.previous.insert(s.id, p);
                 }
             }
         }
-        // Stopped containers, and instances replaced by a new one, lose their state.
-        let live: HashSet<(&str, u64)> = discovered
-            .iter()
-            .map(|d| (d.id.as_str(), d.instance))
-            .chain(samples.iter().map(|s| (s.id.as_str(), s.instance)))
-            .collect();
-        self.previous
-            .retain(|id, p| live.contains(&(id.as_str(), p.instance)));
         out
     }
 
     /// The cycle's figures from what was collected: containers seen for the first time set
     /// their baseline and are exported from the next cycle on.
     pub fn cycle(&mut self, mut c: Collected) -> Cycle {
-        let mut metrics = self.derive(&c.samples, &c.discovered, c.host);
+        let mut metrics = self.derive(c.samples, &c.discovered, c.host);
         for m in &mut metrics {
             m.latency = c.latency.remove(&m.id);
         }
@@ -284,12 +287,12 @@ impl Deriver {
 }
 
 fn metrics(
-    s: &ContainerSample,
+    s: ContainerSample,
     prev: &mut Previous,
     host: HostFacts,
     network_off: bool,
 ) -> Option<ContainerMetrics> {
-    let raw = raw_counters(s);
+    let raw = raw_counters(&s);
     let mut growth = [0u64; 5];
     for (i, (value, source)) in raw.into_iter().enumerate() {
         if network_off && (i == NET_RX || i == NET_TX) {
@@ -319,8 +322,8 @@ fn metrics(
     };
     let reported = |i: usize| prev.counters[i].reported;
     Some(ContainerMetrics {
-        id: s.id.clone(),
-        name: s.name.clone(),
+        id: s.id,
+        name: s.name,
         started: prev.started,
         cpu_percent,
         cpu_cores_allowed: cores,
@@ -341,15 +344,15 @@ fn metrics(
         processes: s.cgroup.processes,
         threads: s.cgroup.threads,
         runtime: s.runtime,
-        project: s.project.clone(),
+        project: s.project,
         limits,
-        details: s.cgroup.details.clone(),
+        details: s.cgroup.details,
         interfaces: if network_off {
             Vec::new()
         } else {
-            s.interfaces.clone()
+            s.interfaces
         },
-        mounts: s.mounts.clone(),
+        mounts: s.mounts,
         latency: None,
     })
 }
@@ -396,11 +399,11 @@ mod tests {
         let mut d = Deriver::default();
         let t0 = Instant::now();
         assert!(d
-            .derive(&[sample("a", t0, 0, Limits::default())], &[], HOST)
+            .derive(vec![sample("a", t0, 0, Limits::default())], &[], HOST)
             .is_empty());
         let t1 = t0 + Duration::from_secs(1);
         let m = d.derive(
-            &[sample("a", t1, 2_000_000_000, Limits::default())],
+            vec![sample("a", t1, 2_000_000_000, Limits::default())],
             &[],
             HOST,
         );
@@ -426,9 +429,9 @@ mod tests {
             swap_bytes: Some(u64::MAX),
             ..Limits::default()
         };
-        d.derive(&[sample("q", t0, 0, quota)], &[], HOST);
+        d.derive(vec![sample("q", t0, 0, quota)], &[], HOST);
         let m = d.derive(
-            &[sample("q", t0 + Duration::from_secs(2), 900_000_000, quota)],
+            vec![sample("q", t0 + Duration::from_secs(2), 900_000_000, quota)],
             &[],
             HOST,
         );
@@ -443,9 +446,9 @@ mod tests {
             cpuset_cpus: Some(1),
             ..Default::default()
         };
-        d.derive(&[sample("s", t0, 0, cpuset)], &[], HOST);
+        d.derive(vec![sample("s", t0, 0, cpuset)], &[], HOST);
         let m = d.derive(
-            &[sample(
+            vec![sample(
                 "s",
                 t0 + Duration::from_secs(1),
                 5_000_000_000,
@@ -469,15 +472,15 @@ mod tests {
         let mut d = Deriver::default();
         let t0 = Instant::now();
         let sec = |n: u64| t0 + Duration::from_secs(n);
-        d.derive(&[of("a", 1, t0, 1_000_000_000)], &[], HOST);
-        let first = d.derive(&[of("a", 1, sec(1), 1_000_000_000)], &[], HOST);
+        d.derive(vec![of("a", 1, t0, 1_000_000_000)], &[], HOST);
+        let first = d.derive(vec![of("a", 1, sec(1), 1_000_000_000)], &[], HOST);
         assert_eq!(first[0].cpu_percent, 0.0);
         // Restarted under the same id; the new cgroup has already used more CPU than the old
         // one had: no CPU % may span the two.
         assert!(d
-            .derive(&[of("a", 2, sec(2), 3_000_000_000)], &[], HOST)
+            .derive(vec![of("a", 2, sec(2), 3_000_000_000)], &[], HOST)
             .is_empty());
-        let m = d.derive(&[of("a", 2, sec(3), 5_000_000_000)], &[], HOST);
+        let m = d.derive(vec![of("a", 2, sec(3), 5_000_000_000)], &[], HOST);
         assert!(
             (m[0].cpu_percent - 50.0).abs() < 1e-9,
             "{}",
@@ -489,9 +492,9 @@ mod tests {
         );
         assert!(m[0].started >= first[0].started);
         // Gone (not discovered) for a cycle: no stale baseline afterwards.
-        d.derive(&[], &[], HOST);
+        d.derive(vec![], &[], HOST);
         assert!(d
-            .derive(&[of("a", 2, sec(4), 6_000_000_000)], &[], HOST)
+            .derive(vec![of("a", 2, sec(4), 6_000_000_000)], &[], HOST)
             .is_empty());
     }
 
@@ -501,7 +504,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = of("a", 7, t0, 0);
         s.net_rx = 1_071_000;
-        d.derive(&[s.clone()], &[], HOST);
+        d.derive(vec![s.clone()], &[], HOST);
         let found = Discovered {
             id: "a".into(),
             name: "a".into(),
@@ -512,11 +515,11 @@ mod tests {
             instance: 7,
         };
         // Running, but its read failed this cycle.
-        assert!(d.derive(&[], &[found], HOST).is_empty());
+        assert!(d.derive(vec![], &[found], HOST).is_empty());
         s.at = t0 + Duration::from_secs(2);
         s.cgroup.cpu_usage_ns = 2_000_000_000;
         s.net_rx = 300_000;
-        let m = d.derive(&[s], &[], HOST);
+        let m = d.derive(vec![s], &[], HOST);
         assert!(
             (m[0].cpu_percent - 25.0).abs() < 1e-9,
             "over both intervals"
@@ -554,7 +557,7 @@ mod tests {
             let mut s = of("a", 1, t0 + Duration::from_secs(i as u64), *cpu);
             (s.net_rx, s.net_source) = (*rx, *ns);
             (s.cgroup.io.write, s.io_source) = (*wr, *is);
-            let m = d.derive(&[s], &[], HOST);
+            let m = d.derive(vec![s], &[], HOST);
             out.push(m.first().map_or((0, 0, 0), |m| {
                 (m.net_rx_bytes, m.io_write_bytes, m.cpu_usage_ns)
             }));
@@ -569,26 +572,26 @@ mod tests {
         });
         let mut s = of("a", 1, t0 + Duration::from_secs(20), 40);
         (s.net_rx, s.cgroup.io.write) = (210, 50);
-        let m = d.derive(&[s.clone()], &[], HOST);
+        let m = d.derive(vec![s.clone()], &[], HOST);
         assert_eq!((m[0].net_rx_bytes, m[0].io_write_bytes), (350, 2060));
         s.at += Duration::from_secs(1);
         s.cgroup.io.write = 70;
-        let m = d.derive(&[s.clone()], &[], HOST);
+        let m = d.derive(vec![s.clone()], &[], HOST);
         assert_eq!(m[0].io_write_bytes, 2080);
 
         // Network switched off by a reload: 0 while off; switched on again, the count goes on
         // from where it was, whatever the source's value is now.
         d.set_network(false);
         (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 0);
-        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 0);
+        assert_eq!(d.derive(vec![s.clone()], &[], HOST)[0].net_rx_bytes, 0);
         d.set_network(true);
         d.rebase(Rebase {
             io: false,
             net: true,
         });
         (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_000);
-        assert_eq!(d.derive(&[s.clone()], &[], HOST)[0].net_rx_bytes, 350);
+        assert_eq!(d.derive(vec![s.clone()], &[], HOST)[0].net_rx_bytes, 350);
         (s.at, s.net_rx) = (s.at + Duration::from_secs(1), 5_010);
-        assert_eq!(d.derive(&[s], &[], HOST)[0].net_rx_bytes, 360);
+        assert_eq!(d.derive(vec![s], &[], HOST)[0].net_rx_bytes, 360);
     }
 }

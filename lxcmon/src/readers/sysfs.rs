@@ -3,7 +3,7 @@
 use crate::readers::kfile::{self, ReadError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Decides which block devices count for I/O, by name prefix (`loop`, `dm-`), resolving
 /// `major:minor` to a name through `/sys/dev/block` once per device.
@@ -13,7 +13,7 @@ pub struct DeviceFilter {
     prefixes: Vec<String>,
     verdicts: RwLock<HashMap<(u32, u32), bool>>,
     /// Names for the per-device figures, resolved once per device like the verdicts.
-    labels: RwLock<HashMap<(u32, u32), String>>,
+    labels: RwLock<HashMap<(u32, u32), Arc<str>>>,
 }
 
 impl DeviceFilter {
@@ -55,13 +55,15 @@ impl DeviceFilter {
 
     /// The device's name for its per-device figures (cached), `major:minor` where
     /// `/sys/dev/block` has none.
-    pub fn label(&self, dev: (u32, u32)) -> String {
+    /// Shared, so the per-device figures of every cycle take no allocation for it.
+    pub fn label(&self, dev: (u32, u32)) -> Arc<str> {
         if let Some(l) = self.labels.read().ok().and_then(|m| m.get(&dev).cloned()) {
             return l;
         }
-        let label = self
+        let label: Arc<str> = self
             .name(dev)
-            .unwrap_or_else(|| format!("{}:{}", dev.0, dev.1));
+            .unwrap_or_else(|| format!("{}:{}", dev.0, dev.1))
+            .into();
         if let Ok(mut m) = self.labels.write() {
             m.insert(dev, label.clone());
         }
@@ -130,11 +132,11 @@ pub(crate) mod tests {
         assert!(!f.is_excluded((254, 0)));
         assert!(!f.is_excluded((8, 16)), "unknown devices are counted");
         assert_eq!(f.name((254, 0)).as_deref(), Some("vda"));
-        assert_eq!(f.label((254, 0)), "vda");
-        assert_eq!(f.label((8, 16)), "8:16", "no name: the numbers");
+        assert_eq!(&*f.label((254, 0)), "vda");
+        assert_eq!(&*f.label((8, 16)), "8:16", "no name: the numbers");
         // Cached: a link removed later does not change the name given.
         std::fs::remove_file(dir.path().join("sys/dev/block/254:0")).unwrap();
-        assert_eq!(f.label((254, 0)), "vda");
+        assert_eq!(&*f.label((254, 0)), "vda");
         assert!(!DeviceFilter::none().is_excluded((7, 0)));
     }
 

@@ -347,7 +347,8 @@ fn memory_events(w: &mut Writer, metrics: &[ContainerMetrics]) {
 }
 
 /// Each item's label values and figures.
-type Items<const L: usize, const N: usize> = Vec<([String; L], [f64; N])>;
+/// Label values borrowed from the metrics: a scrape copies no names.
+type Items<'m, const L: usize, const N: usize> = Vec<([&'m str; L], [f64; N])>;
 
 /// One family per figure, one sample per (container, item): `labelled` yields each item's
 /// label values and figures, in the order of `figures`.
@@ -356,9 +357,9 @@ fn per_item<'m, const L: usize, const N: usize>(
     metrics: &'m [ContainerMetrics],
     labels: [&'static str; L],
     figures: [(&'static str, Kind, &'static str); N],
-    items: impl Fn(&'m ContainerMetrics) -> Items<L, N>,
+    items: impl Fn(&'m ContainerMetrics) -> Items<'m, L, N>,
 ) {
-    let rows: Vec<(&ContainerMetrics, Items<L, N>)> =
+    let rows: Vec<(&ContainerMetrics, Items<'m, L, N>)> =
         metrics.iter().map(|m| (m, items(m))).collect();
     for (i, (name, kind, help)) in figures.iter().enumerate() {
         w.family(name, *kind, help);
@@ -366,12 +367,7 @@ fn per_item<'m, const L: usize, const N: usize>(
             for (values, figures) in items {
                 let [id, cname] = ids(m);
                 let mut l: Vec<(&str, &str)> = vec![id, cname];
-                l.extend(
-                    labels
-                        .iter()
-                        .zip(values.iter())
-                        .map(|(k, v)| (*k, v.as_str())),
-                );
+                l.extend(labels.iter().zip(values.iter()).map(|(k, v)| (*k, *v)));
                 w.sample(name, &l, figures[i]);
             }
         }
@@ -430,7 +426,7 @@ fn interfaces(w: &mut Writer, metrics: &[ContainerMetrics]) {
                 .iter()
                 .map(|i| {
                     (
-                        [i.name.clone()],
+                        [i.name.as_str()],
                         [
                             i.rx_bytes,
                             i.rx_packets,
@@ -482,7 +478,7 @@ fn devices(w: &mut Writer, metrics: &[ContainerMetrics]) {
                 .iter()
                 .map(|d| {
                     (
-                        [d.name.clone()],
+                        [&*d.name],
                         [d.read_bytes, d.write_bytes, d.reads, d.writes].map(|v| v as f64),
                     )
                 })
@@ -508,7 +504,11 @@ fn mounts(w: &mut Writer, metrics: &[ContainerMetrics]) {
                 .iter()
                 .map(|u| {
                     (
-                        [u.mountpoint.clone(), u.fstype.clone(), u.shared.to_string()],
+                        [
+                            u.mountpoint.as_str(),
+                            u.fstype.as_str(),
+                            if u.shared { "true" } else { "false" },
+                        ],
                         [u.size_bytes, u.used_bytes, u.avail_bytes, u.inodes, u.inodes_free]
                             .map(|v| v as f64),
                     )

@@ -90,8 +90,8 @@ pub struct MemoryBreakdown {
 pub struct DeviceIo {
     pub dev: (u32, u32),
     /// The kernel's name (`sda`, `nvme0n1`), from `/sys/dev/block`; `major:minor` when it has
-    /// none.
-    pub name: String,
+    /// none. Shared with the device filter's cache.
+    pub name: std::sync::Arc<str>,
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub reads: u64,

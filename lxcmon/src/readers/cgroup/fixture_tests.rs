@@ -393,10 +393,7 @@ fn per_device_without_totals() {
     assert_eq!(s.io, IoBytes::default());
     assert_eq!(s.details.devices.len(), 1, "loop0 excluded");
     assert_eq!(
-        (
-            s.details.devices[0].name.as_str(),
-            s.details.devices[0].writes
-        ),
+        (&*s.details.devices[0].name, s.details.devices[0].writes),
         ("vda", 4)
     );
     std::fs::remove_file(f.path("unified").join(REL).join("io.stat")).unwrap();
