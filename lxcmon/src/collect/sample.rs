@@ -108,12 +108,17 @@ pub enum SampleError {
     Replaced,
     #[error("the worker reading this container panicked")]
     WorkerPanicked,
+    /// The open file limit is reached: not retried (see [`ReadError::is_out_of_descriptors`]).
+    #[error("no file descriptor left")]
+    NoDescriptors(#[source] ReadError),
 }
 
 impl SampleError {
     fn from_read(e: ReadError) -> Self {
         if e.is_gone() {
             Self::Gone
+        } else if e.is_out_of_descriptors() {
+            Self::NoDescriptors(e)
         } else {
             Self::Read(e)
         }
@@ -159,7 +164,12 @@ pub struct Sampler {
     mount_signals: Option<ChangeSignals>,
     /// The tables that changed this cycle (tokens of `mount_signals`), kept for its capacity.
     changed_mounts: Vec<u64>,
+    /// When the open file limit was last reported (at most every [`FD_WARN_EVERY`]).
+    fd_warned: Option<std::time::Instant>,
 }
+
+/// How often running out of file descriptors is logged while it lasts.
+const FD_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Sampler {
     pub fn new(root: &Path, layout: Layout, devices: DeviceFilter, options: Options) -> Self {
@@ -182,6 +192,7 @@ impl Sampler {
             watcher,
             mount_signals,
             changed_mounts: Vec::new(),
+            fd_warned: None,
         }
     }
 
@@ -287,6 +298,7 @@ impl Sampler {
             })
         };
         let mut sampled = Sampled::default();
+        let mut out_of_fds = 0usize;
         for ((d, state), result) in work.into_iter().zip(results) {
             match result {
                 Ok(s) => sampled.containers.push(s),
@@ -298,6 +310,11 @@ impl Sampler {
                     tracing::debug!(container = %d.id, "restarted while read, skipped");
                     sampled.skipped += 1;
                 }
+                Err(SampleError::NoDescriptors(e)) => {
+                    tracing::debug!(container = %d.id, error = %Chain(&e), "no descriptor left");
+                    out_of_fds += 1;
+                    sampled.failed += 1;
+                }
                 Err(e @ (SampleError::Read(_) | SampleError::WorkerPanicked)) => {
                     tracing::warn!(container = %d.id, error = %Chain(&e), "left out of this cycle");
                     sampled.failed += 1;
@@ -306,6 +323,16 @@ impl Sampler {
             if let Some(state) = state {
                 self.states.insert(d.id.clone(), state);
             }
+        }
+        if out_of_fds > 0 && self.fd_warned.is_none_or(|t| t.elapsed() >= FD_WARN_EVERY) {
+            self.fd_warned = Some(std::time::Instant::now());
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            tracing::warn!(
+                containers = out_of_fds,
+                open_file_limit = ?limit,
+                held = sampled.containers.len(),
+                "open file limit reached: some containers are not read (the agent holds one to three dozen kernel files per container): raise LimitNOFILE, or switch figures off (enable_*)"
+            );
         }
         sampled
     }
@@ -344,7 +371,9 @@ impl Ctx<'_> {
                     match e {
                         SampleError::Gone if had_state => continue,
                         SampleError::Gone | SampleError::Replaced => return Err(e),
-                        SampleError::WorkerPanicked => return Err(e),
+                        SampleError::WorkerPanicked | SampleError::NoDescriptors(_) => {
+                            return Err(e)
+                        }
                         SampleError::Read(_) if attempt >= self.options.retry_limit => {
                             return Err(e)
                         }

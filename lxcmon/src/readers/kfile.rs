@@ -6,6 +6,7 @@
 //! built for an open file and hands it out again until it has gone unused for about a second,
 //! so those are read with [`read_path`], opened afresh each time.
 
+use rustix::io::Errno;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -43,18 +44,27 @@ impl ReadError {
             Self::Io { source, .. } => {
                 source.kind() == io::ErrorKind::NotFound
                     || matches!(
-                        source.raw_os_error(),
-                        Some(libc_errno::ENODEV) | Some(libc_errno::ESRCH)
+                        Errno::from_io_error(source),
+                        Some(Errno::NODEV | Errno::SRCH)
                     )
             }
             Self::Parse { .. } => false,
         }
     }
-}
 
-mod libc_errno {
-    pub const ESRCH: i32 = 3;
-    pub const ENODEV: i32 = 19;
+    /// The process (EMFILE) or the system (ENFILE) has no descriptor left: a retry cannot
+    /// help, and every container still to be opened fails the same way.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => {
+                matches!(
+                    Errno::from_io_error(source),
+                    Some(Errno::MFILE | Errno::NFILE)
+                )
+            }
+            Self::Parse { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug)]
