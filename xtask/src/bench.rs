@@ -65,8 +65,8 @@ pub struct BenchArgs {
     #[arg(long)]
     no_readme: bool,
     /// Only the seed's figures: every `enable_*` group beyond them off (pressure, throttling,
-    /// memory details, per device, per interface, per mount), in the agent and the floor; for
-    /// comparisons with runs made before those groups existed.
+    /// memory details, per device, per interface, per mount, run-queue and I/O latency), in the
+    /// agent and the floor; for comparisons with runs made before those groups existed.
     #[arg(long)]
     seed_only: bool,
 }

@@ -179,6 +179,8 @@ impl Agent {
                 "enable_per_device",
                 "enable_per_interface",
                 "enable_per_mount",
+                "enable_runqueue_latency",
+                "enable_io_latency",
             ]
             .map(|k| format!("  {k}: {}\n", cfg.signals))
             .concat(),
