@@ -50,7 +50,7 @@ def stat(title, targets, unit, x, y, w=4, h=4, desc="", text_mode="auto"):
             "targets": targets}
 
 
-def table(title, expr, unit, x, y, w=12, h=9, desc=""):
+def table(title, expr, unit, x, y, w=12, h=9, desc="", columns=()):
     return {"id": pid(), "type": "table", "title": title, "description": desc,
             "datasource": DS, "gridPos": {"x": x, "y": y, "w": w, "h": h},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
@@ -59,9 +59,24 @@ def table(title, expr, unit, x, y, w=12, h=9, desc=""):
             "transformations": [
                 {"id": "organize", "options": {
                     "excludeByName": {"Time": True, "__name__": True, "job": True},
-                    "indexByName": {"instance": 0, "container_name": 1, "container_id": 2,
-                                    "Value": 3}}}],
+                    "indexByName": {name: i for i, name in enumerate(
+                        ("instance", "container_name", "container_id", *columns, "Value"))}}}],
             "targets": [target(expr, "", instant=True, fmt="table")]}
+
+
+def heatmap(title, expr, x, y, w=12, h=8, desc=""):
+    """Buckets of a histogram (rates per `le`) as Grafana draws them: no re-bucketing."""
+    return {"id": pid(), "type": "heatmap", "title": title, "description": desc,
+            "datasource": DS, "gridPos": {"x": x, "y": y, "w": w, "h": h},
+            "fieldConfig": {"defaults": {}, "overrides": []},
+            "options": {"calculate": False, "cellGap": 1,
+                        "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64,
+                                  "exponent": 0.5, "fill": "dark-orange", "reverse": False},
+                        "yAxis": {"unit": "s", "axisPlacement": "left"},
+                        "rowsFrame": {"layout": "le"},
+                        "tooltip": {"mode": "single", "yHistogram": True},
+                        "legend": {"show": True}},
+            "targets": [target(expr, "{{le}}", fmt="heatmap")]}
 
 
 def row(title, y):
@@ -185,6 +200,115 @@ panels += [
     table("Top 10 root filesystem used %", f"topk(10, {FS_PCT})", "percent", 0, y),
     table("Top 10 processes", f"topk(10, lxcmon_container_processes{{{SEL}}})", "none", 12, y),
 ]
+y += 9
+panels.append(row("Pressure, throttling and OOM kills", y)); y += 1
+panels += [
+    timeseries("CPU pressure (share of time waiting)",
+               [target(f"rate(lxcmon_container_pressure_cpu_waiting_seconds_total{{{SEL}}}[{W}])", LEG)],
+               "percentunit", 0, y,
+               desc="Share of wall time in which at least one task of the container waited for a "
+                    "CPU (PSI cpu some). High while CPU % looks moderate: the container is starved "
+                    "by its quota, its cpuset or the host."),
+    timeseries("Memory pressure",
+               [target(f"rate(lxcmon_container_pressure_memory_waiting_seconds_total{{{SEL}}}[{W}])",
+                       "some {{container_name}} @ {{instance}}"),
+                target(f"rate(lxcmon_container_pressure_memory_stalled_seconds_total{{{SEL}}}[{W}])",
+                       "full {{container_name}} @ {{instance}}", ref="B")],
+               "percentunit", 12, y,
+               desc="Share of wall time the container's tasks stalled on memory: some (at least "
+                    "one) and full (all at once). Growing before any OOM kill: it needs more memory."),
+]
+y += 8
+panels += [
+    timeseries("CPU throttled periods %",
+               [target(f"100 * rate(lxcmon_container_cpu_cfs_throttled_periods_total{{{SEL}}}[{W}])"
+                       f" / rate(lxcmon_container_cpu_cfs_periods_total{{{SEL}}}[{W}])", LEG)],
+               "percent", 0, y,
+               desc="Share of CFS periods in which the container used up its CPU quota."),
+    timeseries("Throttled time per second",
+               [target(f"rate(lxcmon_container_cpu_cfs_throttled_seconds_total{{{SEL}}}[{W}])", LEG)],
+               "s", 12, y,
+               desc="Seconds per second the container's tasks were held back by its quota (summed "
+                    "over its CPUs)."),
+]
+y += 8
+panels += [
+    timeseries("OOM kills",
+               [target(f"increase(lxcmon_container_oom_kills_total{{{SEL}}}[{W}])", LEG)],
+               "short", 0, y,
+               desc="Processes of the container killed by the OOM killer within the rate window."),
+    timeseries("I/O pressure",
+               [target(f"rate(lxcmon_container_pressure_io_waiting_seconds_total{{{SEL}}}[{W}])", LEG)],
+               "percentunit", 12, y,
+               desc="Share of wall time in which at least one task of the container stalled on I/O "
+                    "(PSI io some)."),
+]
+y += 8
+MOUNT_LEG = "{{container_name}} {{mountpoint}} (shared={{shared}}) @ {{instance}}"
+panels.append(row("Filesystems per mount", y)); y += 1
+panels += [
+    timeseries("Used % per mount",
+               [target(f"100 * lxcmon_container_mount_used_bytes{{{SEL}}}"
+                       f" / (lxcmon_container_mount_size_bytes{{{SEL}}} > 0)", MOUNT_LEG)],
+               "percent", 0, y,
+               desc="Every filesystem mounted in the container (root, mpN, bind mounts). "
+                    "shared=true: not the container's own (a directory of a larger filesystem, or "
+                    "mounted by other containers too): its figures are the whole filesystem's."),
+    timeseries("Inodes used % per mount",
+               [target(f"100 * (1 - lxcmon_container_mount_files_free{{{SEL}}}"
+                       f" / (lxcmon_container_mount_files{{{SEL}}} > 0))", MOUNT_LEG)],
+               "percent", 12, y,
+               desc="Inodes in use of every filesystem mounted in the container."),
+]
+y += 8
+panels.append(table("Mounts by space available",
+                    f"bottomk(20, lxcmon_container_mount_avail_bytes{{{SEL}}})", "bytes", 0, y,
+                    w=24, columns=("mountpoint", "fstype", "shared"),
+                    desc="Space available to unprivileged users on every filesystem of the "
+                         "container, least first."))
+y += 9
+BY = "instance, container_name, container_id"
+RUNQ = "lxcmon_container_runqueue_wait_seconds"
+IOLAT = "lxcmon_container_io_latency_seconds"
+panels.append(row("Latency from the kernel (BPF collector)", y)); y += 1
+panels += [
+    timeseries("Run-queue wait p99",
+               [target(f"histogram_quantile(0.99, sum by ({BY}, le) (rate({RUNQ}_bucket{{{SEL}}}[{W}])))",
+                       LEG)],
+               "s", 0, y,
+               desc="99th percentile of the time the container's tasks waited for a CPU once "
+                    "runnable. High while CPU % is moderate: the host, or the container's quota, "
+                    "keeps it waiting."),
+    heatmap("Run-queue wait distribution",
+            f"sum by (le) (rate({RUNQ}_bucket{{{SEL}}}[{W}]))", 12, y,
+            desc="How often the selected containers' tasks waited how long for a CPU (waits per "
+                 "second in each bucket)."),
+]
+y += 8
+panels += [
+    timeseries("Block I/O latency p99",
+               [target(f"histogram_quantile(0.99, sum by ({BY}, op, le) (rate({IOLAT}_bucket{{{SEL}}}[{W}])))",
+                       "{{op}} {{container_name}} ({{container_id}}) @ {{instance}}")],
+               "s", 0, y,
+               desc="99th percentile of the time from issue to completion of the container's disk "
+                    "requests, reads and writes apart."),
+    heatmap("Block I/O latency distribution",
+            f"sum by (le) (rate({IOLAT}_bucket{{{SEL}}}[{W}]))", 12, y,
+            desc="How many of the selected containers' disk requests took how long (requests per "
+                 "second in each bucket)."),
+]
+y += 8
+panels += [
+    timeseries("Mean run-queue wait",
+               [target(f"rate({RUNQ}_sum{{{SEL}}}[{W}]) / rate({RUNQ}_count{{{SEL}}}[{W}])", LEG)],
+               "s", 0, y,
+               desc="Average wait for a CPU per time a task of the container was switched in."),
+    timeseries("Mean block I/O latency",
+               [target(f"rate({IOLAT}_sum{{{SEL}}}[{W}]) / rate({IOLAT}_count{{{SEL}}}[{W}])",
+                       "{{op}} {{container_name}} ({{container_id}}) @ {{instance}}")],
+               "s", 12, y,
+               desc="Average time from issue to completion of the container's disk requests."),
+]
 
 dashboard = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus",
@@ -196,6 +320,7 @@ dashboard = {
         {"type": "panel", "id": "timeseries", "name": "Time series", "version": ""},
         {"type": "panel", "id": "stat", "name": "Stat", "version": ""},
         {"type": "panel", "id": "table", "name": "Table", "version": ""},
+        {"type": "panel", "id": "heatmap", "name": "Heatmap", "version": ""},
     ],
     "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                               "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
