@@ -297,6 +297,36 @@ pub struct BlkLatOffsets {
     pub bio_sector: u32,
 }
 
+/// TCP retransmits: a per-CPU array of `u64` by [`TrackedCgroup::slot`], segments the
+/// container's sockets retransmitted.
+pub const MAP_TCP_RETRANS: &str = "LXCMON_RETRANS";
+/// `tp_btf/tcp_retransmit_skb`: adds the retransmitted skb's segments to the socket's
+/// container.
+pub const PROG_TCP_RETRANS: &str = "lxcmon_tcp_retransmit";
+/// Global holding [`TcpOffsets`].
+pub const GLOBAL_TCP_OFFSETS: &str = "LXCMON_TCP_OFF";
+
+/// Byte offsets the TCP retransmit program needs, from the running kernel's BTF.
+/// `enabled == 0` leaves it idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    pub enabled: u32,
+    /// 1 where the tracepoint has a third argument, `int err` (Linux 6.17+: it then fires for
+    /// failed retransmits too, which are skipped; before, only for sent ones).
+    pub err_arg: u32,
+    /// `sock` `sk_cgrp_data.cgroup`: the socket's cgroup v2 (Linux 5.15+).
+    pub sk_cgrp: u32,
+    /// `sk_buff` `cb` + `tcp_skb_cb` `tcp_gso_segs`: `tcp_skb_pcount(skb)`, the segments the
+    /// kernel adds to `RetransSegs`.
+    pub skb_segs: u32,
+    /// `cgroup`: `level`, `kn`; `kernfs_node`: `__parent` (or `parent`), `id`.
+    pub cgrp_level: u32,
+    pub cgrp_kn: u32,
+    pub kn_parent: u32,
+    pub kn_id: u32,
+}
+
 // SAFETY: all are `#[repr(C)]`, made of integers only, without padding.
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for TrackedCgroup {}
@@ -314,6 +344,8 @@ unsafe impl aya::Pod for SchedOffsets {}
 unsafe impl aya::Pod for IoStart {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for BlkLatOffsets {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for TcpOffsets {}
 
 #[cfg(test)]
 mod tests {

@@ -15,11 +15,14 @@
 //!
 //! * The scheduler programs (`sched.rs`) measure each tracked task's run-queue wait.
 //! * The block request programs (`blk_latency.rs`) measure each tracked container's I/O latency.
+//! * The TCP retransmit program (`tcp.rs`) counts segments each tracked container's sockets
+//!   retransmit.
 #![no_std]
 #![no_main]
 
 mod blk_latency;
 mod sched;
+mod tcp;
 
 use aya_ebpf::{
     bindings::__sk_buff,

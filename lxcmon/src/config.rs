@@ -153,6 +153,9 @@ pub struct MonitoringConfig {
     /// Block I/O latency histograms per container, reads and writes (BPF collector: block
     /// request programs attached).
     pub enable_io_latency: bool,
+    /// TCP segments retransmitted by each container's sockets (BPF collector: the
+    /// `tcp_retransmit_skb` program attached).
+    pub enable_tcp_retransmits: bool,
     pub parallel_processing: bool,
     #[serde(deserialize_with = "max_workers")]
     pub max_workers: usize,
@@ -198,6 +201,7 @@ impl Default for MonitoringConfig {
             enable_per_mount: true,
             enable_runqueue_latency: true,
             enable_io_latency: true,
+            enable_tcp_retransmits: true,
             parallel_processing: true,
             max_workers: 8,
             excluded_devices: vec!["loop".into(), "dm-".into()],

@@ -113,6 +113,9 @@ pub struct Latency {
     /// Their growth over the last interval (`None` in an instance's first cycle).
     pub io_read_interval: Option<Histogram>,
     pub io_write_interval: Option<Histogram>,
+    /// TCP segments its sockets retransmitted, cumulative for this instance (a counter, not a
+    /// latency: it comes from the same kernel side and flows the same way).
+    pub tcp_retransmits: Option<u64>,
 }
 
 /// Per-interval summary of a latency histogram's growth (`records`): the median and 99th
@@ -230,6 +233,35 @@ impl Monotonic {
     }
 }
 
+/// Keeps a container's counter monotonic per instance, as [`Monotonic`] does for histograms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MonotonicCount {
+    instance: u64,
+    raw: u64,
+    reported: u64,
+    seen: bool,
+}
+
+impl MonotonicCount {
+    /// Takes the raw cumulative count of `instance`; returns the cumulative figure to report.
+    pub fn advance(&mut self, instance: u64, raw: u64) -> u64 {
+        if !self.seen || self.instance != instance {
+            *self = Self {
+                instance,
+                raw,
+                reported: raw,
+                seen: true,
+            };
+            return raw;
+        }
+        // A source that went backwards (a re-seeded slot) counts from its new value.
+        let growth = raw.checked_sub(self.raw).unwrap_or(raw);
+        self.raw = raw;
+        self.reported = self.reported.saturating_add(growth);
+        self.reported
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +329,18 @@ mod tests {
         assert_eq!(s.read.count, 10);
         assert_eq!(s.read.p50_ms, Some(0.096)); // (64 us, 128 us], halfway
         assert_eq!(serde_json::to_string(&s.write).unwrap(), r#"{"count":0}"#);
+    }
+
+    #[test]
+    fn a_count_is_monotonic_per_instance() {
+        let mut m = MonotonicCount::default();
+        assert_eq!(m.advance(1, 5), 5);
+        assert_eq!(m.advance(1, 9), 9);
+        // Reset source: its new value is growth.
+        assert_eq!(m.advance(1, 2), 11);
+        assert_eq!(m.advance(1, 3), 12);
+        // A new instance starts afresh.
+        assert_eq!(m.advance(2, 1), 1);
     }
 
     #[test]

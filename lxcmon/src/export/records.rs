@@ -53,6 +53,9 @@ struct Record<'a> {
     runqueue_wait: Option<crate::collect::latency::IntervalSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     io_latency: Option<crate::collect::latency::IoLatencySummary>,
+    /// Cumulative, as every counter of the record (absent when not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_retransmits: Option<u64>,
 }
 
 /// Kernel event counters; each omitted where the kernel does not have it.
@@ -360,6 +363,7 @@ pub fn encode(cycle: &Cycle) -> Vec<u8> {
             mounts: m.mounts.iter().map(Mount::new).collect(),
             runqueue_wait: m.latency.as_ref().and_then(|l| l.runqueue_summary()),
             io_latency: m.latency.as_ref().and_then(|l| l.io_summary()),
+            tcp_retransmits: m.latency.as_ref().and_then(|l| l.tcp_retransmits),
         };
         // Serialising plain structs of numbers and strings into memory cannot fail.
         let _ = serde_json::to_writer(&mut out, &record);

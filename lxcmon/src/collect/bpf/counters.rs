@@ -6,7 +6,7 @@
 use super::{cleanup_pinned, default_pin_dir, kernel_dev_t, BpfCollector, BpfError, BpfOptions};
 use super::{Counters, IoMode, LatencyMode};
 use crate::collect::discovery::Discovered;
-use crate::collect::latency::{Histogram, Latency, Monotonic};
+use crate::collect::latency::{Histogram, Latency, Monotonic, MonotonicCount};
 use crate::collect::sample::{ContainerSample, CounterSource};
 use crate::config::{CollectorChoice, MonitoringConfig};
 use crate::logging::Chain;
@@ -56,6 +56,8 @@ pub struct KernelCounters {
     runqueue: HashMap<String, Monotonic>,
     /// Block I/O latency per container (reads, writes), monotonic per instance.
     io_latency: HashMap<String, [Monotonic; 2]>,
+    /// TCP retransmitted segments per container, monotonic per instance.
+    retrans: HashMap<String, MonotonicCount>,
 
     latency: HashMap<String, Latency>,
 }
@@ -122,6 +124,7 @@ impl KernelCounters {
         self.latency.clear();
         self.runqueue.retain(|id, _| self.ids.contains_key(id));
         self.io_latency.retain(|id, _| self.ids.contains_key(id));
+        self.retrans.retain(|id, _| self.ids.contains_key(id));
         for (id, cgroup_id) in &self.ids {
             let mut l = Latency::default();
             if let Some(raw) = self.bpf.runqueue_hist(*cgroup_id) {
@@ -146,6 +149,10 @@ impl KernelCounters {
                 );
                 (l.io_read, l.io_read_interval) = (Some(r), ri);
                 (l.io_write, l.io_write_interval) = (Some(w), wi);
+            }
+            if let Some(raw) = self.bpf.tcp_retransmitted(*cgroup_id) {
+                let mono = self.retrans.entry(id.clone()).or_default();
+                l.tcp_retransmits = Some(mono.advance(*cgroup_id, raw));
             }
             if l != Latency::default() {
                 self.latency.insert(id.clone(), l);
@@ -182,6 +189,7 @@ impl KernelCounters {
                 }
                 k.log_runqueue();
                 k.log_io_latency();
+                k.log_tcp_retransmits();
                 Ok(Some(k))
             }
             Err(e) if choice == CollectorChoice::Auto => {
@@ -221,6 +229,7 @@ impl KernelCounters {
             network: m.enable_network,
             runqueue: m.enable_runqueue_latency,
             io_latency: m.enable_io_latency,
+            tcp_retransmits: m.enable_tcp_retransmits,
             ..BpfOptions::default()
         };
         let bpf = BpfCollector::load(&opts)?;
@@ -239,6 +248,7 @@ impl KernelCounters {
             network,
             runqueue: HashMap::new(),
             io_latency: HashMap::new(),
+            retrans: HashMap::new(),
             latency: HashMap::new(),
         }
     }
@@ -259,6 +269,16 @@ impl KernelCounters {
             LatencyMode::Counting => tracing::info!("block I/O latency: measured per container"),
             LatencyMode::Off(reason) => {
                 tracing::warn!(%reason, "block I/O latency: not measured, its figures are absent")
+            }
+        }
+    }
+
+    /// Says once why TCP retransmits are not counted (when they are not).
+    fn log_tcp_retransmits(&self) {
+        match self.bpf.tcp_retransmits() {
+            RunqMode::Counting => tracing::info!("TCP retransmits: counted per container"),
+            RunqMode::Off(reason) => {
+                tracing::warn!(%reason, "TCP retransmits: not counted, the figure is absent")
             }
         }
     }
@@ -302,6 +322,11 @@ impl KernelCounters {
             self.bpf.set_io_latency(m.enable_io_latency);
             self.io_latency.clear();
             self.log_io_latency();
+        }
+        if self.bpf.tcp_retransmits_wanted() != m.enable_tcp_retransmits {
+            self.bpf.set_tcp_retransmits(m.enable_tcp_retransmits);
+            self.retrans.clear();
+            self.log_tcp_retransmits();
         }
         let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), &m.excluded_devices));
         if let Err(e) = self.bpf.set_excluded_devices(&devs) {

@@ -6,7 +6,7 @@ use super::block::IoMode;
 use super::error::BpfError;
 use super::latency::LatencyMode;
 use super::pins::{Links, PinLock};
-use super::{btf, format, iolat, latency, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
+use super::{btf, format, iolat, latency, retrans, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use crate::logging::Chain;
 use aya::maps::Map;
 use aya::programs::links::FdLink;
@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
     GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_BLK_OFFSETS, GLOBAL_KERNEL_OFFSETS,
-    GLOBAL_SCHED_OFFSETS, MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,6 +94,11 @@ impl BpfCollector {
             .map_err(Clone::clone)
             .and_then(iolat::blk_offsets);
         let blk_value = blk.clone().unwrap_or_default();
+        let tcp = btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|b| retrans::tcp_offsets(b, tracefs));
+        let tcp_value = tcp.clone().unwrap_or_default();
         drop(btf);
         let load = |standin: Option<&Path>| {
             let mut loader = EbpfLoader::new();
@@ -106,7 +111,8 @@ impl BpfCollector {
                 .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
                 .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
                 .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
-                .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true);
+                .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true)
+                .override_global(GLOBAL_TCP_OFFSETS, &tcp_value, true);
             if let Some(path) = standin {
                 loader.map_pin_path(MAP_RUNQ_TASK, path);
             }
@@ -161,10 +167,12 @@ impl BpfCollector {
             network: opts.network,
             batched: None,
             latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
+            retrans: retrans::RetransState::new(tcp.map(drop)),
         };
         this.io_mode = this.attach_block(koff.map(drop));
         this.set_runqueue(opts.runqueue);
         this.set_io_latency(opts.io_latency);
+        this.set_tcp_retransmits(opts.tcp_retransmits);
         this.set_excluded_devices(&opts.excluded_devices)?;
         this.restore_tracked()?;
         info!(
@@ -173,6 +181,7 @@ impl BpfCollector {
             io_mode = ?this.io_mode,
             runqueue = ?this.latency.mode,
             io_latency = ?this.latency.io.mode,
+            tcp_retransmits = ?this.retrans.mode,
             "BPF collector loaded"
         );
         Ok(this)

@@ -12,6 +12,7 @@
 //! - [`pins`](self::pins): pinned or process-held links, the pin directory lock, clean-up;
 //! - [`latency`](self::latency): the scheduler programs and the run-queue wait histograms;
 //! - [`iolat`](self::iolat): the block request programs and the I/O latency histograms;
+//! - [`retrans`](self::retrans): the TCP retransmit program and its per-container counters;
 //! - [`counters`]: what the cycle sees (choice of collector, per-container fallback);
 //! - [`testing`](self::testing): `BPF_PROG_TEST_RUN` for tests.
 //!
@@ -37,6 +38,7 @@ mod latency;
 mod loader;
 mod net;
 mod pins;
+mod retrans;
 mod sys;
 mod testing;
 mod tracking;
@@ -77,6 +79,8 @@ pub struct BpfOptions {
     pub runqueue: bool,
     /// Attach the block request programs (`enable_io_latency`).
     pub io_latency: bool,
+    /// Attach the TCP retransmit program (`enable_tcp_retransmits`).
+    pub tcp_retransmits: bool,
 }
 
 impl Default for BpfOptions {
@@ -89,6 +93,7 @@ impl Default for BpfOptions {
             network: true,
             runqueue: true,
             io_latency: true,
+            tcp_retransmits: true,
         }
     }
 }
@@ -109,6 +114,7 @@ pub struct BpfCollector {
     /// `Some(true)` while batched reads work, `Some(false)` once the kernel refused one.
     batched: Option<bool>,
     latency: latency::LatencyState,
+    retrans: retrans::RetransState,
 }
 
 impl std::fmt::Debug for BpfCollector {

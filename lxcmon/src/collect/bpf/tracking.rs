@@ -101,6 +101,7 @@ impl BpfCollector {
                     .ok_or(BpfError::Full(MAX_CONTAINERS))?;
                 self.seed_slot(slot, seed)?;
                 self.reset_latency_slot(slot)?;
+                self.reset_retrans_slot(slot)?;
                 TrackedCgroup {
                     slot,
                     level: cg.level,
@@ -202,7 +203,8 @@ impl BpfCollector {
                 self.values = values;
             }
         }
-        self.refresh_latency()
+        self.refresh_latency()?;
+        self.refresh_retrans()
     }
 
     /// Whether the last [`Self::refresh`] read all counters with batched map reads.

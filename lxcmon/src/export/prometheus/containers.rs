@@ -258,6 +258,12 @@ pub const OPTIONAL_FAMILIES: &[(&str, Kind, &str, Optional)] = &[
         "pids.max of the container (absent when unlimited).",
         |m| m.limits.pids_max.map(|v| v as f64),
     ),
+    (
+        "lxcmon_container_tcp_retransmitted_segments_total",
+        Kind::Counter,
+        "TCP segments the container's sockets retransmitted (BPF collector; as the kernel's RetransSegs).",
+        |m| m.latency.as_ref()?.tcp_retransmits.map(|v| v as f64),
+    ),
 ];
 
 /// Renders every per-container family. Each family is declared even without a sample (no

@@ -1,0 +1,119 @@
+//! TCP retransmits per container: each segment a tracked container's socket retransmits, into
+//! its container's per-CPU counter.
+//!
+//! Retransmits mostly run in softirq or timer context, so the current task says nothing: the
+//! container is the one whose cgroup v2 subtree holds the socket's cgroup
+//! (`sk->sk_cgrp_data.cgroup`, set when the socket was created), found by walking the kernfs
+//! parents up to the tracked levels as the scheduler programs do. The reads are plain loads
+//! through the BTF-typed tracepoint arguments with offsets the agent took from the kernel's
+//! BTF (constants of the frozen read-only data). A socket of no tracked container costs the
+//! levels lookup, two loads and, below the shallowest tracked level, one lookup per tracked
+//! level it crosses.
+//!
+//! It counts what the kernel adds to `RetransSegs` (`/proc/net/snmp`): `tcp_skb_pcount(skb)`
+//! (`TCP_SKB_CB(skb)->tcp_gso_segs`) per retransmitted skb, not one per call. Where the
+//! tracepoint carries `err` (6.17+) it fires for refused retransmits too; those are skipped,
+//! as older kernels never report them.
+
+use crate::{LXCMON_LEVELS, LXCMON_TRACKED};
+use aya_ebpf::{
+    macros::{btf_tracepoint, map},
+    maps::PerCpuArray,
+    programs::BtfTracePointContext,
+    Global,
+};
+use lxcmon_common::{TcpOffsets, MAX_CONTAINERS, MAX_TRACKED_LEVEL};
+
+#[map]
+static LXCMON_RETRANS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
+
+#[no_mangle]
+static LXCMON_TCP_OFF: Global<TcpOffsets> = Global::new(TcpOffsets {
+    enabled: 0,
+    err_arg: 0,
+    sk_cgrp: 0,
+    skb_segs: 0,
+    cgrp_level: 0,
+    cgrp_kn: 0,
+    kn_parent: 0,
+    kn_id: 0,
+});
+
+/// A plain load of a kernel struct member through a BTF-typed pointer (the verifier checks
+/// the constant offset against the kernel's types and makes the load fault-safe).
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer and `off` a member's offset from BTF.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
+
+/// The slot of the tracked container whose subtree holds `cgrp` (at `level`, not above every
+/// tracked level): up the kernfs parents, a lookup at each tracked level, deepest first.
+#[inline(always)]
+fn socket_slot(o: &TcpOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option<u32> {
+    let mut kn: *const u8 = load(cgrp, o.cgrp_kn);
+    let mut l = level;
+    for _ in 0..MAX_TRACKED_LEVEL {
+        if kn.is_null() || l >= MAX_TRACKED_LEVEL {
+            return None;
+        }
+        if mask & (1u64 << l) != 0 {
+            let id: u64 = load(kn, o.kn_id);
+            // SAFETY: map values are plain integers; the pointer is valid for this run.
+            if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
+                return Some(t.slot);
+            }
+        }
+        // No tracked level above this one.
+        if mask & ((1u64 << l) - 1) == 0 {
+            return None;
+        }
+        l -= 1;
+        kn = load(kn, o.kn_parent);
+    }
+    None
+}
+
+/// `tcp_retransmit_skb(sk, skb[, err])`.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn lxcmon_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
+    let o = LXCMON_TCP_OFF.load();
+    if o.enabled == 0 {
+        return 0;
+    }
+    // A constant of the read-only data: the verifier never sees the third argument read on a
+    // kernel whose tracepoint has two.
+    if o.err_arg != 0 {
+        let err: i32 = ctx.arg(2);
+        if err != 0 {
+            return 0;
+        }
+    }
+    let Some(word) = LXCMON_LEVELS.get(0) else {
+        return 0;
+    };
+    let mask = *word & ((1u64 << MAX_TRACKED_LEVEL) - 1);
+    if mask == 0 {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let cgrp: *const u8 = load(sk, o.sk_cgrp);
+    if cgrp.is_null() {
+        return 0;
+    }
+    // Above every tracked level (the root cgroup, where host sockets are): done.
+    let level: i32 = load(cgrp, o.cgrp_level);
+    if level < 0 || (level as u32) < mask.trailing_zeros() {
+        return 0;
+    }
+    let Some(slot) = socket_slot(&o, cgrp, level as u32, mask) else {
+        return 0;
+    };
+    let skb: *const u8 = ctx.arg(1);
+    let segs: u16 = load(skb, o.skb_segs);
+    if let Some(c) = LXCMON_RETRANS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += u64::from(segs.max(1)) };
+    }
+    0
+}
