@@ -119,6 +119,14 @@ pub fn run_lxc_tests() -> Result<()> {
         true,
         &[&["--test", "latency_truth"], deps::ROOT_TESTS].concat(),
     ))?;
+    // TCP retransmits from BPF against the containers' own RetransSegs, with loss added on
+    // their veths by nftables; switched off; through the daemon.
+    eprintln!("xtask: TCP retransmits against the kernel's RetransSegs");
+    deps::exec(&mut deps::cargo_test(
+        "lxcmon",
+        true,
+        &[&["--test", "retrans_truth"], deps::ROOT_TESTS].concat(),
+    ))?;
     // Incus as a third runtime: discovery in a non-default project, and the figures side
     // by side with Incus's own /1.0/metrics (file readers, as Incus reads the same files).
     eprintln!("xtask: real Incus containers against Incus's own metrics");

@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub excluded_devices: Vec<String>,
     /// `prometheus_listen:`, e.g. `127.0.0.1:9273`; not written when `None`.
     pub prometheus_listen: Option<String>,
+    /// Further `monitoring:` keys, written as they are (e.g. `enable_tcp_retransmits: false`).
+    pub monitoring_extra: Vec<String>,
 }
 
 /// The collector the suite runs under (`cargo xtask test` runs it once per collector).
@@ -39,6 +41,7 @@ impl AgentConfig {
             dir: dir.to_path_buf(),
             excluded_devices: vec!["loop".into(), "dm-".into()],
             prometheus_listen: None,
+            monitoring_extra: Vec::new(),
         }
     }
 
@@ -75,6 +78,9 @@ impl AgentConfig {
         );
         if let Some(listen) = &self.prometheus_listen {
             yaml.push_str(&format!("  prometheus_listen: {listen}\n"));
+        }
+        for line in &self.monitoring_extra {
+            yaml.push_str(&format!("  {line}\n"));
         }
         // Agents of another lab site (the soak) keep their BPF pins apart from the suite's.
         let site = crate::lab::Site::current();

@@ -9,6 +9,9 @@
 //! - [`incus`]: real Incus containers (daemon, network, pool, a local busybox image) and
 //!   Incus's own `/1.0/metrics`.
 //! - [`contract`]: checks an export against `shared/spec/export-formats.md`, field by field.
+//! - [`netloss`]: packet loss on a test container's veth (nftables) and the kernel's TCP
+//!   counters of a network namespace.
+//! - [`bpfprog`]: the BPF programs this process holds, and their run time per event.
 //! - [`workload`]: ground truth read fresh from the kernel, and steps whose effect is known.
 //! - [`scenario`]: one daemon held to that truth on every cycle through a timeline of phases.
 //! - [`signals`]: the kernel's pressure, throttling, memory-event, per-interface and
@@ -17,11 +20,13 @@
 //! This crate is test code: it spawns processes (lxc-*, ip, gcc) freely.
 
 pub mod agent;
+pub mod bpfprog;
 pub mod contract;
 pub mod ct;
 pub mod direct_io;
 pub mod incus;
 pub mod lab;
+pub mod netloss;
 pub mod proc;
 pub mod scenario;
 pub mod schedstat;

@@ -1,0 +1,400 @@
+//! TCP retransmits per container against the kernel's own count, on real LXC containers the
+//! test creates. A container sends bounded transfers to a listener of the test on this host
+//! (the lab bridge's address) while an nftables table of the test drops a share of its data
+//! segments on the container's host-side veth (this kernel has no netem). Over the same
+//! window the container's counter must grow by what the kernel added to `RetransSegs` in the
+//! container's network namespace (`/proc/<init>/net/snmp`), less at most the segments whose
+//! retransmit the stack failed to send after counting them (`TCPRetransFail`, which the
+//! program skips); a container without loss and the host's own retransmits add nothing.
+//! Switched off, the figure is absent and the program never runs. The daemon exports it in
+//! `records` and `/metrics` over several cycles, and a reload switches it off.
+//!
+//! Root, lxc, busybox-static, nft, bpftool, and the BPF object (`cargo xtask build-ebpf`):
+//! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --features ebpf --test retrans_truth -- --ignored --test-threads=1 --nocapture`
+#![cfg(feature = "ebpf")]
+
+use lxcmon::collect::bpf::{BpfCollector, BpfOptions, RunqMode};
+use lxcmon::readers::cgroup::Layout;
+use lxcmon_testkit::bpfprog::{own_programs, prog_stats, Runs, Stats};
+use std::collections::BTreeMap;
+use lxcmon_testkit::netloss::{host_veth, tcp_counters, Direction, Loss, TcpCounters};
+use lxcmon_testkit::{Container, ContainerSpec, Lab};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Share of the data segments dropped, and the size of each transfer: enough for dozens of
+/// retransmits, a few seconds on the lab's bridge.
+const LOSS_PERCENT: u8 = 10;
+const BYTES: u64 = 16 << 20;
+/// The program's name as bpftool shows it (15 characters).
+const PROG: &str = "lxcmon_tcp_";
+
+fn v2_dir(c: &Container) -> PathBuf {
+    let layout = Layout::detect(Path::new("/")).expect("cgroup layout");
+    layout
+        .unified
+        .expect("a cgroup v2 hierarchy")
+        .join(format!("lxc.payload.{}", c.name))
+}
+
+fn load(tcp_retransmits: bool) -> BpfCollector {
+    BpfCollector::load(&BpfOptions {
+        ephemeral: true,
+        network: false,
+        runqueue: false,
+        io_latency: false,
+        tcp_retransmits,
+        ..BpfOptions::default()
+    })
+    .expect("loading the BPF collector")
+}
+
+/// The containers' counters and their kernel's, read at one moment: the kernel's figures read
+/// before and after the map read must agree (no retransmit in between), else again.
+fn settled(bpf: &mut BpfCollector, ids: &[u64], pids: &[u32]) -> (Vec<u64>, Vec<TcpCounters>) {
+    let kernel = || -> Vec<TcpCounters> {
+        pids.iter()
+            .map(|p| tcp_counters(Some(*p)).expect("the container's TCP counters"))
+            .collect()
+    };
+    for _ in 0..25 {
+        let before = kernel();
+        bpf.refresh().expect("refresh");
+        let counted = ids
+            .iter()
+            .map(|id| bpf.tcp_retransmitted(*id).expect("a count while counting"))
+            .collect();
+        if kernel() == before {
+            return (counted, before);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("the containers kept retransmitting for 5 s after the transfers");
+}
+
+/// Runs, mean kernel time per run and recursion misses of the program between two
+/// `prog_stats` readings.
+fn runs(from: &BTreeMap<String, Runs>, to: &BTreeMap<String, Runs>) -> (u64, f64, u64) {
+    let sum = |m: &BTreeMap<String, Runs>| {
+        m.values().fold(Runs::default(), |a, r| Runs {
+            time_ns: a.time_ns + r.time_ns,
+            count: a.count + r.count,
+            recursion_misses: a.recursion_misses + r.recursion_misses,
+        })
+    };
+    let (a, b) = (sum(from), sum(to));
+    let n = b.count - a.count;
+    let ns = if n == 0 {
+        0.0
+    } else {
+        (b.time_ns - a.time_ns) as f64 / n as f64
+    };
+    (n, ns, b.recursion_misses - a.recursion_misses)
+}
+
+/// The counted growth must be the kernel's `RetransSegs` growth, less at most the segments the
+/// stack counted and then failed to send (`TCPRetransFail`: the program skips `err != 0`).
+fn assert_matches(what: &str, counted: u64, k0: &TcpCounters, k1: &TcpCounters) {
+    let segs = k1.retrans_segs - k0.retrans_segs;
+    let failed = k1.retrans_fail - k0.retrans_fail;
+    assert!(
+        counted <= segs && segs - counted <= failed,
+        "{what}: counted {counted} retransmitted segments, the kernel's RetransSegs grew by \
+         {segs} ({failed} of them failed to send)"
+    );
+}
+
+#[test]
+#[ignore = "root: real LXC containers, nftables and BPF programs"]
+fn retransmits_match_the_containers_retranssegs() {
+    let mut lab = Lab::new().expect("lab");
+    let lossy = lab
+        .container("rtlossy", &ContainerSpec::default())
+        .expect("lossy container");
+    let clean = lab
+        .container("rtclean", &ContainerSpec::default())
+        .expect("clean container");
+    let pids = [lossy.init_pid().unwrap(), clean.init_pid().unwrap()];
+    let veth = host_veth(&lossy).expect("the lossy container's veth");
+    let mut bpf = load(true);
+    assert_eq!(*bpf.tcp_retransmits(), RunqMode::Counting);
+    let ids = [
+        bpf.track(&v2_dir(&lossy)).expect("track lossy"),
+        bpf.track(&v2_dir(&clean)).expect("track clean"),
+    ];
+    let _stats = Stats::on().expect("bpf_stats");
+
+    // The containers send; the lossy one's segments are dropped on its veth.
+    let (b0, k0) = settled(&mut bpf, &ids, &pids);
+    let host0 = tcp_counters(None).unwrap();
+    let p0 = prog_stats(PROG).unwrap();
+    let dropped = {
+        let loss = Loss::new(
+            &veth,
+            lossy.host_ip,
+            47311,
+            LOSS_PERCENT,
+            Direction::FromContainer,
+        )
+        .expect("loss on the veth");
+        lossy
+            .transfer_container_to_host(BYTES, 47311)
+            .expect("lossy transfer");
+        clean
+            .transfer_container_to_host(BYTES, 47312)
+            .expect("clean transfer");
+        loss.dropped().expect("dropped packets")
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (b1, k1) = settled(&mut bpf, &ids, &pids);
+    let host1 = tcp_counters(None).unwrap();
+    let p1 = prog_stats(PROG).unwrap();
+    let (calls, ns, misses) = runs(&p0, &p1);
+    let counted = [b1[0] - b0[0], b1[1] - b0[1]];
+    let host_segs = host1.retrans_segs - host0.retrans_segs;
+    eprintln!(
+        "lossy: {dropped} packets dropped, counted {} segments, RetransSegs +{} \
+         (TCPRetransFail +{}, OutSegs +{}); clean: counted {}, RetransSegs +{}; \
+         program: {calls} runs, {ns:.0} ns/run (stats clock included), {misses} recursion misses; \
+         host RetransSegs +{host_segs}",
+        counted[0],
+        k1[0].retrans_segs - k0[0].retrans_segs,
+        k1[0].retrans_fail - k0[0].retrans_fail,
+        k1[0].out_segs - k0[0].out_segs,
+        counted[1],
+        k1[1].retrans_segs - k0[1].retrans_segs,
+    );
+    assert!(dropped > 0, "the loss table dropped nothing");
+    assert!(counted[0] > 0, "no retransmit counted for the lossy container");
+    assert_matches("lossy", counted[0], &k0[0], &k1[0]);
+    assert_matches("clean", counted[1], &k0[1], &k1[1]);
+    // Segments, not calls: a dropped packet on the veth is a whole TSO skb of several
+    // segments, and its retransmit is one call for several segments. Counting calls would fall
+    // short of RetransSegs; the program ran once per call (the host's own retransmits, if
+    // any, ran it too).
+    assert!(
+        calls >= 1 && calls <= counted[0] + counted[1] + host_segs,
+        "{calls} runs for {} counted segments",
+        counted[0] + counted[1]
+    );
+    if host_segs == 0 {
+        eprintln!(
+            "segments per retransmit call: {:.2}",
+            counted[0] as f64 / calls as f64
+        );
+    }
+
+    // The host's own retransmits (to the lossy container, whose veth drops the host's
+    // segments now) are not a container's: the containers only acknowledge.
+    let p1 = prog_stats(PROG).unwrap();
+    {
+        let _loss = Loss::new(
+            &veth,
+            lossy.host_ip,
+            47313,
+            LOSS_PERCENT,
+            Direction::ToContainer,
+        )
+        .expect("loss on the veth");
+        lossy
+            .transfer_host_to_container(BYTES, 47313)
+            .expect("host transfer");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (b2, k2) = settled(&mut bpf, &ids, &pids);
+    let host2 = tcp_counters(None).unwrap();
+    let (host_calls, host_ns, _) = runs(&p1, &prog_stats(PROG).unwrap());
+    eprintln!(
+        "host: RetransSegs +{}, program {host_calls} runs, {host_ns:.0} ns/run (not a container's socket); \
+         containers counted +{} +{}",
+        host2.retrans_segs - host1.retrans_segs,
+        b2[0] - b1[0],
+        b2[1] - b1[1]
+    );
+    assert!(
+        host2.retrans_segs > host1.retrans_segs,
+        "the host did not retransmit"
+    );
+    assert!(host_calls > 0, "the program did not run for the host's retransmits");
+    assert_matches("lossy (receiving)", b2[0] - b1[0], &k1[0], &k2[0]);
+    assert_matches("clean (idle)", b2[1] - b1[1], &k1[1], &k2[1]);
+    for id in ids {
+        bpf.untrack(id).expect("untrack");
+    }
+    drop(lab);
+}
+
+/// `enable_tcp_retransmits: false`: the program is not loaded, the figure is absent; switched
+/// on at run time it counts, switched off again it no longer runs.
+#[test]
+#[ignore = "root: real LXC containers, nftables and BPF programs"]
+fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
+    let mut lab = Lab::new().expect("lab");
+    let c = lab
+        .container("rtoff", &ContainerSpec::default())
+        .expect("container");
+    let pid = c.init_pid().unwrap();
+    let veth = host_veth(&c).expect("veth");
+    let mut bpf = load(false);
+    assert!(matches!(bpf.tcp_retransmits(), RunqMode::Off(_)));
+    let id = bpf.track(&v2_dir(&c)).expect("track");
+    bpf.refresh().expect("refresh");
+    assert_eq!(bpf.tcp_retransmitted(id), None, "absent, not 0");
+    assert_eq!(own_programs(PROG).unwrap(), 0, "no retransmit program loaded");
+
+    let lossy_transfer = |port: u16| {
+        let k0 = tcp_counters(Some(pid)).unwrap();
+        let _loss = Loss::new(&veth, c.host_ip, port, LOSS_PERCENT, Direction::FromContainer)
+            .expect("loss");
+        c.transfer_container_to_host(BYTES / 4, port)
+            .expect("transfer");
+        let k1 = tcp_counters(Some(pid)).unwrap();
+        assert!(k1.retrans_segs > k0.retrans_segs, "no retransmit happened");
+    };
+    // Switched on at run time (a reload): it counts.
+    assert_eq!(*bpf.set_tcp_retransmits(true), RunqMode::Counting);
+    lossy_transfer(47321);
+    std::thread::sleep(Duration::from_millis(500));
+    bpf.refresh().expect("refresh");
+    assert!(bpf.tcp_retransmitted(id).is_some_and(|n| n > 0));
+    // Off again: detached, so it does not run while the container retransmits.
+    assert!(matches!(bpf.set_tcp_retransmits(false), RunqMode::Off(_)));
+    let _stats = Stats::on().expect("bpf_stats");
+    let p0 = prog_stats(PROG).unwrap();
+    lossy_transfer(47322);
+    let (calls, _, _) = runs(&p0, &prog_stats(PROG).unwrap());
+    assert_eq!(calls, 0, "the detached program ran");
+    bpf.refresh().expect("refresh");
+    assert_eq!(bpf.tcp_retransmitted(id), None, "absent, not 0");
+    drop(lab);
+}
+
+/// A plain HTTP GET of `/metrics` over loopback; the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+const FAMILY: &str = "lxcmon_container_tcp_retransmitted_segments_total";
+
+/// The container's sample of the family, if any.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(FAMILY) && l.contains(&format!("container_id=\"{name}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The container's `tcp_retransmits` in each record of the export, oldest first (`None` where
+/// the key is absent).
+fn record_values(export: &Path, name: &str) -> Vec<Option<u64>> {
+    let text = std::fs::read_to_string(export).expect("export file");
+    let records: serde_json::Value = serde_json::from_str(&text).expect("records JSON");
+    records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["container_id"] == name)
+        .map(|r| r.get("tcp_retransmits").and_then(|v| v.as_u64()))
+        .collect()
+}
+
+/// The daemon end to end: over several cycles `records` and `/metrics` carry each container's
+/// cumulative count, which grows by what the kernel counted in the container; a reload with
+/// `enable_tcp_retransmits: false` makes the figure absent.
+#[test]
+#[ignore = "root: real LXC containers, nftables and BPF programs"]
+fn the_daemon_exports_retransmits_in_records_and_metrics() {
+    use lxcmon_testkit::agent::{AgentConfig, Daemon};
+    let mut lab = Lab::new().expect("lab");
+    let lossy = lab
+        .container("rtdaemon", &ContainerSpec::default())
+        .expect("container");
+    let clean = lab
+        .container("rtquiet", &ContainerSpec::default())
+        .expect("container");
+    let pid = lossy.init_pid().unwrap();
+    let veth = host_veth(&lossy).expect("veth");
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = AgentConfig::new(dir.path(), "records");
+    cfg.collector = "ebpf".into();
+    cfg.prometheus_listen = Some(format!("127.0.0.1:{port}"));
+    let bin = Path::new(env!("CARGO_BIN_EXE_lxcmon"));
+    let mut daemon = Daemon::start(bin, &cfg).expect("daemon");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(daemon.running(), "the daemon died");
+
+    let v0 = record_values(&cfg.export_file(), &lossy.name)
+        .last()
+        .copied()
+        .flatten()
+        .expect("tcp_retransmits in the records before the transfer");
+    let k0 = tcp_counters(Some(pid)).unwrap();
+    {
+        let _loss = Loss::new(
+            &veth,
+            lossy.host_ip,
+            47331,
+            LOSS_PERCENT,
+            Direction::FromContainer,
+        )
+        .expect("loss");
+        lossy
+            .transfer_container_to_host(BYTES, 47331)
+            .expect("transfer");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let k1 = tcp_counters(Some(pid)).unwrap();
+    let metrics = scrape(port);
+    let values = record_values(&cfg.export_file(), &lossy.name);
+    let quiet = record_values(&cfg.export_file(), &clean.name);
+    eprintln!("records tcp_retransmits: {values:?}; quiet: {quiet:?}");
+    let counted: Vec<u64> = values.iter().map(|v| v.expect("present every cycle")).collect();
+    assert!(counted.len() >= 5, "several cycles");
+    assert!(
+        counted.windows(2).all(|w| w[0] <= w[1]),
+        "cumulative: never goes back"
+    );
+    let v1 = *counted.last().unwrap();
+    assert_matches("daemon", v1 - v0, &k0, &k1);
+    assert!(v1 > v0, "the transfer's retransmits");
+    assert_eq!(sample(&metrics, &lossy.name), Some(v1 as f64), "{metrics}");
+    assert!(quiet.iter().all(|v| *v == Some(0)), "the quiet container");
+    assert_eq!(sample(&metrics, &clean.name), Some(0.0));
+    assert!(metrics.contains(&format!("# TYPE {FAMILY} counter")));
+
+    // Reload with the family off: absent from the next cycles on, still declared.
+    cfg.monitoring_extra = vec!["enable_tcp_retransmits: false".into()];
+    cfg.write().expect("config");
+    let n = values.len();
+    let daemon_pid = rustix::process::Pid::from_raw(daemon.pid().unwrap() as i32).unwrap();
+    rustix::process::kill_process(daemon_pid, rustix::process::Signal::HUP).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let metrics = scrape(port);
+    let after = record_values(&cfg.export_file(), &lossy.name);
+    daemon.terminate(Duration::from_secs(10)).expect("stop");
+    let _ = Command::new(bin).arg("--cleanup-bpf").status();
+    assert!(after.len() >= n + 3, "cycles after the reload");
+    assert_eq!(after.last(), Some(&None), "absent after the reload: {after:?}");
+    assert_eq!(sample(&metrics, &lossy.name), None, "no sample when off");
+    assert!(metrics.contains(&format!("# TYPE {FAMILY} counter")));
+    drop(lab);
+}
