@@ -303,6 +303,9 @@ pub const MAP_TCP_RETRANS: &str = "LXCMON_RETRANS";
 /// `tp_btf/tcp_retransmit_skb`: adds the retransmitted skb's segments to the socket's
 /// container.
 pub const PROG_TCP_RETRANS: &str = "lxcmon_tcp_retransmit";
+/// `tp_btf/tcp_retransmit_synack`: adds 1 to the listening socket's container per SYN-ACK sent
+/// again (the kernel's `RetransSegs` counts those too).
+pub const PROG_TCP_SYNACK: &str = "lxcmon_tcp_synack";
 /// Global holding [`TcpOffsets`].
 pub const GLOBAL_TCP_OFFSETS: &str = "LXCMON_TCP_OFF";
 

@@ -11,9 +11,9 @@
 //! level it crosses.
 //!
 //! It counts what the kernel adds to `RetransSegs` (`/proc/net/snmp`): `tcp_skb_pcount(skb)`
-//! (`TCP_SKB_CB(skb)->tcp_gso_segs`) per retransmitted skb, not one per call. Where the
-//! tracepoint carries `err` (6.17+) it fires for refused retransmits too; those are skipped,
-//! as older kernels never report them.
+//! (`TCP_SKB_CB(skb)->tcp_gso_segs`) per retransmitted skb, not one per call, and 1 per
+//! SYN-ACK a listening socket sends again. Where `tcp_retransmit_skb` carries `err` (6.17+) it
+//! fires for refused retransmits too; those are skipped, as older kernels never report them.
 
 use crate::{LXCMON_LEVELS, LXCMON_TRACKED};
 use aya_ebpf::{
@@ -74,7 +74,36 @@ fn socket_slot(o: &TcpOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option
     None
 }
 
-/// `tcp_retransmit_skb(sk, skb[, err])`.
+/// Adds `segs` to the counter of the tracked container whose subtree holds the socket's
+/// cgroup, if any.
+#[inline(always)]
+fn count(o: &TcpOffsets, sk: *const u8, segs: u64) {
+    let Some(word) = LXCMON_LEVELS.get(0) else {
+        return;
+    };
+    let mask = *word & ((1u64 << MAX_TRACKED_LEVEL) - 1);
+    if mask == 0 {
+        return;
+    }
+    let cgrp: *const u8 = load(sk, o.sk_cgrp);
+    if cgrp.is_null() {
+        return;
+    }
+    // Above every tracked level (the root cgroup, where host sockets are): done.
+    let level: i32 = load(cgrp, o.cgrp_level);
+    if level < 0 || (level as u32) < mask.trailing_zeros() {
+        return;
+    }
+    let Some(slot) = socket_slot(o, cgrp, level as u32, mask) else {
+        return;
+    };
+    if let Some(c) = LXCMON_RETRANS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += segs };
+    }
+}
+
+/// `tcp_retransmit_skb(sk, skb[, err])`: a retransmitted data (or SYN, FIN) skb.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn lxcmon_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
     let o = LXCMON_TCP_OFF.load();
@@ -89,31 +118,22 @@ pub fn lxcmon_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
             return 0;
         }
     }
-    let Some(word) = LXCMON_LEVELS.get(0) else {
-        return 0;
-    };
-    let mask = *word & ((1u64 << MAX_TRACKED_LEVEL) - 1);
-    if mask == 0 {
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    let segs: u16 = load(skb, o.skb_segs);
+    count(&o, sk, u64::from(segs.max(1)));
+    0
+}
+
+/// `tcp_retransmit_synack(sk, req)`: a listening socket sent a SYN-ACK again (`tcp_rtx_synack`
+/// adds 1 to `RetransSegs`, and fires this only when it was sent).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn lxcmon_tcp_synack(ctx: BtfTracePointContext) -> i32 {
+    let o = LXCMON_TCP_OFF.load();
+    if o.enabled == 0 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    let cgrp: *const u8 = load(sk, o.sk_cgrp);
-    if cgrp.is_null() {
-        return 0;
-    }
-    // Above every tracked level (the root cgroup, where host sockets are): done.
-    let level: i32 = load(cgrp, o.cgrp_level);
-    if level < 0 || (level as u32) < mask.trailing_zeros() {
-        return 0;
-    }
-    let Some(slot) = socket_slot(&o, cgrp, level as u32, mask) else {
-        return 0;
-    };
-    let skb: *const u8 = ctx.arg(1);
-    let segs: u16 = load(skb, o.skb_segs);
-    if let Some(c) = LXCMON_RETRANS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *c += u64::from(segs.max(1)) };
-    }
+    count(&o, sk, 1);
     0
 }

@@ -16,9 +16,9 @@
 use lxcmon::collect::bpf::{BpfCollector, BpfOptions, RunqMode};
 use lxcmon::readers::cgroup::Layout;
 use lxcmon_testkit::bpfprog::{own_programs, prog_stats, Runs, Stats};
-use std::collections::BTreeMap;
 use lxcmon_testkit::netloss::{host_veth, tcp_counters, Direction, Loss, TcpCounters};
 use lxcmon_testkit::{Container, ContainerSpec, Lab};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -166,7 +166,10 @@ fn retransmits_match_the_containers_retranssegs() {
         k1[1].retrans_segs - k0[1].retrans_segs,
     );
     assert!(dropped > 0, "the loss table dropped nothing");
-    assert!(counted[0] > 0, "no retransmit counted for the lossy container");
+    assert!(
+        counted[0] > 0,
+        "no retransmit counted for the lossy container"
+    );
     assert_matches("lossy", counted[0], &k0[0], &k1[0]);
     assert_matches("clean", counted[1], &k0[1], &k1[1]);
     // Segments, not calls: a dropped packet on the veth is a whole TSO skb of several
@@ -216,12 +219,51 @@ fn retransmits_match_the_containers_retranssegs() {
         host2.retrans_segs > host1.retrans_segs,
         "the host did not retransmit"
     );
-    assert!(host_calls > 0, "the program did not run for the host's retransmits");
+    assert!(
+        host_calls > 0,
+        "the program did not run for the host's retransmits"
+    );
     assert_matches("lossy (receiving)", b2[0] - b1[0], &k1[0], &k2[0]);
     assert_matches("clean (idle)", b2[1] - b1[1], &k1[1], &k2[1]);
     for id in ids {
         bpf.untrack(id).expect("untrack");
     }
+    drop(lab);
+}
+
+/// A container's listening socket whose SYN-ACKs are lost sends them again (`tcp_rtx_synack`:
+/// one segment each in `RetransSegs`, a tracepoint of its own): counted as well.
+#[test]
+#[ignore = "root: real LXC containers, nftables and BPF programs"]
+fn syn_ack_retransmits_of_a_listening_container_count() {
+    let mut lab = Lab::new().expect("lab");
+    let server = lab
+        .container("rtserver", &ContainerSpec::default())
+        .expect("container");
+    let pid = server.init_pid().unwrap();
+    let veth = host_veth(&server).expect("veth");
+    let mut bpf = load(true);
+    let ids = [bpf.track(&v2_dir(&server)).expect("track")];
+    let (b0, k0) = settled(&mut bpf, &ids, &[pid]);
+    // Every SYN-ACK is dropped for 2.5 s: the listener's timer (1 s, then 2 s) and the host's
+    // repeated SYN make it send them again; the connection opens once the table is gone.
+    let loss = Loss::syn_acks(&veth, server.host_ip, 47341).expect("SYN-ACK loss");
+    let s = server.clone();
+    let transfer = std::thread::spawn(move || s.transfer_host_to_container(1 << 20, 47341));
+    std::thread::sleep(Duration::from_millis(2500));
+    let dropped = loss.dropped().expect("dropped");
+    drop(loss);
+    transfer.join().unwrap().expect("transfer after the loss");
+    std::thread::sleep(Duration::from_millis(500));
+    let (b1, k1) = settled(&mut bpf, &ids, &[pid]);
+    eprintln!(
+        "{dropped} SYN-ACKs dropped; counted {}, RetransSegs +{}",
+        b1[0] - b0[0],
+        k1[0].retrans_segs - k0[0].retrans_segs
+    );
+    assert!(dropped >= 2, "SYN-ACKs dropped: {dropped}");
+    assert!(b1[0] > b0[0], "no SYN-ACK retransmit counted");
+    assert_matches("listener", b1[0] - b0[0], &k0[0], &k1[0]);
     drop(lab);
 }
 
@@ -241,12 +283,22 @@ fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
     let id = bpf.track(&v2_dir(&c)).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.tcp_retransmitted(id), None, "absent, not 0");
-    assert_eq!(own_programs(PROG).unwrap(), 0, "no retransmit program loaded");
+    assert_eq!(
+        own_programs(PROG).unwrap(),
+        0,
+        "no retransmit program loaded"
+    );
 
     let lossy_transfer = |port: u16| {
         let k0 = tcp_counters(Some(pid)).unwrap();
-        let _loss = Loss::new(&veth, c.host_ip, port, LOSS_PERCENT, Direction::FromContainer)
-            .expect("loss");
+        let _loss = Loss::new(
+            &veth,
+            c.host_ip,
+            port,
+            LOSS_PERCENT,
+            Direction::FromContainer,
+        )
+        .expect("loss");
         c.transfer_container_to_host(BYTES / 4, port)
             .expect("transfer");
         let k1 = tcp_counters(Some(pid)).unwrap();
@@ -367,7 +419,10 @@ fn the_daemon_exports_retransmits_in_records_and_metrics() {
     let values = record_values(&cfg.export_file(), &lossy.name);
     let quiet = record_values(&cfg.export_file(), &clean.name);
     eprintln!("records tcp_retransmits: {values:?}; quiet: {quiet:?}");
-    let counted: Vec<u64> = values.iter().map(|v| v.expect("present every cycle")).collect();
+    let counted: Vec<u64> = values
+        .iter()
+        .map(|v| v.expect("present every cycle"))
+        .collect();
     assert!(counted.len() >= 5, "several cycles");
     assert!(
         counted.windows(2).all(|w| w[0] <= w[1]),
@@ -393,7 +448,11 @@ fn the_daemon_exports_retransmits_in_records_and_metrics() {
     daemon.terminate(Duration::from_secs(10)).expect("stop");
     let _ = Command::new(bin).arg("--cleanup-bpf").status();
     assert!(after.len() >= n + 3, "cycles after the reload");
-    assert_eq!(after.last(), Some(&None), "absent after the reload: {after:?}");
+    assert_eq!(
+        after.last(),
+        Some(&None),
+        "absent after the reload: {after:?}"
+    );
     assert_eq!(sample(&metrics, &lossy.name), None, "no sample when off");
     assert!(metrics.contains(&format!("# TYPE {FAMILY} counter")));
     drop(lab);

@@ -62,6 +62,33 @@ impl Loss {
         direction: Direction,
     ) -> Result<Self> {
         ensure!(percent <= 100, "a share of {percent} %");
+        let (hook, addr) = match direction {
+            Direction::FromContainer => ("ingress", "daddr"),
+            Direction::ToContainer => ("egress", "saddr"),
+        };
+        Self::with_rule(
+            veth,
+            hook,
+            &format!(
+                "ip {addr} {host_ip} tcp dport {port} tcp flags & (syn | fin | rst) == 0 \
+                 numgen random mod 100 < {percent} counter drop"
+            ),
+        )
+    }
+
+    /// Drops every SYN-ACK the container sends from its listening `port` to `host_ip`: its
+    /// listening socket sends them again.
+    pub fn syn_acks(veth: &str, host_ip: Ipv4Addr, port: u16) -> Result<Self> {
+        Self::with_rule(
+            veth,
+            "ingress",
+            &format!(
+                "ip daddr {host_ip} tcp sport {port} tcp flags & (syn | ack) == syn | ack counter drop"
+            ),
+        )
+    }
+
+    fn with_rule(veth: &str, hook: &str, rule: &str) -> Result<Self> {
         ensure!(
             veth.starts_with("veth") && fs::metadata(format!("/sys/class/net/{veth}")).is_ok(),
             "{veth} is not a veth of this host"
@@ -71,13 +98,8 @@ impl Loss {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let (hook, addr) = match direction {
-            Direction::FromContainer => ("ingress", "daddr"),
-            Direction::ToContainer => ("egress", "saddr"),
-        };
         let script = format!(
-            "table netdev {table} {{\n  chain lossy {{\n    type filter hook {hook} device \"{veth}\" priority 0; policy accept;\n    \
-             ip {addr} {host_ip} tcp dport {port} tcp flags & (syn | fin | rst) == 0 numgen random mod 100 < {percent} counter drop\n  }}\n}}\n"
+            "table netdev {table} {{\n  chain lossy {{\n    type filter hook {hook} device \"{veth}\" priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
         );
         nft(Some(&script), &[]).context("creating the loss table")?;
         Ok(Self { table })
@@ -122,7 +144,10 @@ pub fn host_veth(c: &Container) -> Result<String> {
             return Ok(name);
         }
     }
-    bail!("no host interface with index {iflink} (the peer of {}'s eth0)", c.name)
+    bail!(
+        "no host interface with index {iflink} (the peer of {}'s eth0)",
+        c.name
+    )
 }
 
 /// One `name value` table of `/proc/<pid>/net/snmp` or `net/netstat` (`Tcp:`, `TcpExt:`).

@@ -1,5 +1,5 @@
-//! TCP retransmits: the `tp_btf/tcp_retransmit_skb` program, the socket and cgroup offsets it
-//! reads from the kernel's BTF, and the per-container segment counters, read for every
+//! TCP retransmits: the `tp_btf/tcp_retransmit_skb` and `tcp_retransmit_synack` programs, the
+//! socket and cgroup offsets they read from the kernel's BTF, and the per-container segment counters, read for every
 //! container in one batched map read per cycle.
 
 use super::btf::Btf;
@@ -8,17 +8,24 @@ use super::latency::RunqMode as LatencyMode;
 use super::loader::TpBtf;
 use super::{format, sys, BpfCollector};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use lxcmon_common::{TcpOffsets, MAP_TCP_RETRANS, PROG_TCP_RETRANS};
+use lxcmon_common::{TcpOffsets, MAP_TCP_RETRANS, PROG_TCP_RETRANS, PROG_TCP_SYNACK};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::Path;
 
-/// The program, its tracepoint and its link name.
-const PROGRAMS: [TpBtf<'static>; 1] = [(
-    PROG_TCP_RETRANS,
-    "tcp_retransmit_skb",
-    "tcp-tcp_retransmit_skb",
-)];
+/// The programs, their tracepoints and link names.
+const PROGRAMS: [TpBtf<'static>; 2] = [
+    (
+        PROG_TCP_RETRANS,
+        "tcp_retransmit_skb",
+        "tcp-tcp_retransmit_skb",
+    ),
+    (
+        PROG_TCP_SYNACK,
+        "tcp_retransmit_synack",
+        "tcp-tcp_retransmit_synack",
+    ),
+];
 
 /// The offsets the program needs, from the kernel's BTF, and whether the tracepoint passes
 /// `err` (its tracefs record has the field: both came with the same kernel change). The error
@@ -26,7 +33,9 @@ const PROGRAMS: [TpBtf<'static>; 1] = [(
 pub(crate) fn tcp_offsets(btf: &Btf, tracefs: &Path) -> Result<TcpOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
     let sk_cgrp = m("sock", "sk_cgrp_data.cgroup").map_err(|e| {
-        format!("{e}: the socket's cgroup pointer (Linux 5.15+) is needed to attribute a retransmit")
+        format!(
+            "{e}: the socket's cgroup pointer (Linux 5.15+) is needed to attribute a retransmit"
+        )
     })?;
     let path = tracefs.join("events/tcp/tcp_retransmit_skb/format");
     let text = std::fs::read_to_string(&path)
@@ -79,7 +88,7 @@ impl BpfCollector {
         self.retrans.wanted
     }
 
-    /// Switches the program on (keeping an earlier agent's pinned link) or off (detached).
+    /// Switches the programs on (keeping an earlier agent's pinned links) or off (detached).
     /// Returns the new mode; a refusal is the reason, the rest goes on.
     pub fn set_tcp_retransmits(&mut self, on: bool) -> &LatencyMode {
         self.retrans.wanted = on;
