@@ -15,6 +15,8 @@
 //!   `oom_kill` grows by exactly one per kill. Block I/O to its root (the disk) and to `mp0`
 //!   (the loop device, excluded by `excluded_devices`).
 //! - 101 → 102: a bounded UDP transfer; per-interface counters against `/proc/<init>/net/dev`.
+//! - 101 → 102: a bounded TCP transfer with 102's veth down for a moment: 101's retransmits
+//!   against its `RetransSegs` (`retrans.rs`).
 //!
 //! The agent reads a file somewhere inside a cycle: each comparison brackets that cycle with
 //! the guest's own reads of the same file before (counted before the cycle began) and after it
@@ -51,6 +53,7 @@ const MP0_MIB: u64 = 2;
 const MP0_FILES: u64 = 5;
 const NET_COUNT: u64 = 200;
 const NET_SIZE: u64 = 500;
+const ERRLOG: &str = "/tmp/lxcmon-details.stderr";
 
 fn now() -> f64 {
     std::time::SystemTime::now()
@@ -193,7 +196,7 @@ pub fn run(report: &mut Report, cts: &[Container], truth: &mut Truth) -> Result<
     let (ct, loopdev) = create()?;
     let export = "/tmp/details.json".to_string();
     let cfg = "/etc/lxcmon-details.yaml";
-    let errlog = "/tmp/lxcmon-details.stderr";
+    let errlog = ERRLOG;
     std::fs::write(
         cfg,
         format!(
@@ -564,6 +567,35 @@ impl Details<'_> {
         self.check_absent(report, &net);
         self.check_every_cycle(report);
         step("interfaces");
+
+        // TCP retransmits: 101 -> 102 while 102's veth is down for a moment. What the transfer
+        // put on the wire (retransmits included) cannot be known in advance: the ground truth
+        // of the later byte checks takes the kernel's own count of it (`net/dev`, not `lo`).
+        let wire = |s: &Self| -> [[u64; 2]; 2] {
+            [0, 1].map(|i| {
+                read_netdev(s.cts[i].init_pid)
+                    .iter()
+                    .filter(|(name, _)| name.as_str() != "lo")
+                    .fold([0, 0], |[rx, tx], (_, f)| {
+                        [
+                            rx + f.first().copied().unwrap_or(0),
+                            tx + f.get(8).copied().unwrap_or(0),
+                        ]
+                    })
+            })
+        };
+        let w0 = wire(self);
+        let k0 = crate::retrans::kernel(self.cts[0].init_pid)?;
+        crate::retrans::transfer_with_outage(&self.cts[0], &self.cts[1], 5106)?;
+        let tcp = self.bracket(agent)?;
+        let k1 = crate::retrans::kernel(self.cts[0].init_pid)?;
+        let w1 = wire(self);
+        for i in 0..2 {
+            truth.rx[i] += w1[i][0] - w0[i][0];
+            truth.tx[i] += w1[i][1] - w0[i][1];
+        }
+        crate::retrans::check(report, net.rec(101), tcp.rec(101), (k0, k1), ERRLOG);
+        step("TCP retransmits");
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 mod agent;
 mod ct;
 mod details;
+mod retrans;
 mod scenario;
 mod wl;
 

@@ -59,6 +59,10 @@ pub fn main(args: &[String]) -> Result<()> {
             println!("SENT 1 {n}");
             Ok(())
         }
+        ["tcp-recv", port] => tcp_recv(port.parse()?),
+        ["tcp-send", dst, port, bytes, ms] => {
+            tcp_send(dst, port.parse()?, bytes.parse()?, ms.parse()?)
+        }
         ["mem", mib, ready] => mem(mib.parse()?, ready),
         ["oom", mib] => oom(mib),
         ["touch", mib] => touch(mib.parse()?),
@@ -128,6 +132,51 @@ fn udp_recv(port: u16, count: usize) -> Result<()> {
         }
     }
     println!("RECEIVED {n} {bytes}");
+    Ok(())
+}
+
+/// Accepts one TCP connection on `port` and reads it to its end (bounded: 60 s).
+fn tcp_recv(port: u16) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    println!("READY");
+    std::io::stdout().flush()?;
+    let (mut s, _) = listener.accept()?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut buf = vec![0u8; 65536];
+    let mut bytes = 0usize;
+    loop {
+        match s.read(&mut buf)? {
+            0 => break,
+            n => bytes += n,
+        }
+    }
+    println!("RECEIVED {bytes}");
+    Ok(())
+}
+
+/// Sends `bytes` over TCP to `dst:port`, spread over about `ms` milliseconds (64 KiB writes),
+/// then closes and waits for the receiver's close.
+fn tcp_send(dst: &str, port: u16, bytes: usize, ms: u64) -> Result<()> {
+    let mut s = std::net::TcpStream::connect((dst, port))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let chunk = vec![0x5au8; 65536];
+    let chunks = bytes.div_ceil(chunk.len()).max(1);
+    let t0 = Instant::now();
+    let mut sent = 0;
+    for i in 0..chunks {
+        let n = chunk.len().min(bytes - sent);
+        s.write_all(&chunk[..n])?;
+        sent += n;
+        let due = Duration::from_millis(ms * (i as u64 + 1) / chunks as u64);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = [0u8; 16];
+    while s.read(&mut rest)? > 0 {}
+    println!("SENT {sent}");
     Ok(())
 }
 
