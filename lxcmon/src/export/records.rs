@@ -514,6 +514,25 @@ mod tests {
         assert_eq!(full["mounts"][1]["size_bytes"], 64u64 << 20);
     }
 
+    /// `tcp_retransmits`: the cumulative count where counted (0 included), omitted where not.
+    #[test]
+    fn tcp_retransmits_is_the_count_or_omitted() {
+        let mut c = cycle(0, &["off"]);
+        for (id, n) in [("some", 7), ("none", 0)] {
+            let mut m = crate::export::tests::metrics(id, 1);
+            m.latency = Some(crate::collect::latency::Latency {
+                tcp_retransmits: Some(n),
+                ..Default::default()
+            });
+            c.metrics.push(m);
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&[b"[".as_slice(), &encode(&c), b"]"].concat()).unwrap();
+        assert!(v[0].get("tcp_retransmits").is_none(), "{}", v[0]);
+        assert_eq!(v[1]["tcp_retransmits"], 7);
+        assert_eq!(v[2]["tcp_retransmits"], 0);
+    }
+
     #[test]
     fn subsecond_timestamps() {
         let mut c = cycle(0, &["a"]);

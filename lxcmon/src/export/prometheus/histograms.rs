@@ -115,6 +115,39 @@ mod tests {
         }
     }
 
+    /// The retransmit counter (declared with the single-value families): a sample where
+    /// counted, 0 included; none where absent.
+    #[test]
+    fn tcp_retransmits_is_a_counter_sample_or_none() {
+        let mut w = Writer {
+            out: String::new(),
+            openmetrics: false,
+        };
+        let mut some = crate::export::tests::metrics("some", 1);
+        some.latency = Some(Latency {
+            tcp_retransmits: Some(42),
+            ..Latency::default()
+        });
+        let mut zero = crate::export::tests::metrics("zero", 1);
+        zero.latency = Some(Latency {
+            tcp_retransmits: Some(0),
+            ..Latency::default()
+        });
+        let off = crate::export::tests::metrics("off", 1);
+        super::super::containers::render(&mut w, &[some, zero, off]);
+        let f = "lxcmon_container_tcp_retransmitted_segments_total";
+        assert!(w.out.contains(&format!("# TYPE {f} counter\n")));
+        let sample = |id: &str| {
+            w.out
+                .lines()
+                .find(|l| l.starts_with(f) && l.contains(&format!("container_id=\"{id}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(sample("some").as_deref(), Some("42"));
+        assert_eq!(sample("zero").as_deref(), Some("0"));
+        assert_eq!(sample("off"), None, "absent, not 0");
+    }
+
     #[test]
     fn io_latency_has_an_op_label_per_operation() {
         let mut b = [0u64; LATENCY_BUCKETS];
