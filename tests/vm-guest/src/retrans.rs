@@ -84,14 +84,24 @@ pub(crate) fn transfer_with_outage(from: &Container, to: &Container, port: u16) 
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the TCP sender")?;
+    // The receiver's port goes down for 0.5 s: its segments die at the bridge. A port going
+    // down flushes its forwarding entries, so the bridge floods frames for the receiver to
+    // every other port until it learns them again: flooding is off on the other containers'
+    // ports meanwhile, or they would receive (and count) the transfer.
     let veth = format!("veth{}i0", to.vmid);
+    let others = quiet_ports(&[&format!("veth{}i0", from.vmid), &veth])?;
     std::thread::sleep(Duration::from_millis(300));
-    sh(&["ip", "link", "set", &veth, "down"])?;
-    std::thread::sleep(Duration::from_millis(500));
-    sh(&["ip", "link", "set", &veth, "up"])?;
+    let flap = sh(&["ip", "link", "set", &veth, "down"]).and_then(|()| {
+        std::thread::sleep(Duration::from_millis(500));
+        sh(&["ip", "link", "set", &veth, "up"])
+    });
     let sent = send.wait_with_output().context("TCP sender")?;
     let got = lines.next().and_then(|l| l.ok()).unwrap_or_default();
     let _ = recv.wait();
+    for (flood, old) in others {
+        std::fs::write(&flood, old).with_context(|| flood.clone())?;
+    }
+    flap?;
     let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
     info(&format!("retrans: sender {sent:?}, receiver {got:?}"));
     if sent != format!("SENT {bytes}") || got.trim() != format!("RECEIVED {bytes}") {
@@ -102,6 +112,24 @@ pub(crate) fn transfer_with_outage(from: &Container, to: &Container, port: u16) 
         );
     }
     Ok(())
+}
+
+/// Turns unicast flooding off on every port of the bridge of `keep[1]` but `keep`; returns
+/// each port's flag file and its old value, to restore.
+fn quiet_ports(keep: &[&str]) -> Result<Vec<(String, String)>> {
+    let brif = format!("/sys/class/net/{}/brport/bridge/brif", keep[1]);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&brif).with_context(|| brif.clone())? {
+        let port = e?.file_name().to_string_lossy().into_owned();
+        if keep.contains(&port.as_str()) {
+            continue;
+        }
+        let flood = format!("{brif}/{port}/unicast_flood");
+        let old = std::fs::read_to_string(&flood).with_context(|| flood.clone())?;
+        std::fs::write(&flood, "0").with_context(|| flood.clone())?;
+        out.push((flood, old.trim().to_string()));
+    }
+    Ok(out)
 }
 
 /// Holds 101's record before and after the transfer to the kernel's counts around it.
