@@ -13,7 +13,7 @@
 //! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --features ebpf --test retrans_truth -- --ignored --test-threads=1 --nocapture`
 #![cfg(feature = "ebpf")]
 
-use lxcmon::collect::bpf::{BpfCollector, BpfOptions, RunqMode};
+use lxcmon::collect::bpf::{BpfCollector, BpfOptions, LatencyMode};
 use lxcmon::readers::cgroup::Layout;
 use lxcmon_testkit::bpfprog::{own_programs, prog_stats, Runs, Stats};
 use lxcmon_testkit::netloss::{host_veth, tcp_counters, Direction, Loss, TcpCounters};
@@ -118,7 +118,7 @@ fn retransmits_match_the_containers_retranssegs() {
     let pids = [lossy.init_pid().unwrap(), clean.init_pid().unwrap()];
     let veth = host_veth(&lossy).expect("the lossy container's veth");
     let mut bpf = load(true);
-    assert_eq!(*bpf.tcp_retransmits(), RunqMode::Counting);
+    assert_eq!(*bpf.tcp_retransmits(), LatencyMode::Counting);
     let ids = [
         bpf.track(&v2_dir(&lossy)).expect("track lossy"),
         bpf.track(&v2_dir(&clean)).expect("track clean"),
@@ -281,7 +281,7 @@ fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
     let pid = c.init_pid().unwrap();
     let veth = host_veth(&c).expect("veth");
     let mut bpf = load(false);
-    assert!(matches!(bpf.tcp_retransmits(), RunqMode::Off(_)));
+    assert!(matches!(bpf.tcp_retransmits(), LatencyMode::Off(_)));
     let id = bpf.track(&v2_dir(&c)).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.tcp_retransmitted(id), None, "absent, not 0");
@@ -307,13 +307,16 @@ fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
         assert!(k1.retrans_segs > k0.retrans_segs, "no retransmit happened");
     };
     // Switched on at run time (a reload): it counts.
-    assert_eq!(*bpf.set_tcp_retransmits(true), RunqMode::Counting);
+    assert_eq!(*bpf.set_tcp_retransmits(true), LatencyMode::Counting);
     lossy_transfer(47321);
     std::thread::sleep(Duration::from_millis(500));
     bpf.refresh().expect("refresh");
     assert!(bpf.tcp_retransmitted(id).is_some_and(|n| n > 0));
     // Off again: detached, so it does not run while the container retransmits.
-    assert!(matches!(bpf.set_tcp_retransmits(false), RunqMode::Off(_)));
+    assert!(matches!(
+        bpf.set_tcp_retransmits(false),
+        LatencyMode::Off(_)
+    ));
     let _stats = Stats::on().expect("bpf_stats");
     let p0 = prog_stats(PROG).unwrap();
     lossy_transfer(47322);

@@ -276,8 +276,8 @@ impl KernelCounters {
     /// Says once why TCP retransmits are not counted (when they are not).
     fn log_tcp_retransmits(&self) {
         match self.bpf.tcp_retransmits() {
-            RunqMode::Counting => tracing::info!("TCP retransmits: counted per container"),
-            RunqMode::Off(reason) => {
+            LatencyMode::Counting => tracing::info!("TCP retransmits: counted per container"),
+            LatencyMode::Off(reason) => {
                 tracing::warn!(%reason, "TCP retransmits: not counted, the figure is absent")
             }
         }

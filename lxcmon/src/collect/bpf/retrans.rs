@@ -4,7 +4,7 @@
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
-use super::latency::RunqMode as LatencyMode;
+use super::latency::LatencyMode;
 use super::loader::TpBtf;
 use super::{format, sys, BpfCollector};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
