@@ -12,6 +12,7 @@
 //! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
 //! completion.
 
+use crate::kernel::load;
 use crate::{slot_of, LXCMON_LEVELS, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
@@ -41,16 +42,6 @@ static LXCMON_BLK_OFF: Global<BlkLatOffsets> = Global::new(BlkLatOffsets {
     bio_opf: 0,
     bio_sector: 0,
 });
-
-/// A plain load of a kernel struct member through a BTF-typed pointer (the offsets are
-/// constants of the frozen read-only data: the verifier checks each against the kernel's
-/// types and makes the load fault-safe), cheaper than a `bpf_probe_read_kernel` call.
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, off: u32) -> T {
-    // SAFETY: `base` is a BTF-typed kernel pointer from the tracepoint's arguments (or a
-    // member of one) and `off` a member's offset from BTF.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
-}
 
 #[inline(always)]
 fn generation() -> u32 {

@@ -21,6 +21,7 @@
 #![no_main]
 
 mod blk_latency;
+mod kernel;
 mod sched;
 mod tcp;
 

@@ -11,7 +11,8 @@
 //! write. In-flight enqueue times live in task-local storage, created only for tasks of
 //! tracked containers and freed by the kernel with the task: nothing can leak.
 
-use crate::{slot_of, LXCMON_LEVELS, LXCMON_TRACKED};
+use crate::kernel::{cgroup_slot, load, KnOffsets};
+use crate::{slot_of, LXCMON_LEVELS};
 use aya_ebpf::{
     bindings::{
         bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE,
@@ -88,15 +89,6 @@ fn storage(task: *const u8, create: bool) -> *mut RunqStart {
     }
 }
 
-/// A plain load of a kernel struct member through a BTF-typed pointer (the verifier turns it
-/// into a fault-safe load and checks the offset against the kernel's BTF).
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, off: u32) -> T {
-    // SAFETY: `base` is a BTF-typed kernel pointer and `off` a member's offset from BTF; the
-    // kernel makes the load fault-safe.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
-}
-
 #[inline(always)]
 fn rare(what: u32) {
     if let Some(c) = LXCMON_RARE.get_ptr_mut(what) {
@@ -113,35 +105,6 @@ fn task_cgroup(s: &SchedOffsets, task: *const u8) -> *const u8 {
         return core::ptr::null();
     }
     load(cset, s.cset_dfl_cgrp)
-}
-
-/// The slot of the tracked container whose subtree holds the cgroup `cgrp` (at `level`, not
-/// above every tracked level: the caller checked): the walk starts at its own level and goes
-/// up through the kernfs parents to the shallowest tracked level, looking up only at tracked
-/// levels.
-#[inline(always)]
-fn cgroup_slot(s: &SchedOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option<u32> {
-    let mut kn: *const u8 = load(cgrp, s.cgrp_kn);
-    let mut l = level;
-    for _ in 0..MAX_TRACKED_LEVEL {
-        if kn.is_null() || l >= MAX_TRACKED_LEVEL {
-            return None;
-        }
-        if mask & (1u64 << l) != 0 {
-            let id: u64 = load(kn, s.kn_id);
-            // SAFETY: map values are plain integers; the pointer is valid for this run.
-            if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
-                return Some(t.slot);
-            }
-        }
-        // No tracked level above this one: not a tracked container's cgroup.
-        if mask & ((1u64 << l) - 1) == 0 {
-            return None;
-        }
-        l -= 1;
-        kn = load(kn, s.kn_parent);
-    }
-    None
 }
 
 /// The levels word: (tracked levels mask, generation).
@@ -211,9 +174,18 @@ fn on_wakeup(ctx: &BtfTracePointContext) {
         return;
     }
     let st = storage(task, false);
-    let Some(slot) =
-        cached(st, cgrp, generation).or_else(|| cgroup_slot(&s, cgrp, level as u32, mask))
-    else {
+    let Some(slot) = cached(st, cgrp, generation).or_else(|| {
+        cgroup_slot(
+            KnOffsets {
+                cgrp_kn: s.cgrp_kn,
+                kn_parent: s.kn_parent,
+                kn_id: s.kn_id,
+            },
+            cgrp,
+            level as u32,
+            mask,
+        )
+    }) else {
         return;
     };
     // Woken while still on its CPU (it had not gone to sleep yet): it does not wait.

@@ -15,7 +15,8 @@
 //! SYN-ACK a listening socket sends again. Where `tcp_retransmit_skb` carries `err` (6.17+) it
 //! fires for refused retransmits too; those are skipped, as older kernels never report them.
 
-use crate::{LXCMON_LEVELS, LXCMON_TRACKED};
+use crate::kernel::{cgroup_slot, load, KnOffsets};
+use crate::LXCMON_LEVELS;
 use aya_ebpf::{
     macros::{btf_tracepoint, map},
     maps::PerCpuArray,
@@ -39,41 +40,6 @@ static LXCMON_TCP_OFF: Global<TcpOffsets> = Global::new(TcpOffsets {
     kn_id: 0,
 });
 
-/// A plain load of a kernel struct member through a BTF-typed pointer (the verifier checks
-/// the constant offset against the kernel's types and makes the load fault-safe).
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, off: u32) -> T {
-    // SAFETY: `base` is a BTF-typed kernel pointer and `off` a member's offset from BTF.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
-}
-
-/// The slot of the tracked container whose subtree holds `cgrp` (at `level`, not above every
-/// tracked level): up the kernfs parents, a lookup at each tracked level, deepest first.
-#[inline(always)]
-fn socket_slot(o: &TcpOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option<u32> {
-    let mut kn: *const u8 = load(cgrp, o.cgrp_kn);
-    let mut l = level;
-    for _ in 0..MAX_TRACKED_LEVEL {
-        if kn.is_null() || l >= MAX_TRACKED_LEVEL {
-            return None;
-        }
-        if mask & (1u64 << l) != 0 {
-            let id: u64 = load(kn, o.kn_id);
-            // SAFETY: map values are plain integers; the pointer is valid for this run.
-            if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
-                return Some(t.slot);
-            }
-        }
-        // No tracked level above this one.
-        if mask & ((1u64 << l) - 1) == 0 {
-            return None;
-        }
-        l -= 1;
-        kn = load(kn, o.kn_parent);
-    }
-    None
-}
-
 /// Adds `segs` to the counter of the tracked container whose subtree holds the socket's
 /// cgroup, if any.
 #[inline(always)]
@@ -94,7 +60,12 @@ fn count(o: &TcpOffsets, sk: *const u8, segs: u64) {
     if level < 0 || (level as u32) < mask.trailing_zeros() {
         return;
     }
-    let Some(slot) = socket_slot(o, cgrp, level as u32, mask) else {
+    let kn = KnOffsets {
+        cgrp_kn: o.cgrp_kn,
+        kn_parent: o.kn_parent,
+        kn_id: o.kn_id,
+    };
+    let Some(slot) = cgroup_slot(kn, cgrp, level as u32, mask) else {
         return;
     };
     if let Some(c) = LXCMON_RETRANS.get_ptr_mut(slot) {

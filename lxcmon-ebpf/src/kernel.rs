@@ -1,0 +1,53 @@
+//! Reading kernel structs in the BTF programs: plain loads through BTF-typed pointers, and the
+//! walk from a cgroup to the tracked container whose subtree holds it (scheduler and TCP
+//! programs).
+
+use crate::LXCMON_TRACKED;
+use lxcmon_common::MAX_TRACKED_LEVEL;
+
+/// A plain load of a kernel struct member through a BTF-typed pointer (the offsets are
+/// constants of the frozen read-only data: the verifier checks each against the kernel's
+/// types and makes the load fault-safe), cheaper than a `bpf_probe_read_kernel` call.
+#[inline(always)]
+pub(crate) fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer from the tracepoint's arguments (or a
+    // member of one) and `off` a member's offset from BTF.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize) as *const T) }
+}
+
+/// The offsets the walk needs: `cgroup.kn`, `kernfs_node.parent`, `kernfs_node.id`.
+#[derive(Clone, Copy)]
+pub(crate) struct KnOffsets {
+    pub cgrp_kn: u32,
+    pub kn_parent: u32,
+    pub kn_id: u32,
+}
+
+/// The slot of the tracked container whose subtree holds the cgroup `cgrp` (at `level`, not
+/// above every tracked level: the caller checked): the walk starts at its own level and goes
+/// up through the kernfs parents to the shallowest tracked level, looking up only at tracked
+/// levels.
+#[inline(always)]
+pub(crate) fn cgroup_slot(o: KnOffsets, cgrp: *const u8, level: u32, mask: u64) -> Option<u32> {
+    let mut kn: *const u8 = load(cgrp, o.cgrp_kn);
+    let mut l = level;
+    for _ in 0..MAX_TRACKED_LEVEL {
+        if kn.is_null() || l >= MAX_TRACKED_LEVEL {
+            return None;
+        }
+        if mask & (1u64 << l) != 0 {
+            let id: u64 = load(kn, o.kn_id);
+            // SAFETY: map values are plain integers; the pointer is valid for this run.
+            if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
+                return Some(t.slot);
+            }
+        }
+        // No tracked level above this one: not a tracked container's cgroup.
+        if mask & ((1u64 << l) - 1) == 0 {
+            return None;
+        }
+        l -= 1;
+        kn = load(kn, o.kn_parent);
+    }
+    None
+}
