@@ -195,34 +195,9 @@ fn loaded_sched_programs() -> usize {
     own_programs("lxcmon_sched_")
 }
 
-/// Programs whose name starts with `prefix` that this process holds a descriptor of: their
-/// ids from `/proc/self/fdinfo` (`prog_id:`), their names from `bpftool prog show`.
+/// Programs whose name starts with `prefix` that this process holds a descriptor of.
 fn own_programs(prefix: &str) -> usize {
-    let ids: std::collections::HashSet<u64> = std::fs::read_dir("/proc/self/fdinfo")
-        .expect("fdinfo")
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .collect();
-    let out = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            let id = l
-                .split(':')
-                .next()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let name = l.split_whitespace().skip_while(|w| *w != "name").nth(1);
-            id.is_some_and(|id| ids.contains(&id)) && name.is_some_and(|n| n.starts_with(prefix))
-        })
-        .count()
+    lxcmon_testkit::bpfprog::own_programs(prefix).expect("bpftool prog show")
 }
 
 /// `lxcmon_sched_*` run time and count, summed per program name.
@@ -232,23 +207,11 @@ fn sched_stats() -> BTreeMap<String, (u64, u64)> {
 
 /// Run time and count of the programs whose name starts with `prefix`, summed per name.
 fn prog_stats(prefix: &str) -> BTreeMap<String, (u64, u64)> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool");
-    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let after = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1));
-        let Some(name) = after("name").filter(|n| n.starts_with(prefix)) else {
-            continue;
-        };
-        let num = |k: &str| after(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let e = m.entry(name.to_string()).or_default();
-        e.0 += num("run_time_ns");
-        e.1 += num("run_cnt");
-    }
-    m
+    lxcmon_testkit::bpfprog::prog_stats(prefix)
+        .expect("bpftool prog show")
+        .into_iter()
+        .map(|(name, r)| (name, (r.time_ns, r.count)))
+        .collect()
 }
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -308,19 +271,7 @@ fn scheduler_program_cost_and_pipe_slowdown() {
 
 /// A plain HTTP GET of `/metrics` over loopback; the body.
 fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    lxcmon_testkit::scenario::http_get(port, "/metrics").expect("GET /metrics")
 }
 
 /// The daemon end to end: two loops on one CPU wait about one second per second between them;

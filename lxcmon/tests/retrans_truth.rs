@@ -329,19 +329,7 @@ fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
 
 /// A plain HTTP GET of `/metrics` over loopback; the body.
 fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    lxcmon_testkit::scenario::http_get(port, "/metrics").expect("GET /metrics")
 }
 
 const FAMILY: &str = "lxcmon_container_tcp_retransmitted_segments_total";
