@@ -45,6 +45,7 @@ METRICS = {
     "lxcmon_container_runqueue_wait_seconds_count",
     "lxcmon_container_io_latency_seconds_bucket", "lxcmon_container_io_latency_seconds_sum",
     "lxcmon_container_io_latency_seconds_count",
+    "lxcmon_container_tcp_retransmitted_segments_total",
 }
 # PromQL words that are not metric names.
 KEYWORDS = {
@@ -255,6 +256,8 @@ SERIES = """
         values: '0+0.06x100'
       - series: 'lxcmon_container_io_latency_seconds_count{instance="pve1:9273",container_id="101",container_name="web",op="read"}'
         values: '0+100x100'
+      - series: 'lxcmon_container_tcp_retransmitted_segments_total{instance="pve1:9273",container_id="101",container_name="web"}'
+        values: '0+30x100'
 """
 MOUNT = '{container_id="101",container_name="web",fstype="ext4",instance="pve1:9273",mountpoint="/mnt/data",shared="false"}'
 WEB = '{container_id="101",container_name="web",instance="pve1:9273"}'
@@ -317,6 +320,8 @@ def promtool_checks(exprs):
             # Half of the reads within 0.5 ms, all within 1 ms: the 99th is 0.99 ms; 0.6 ms each.
             (to_us(find(exprs, "histogram_quantile(0.99", "io_latency_seconds_bucket")), [(READ, 0.00099)]),
             (to_us(find(exprs, "io_latency_seconds_sum")), [(READ, 0.0006)]),
+            # 30 segments retransmitted every 10 s.
+            (find(exprs, "rate(lxcmon_container_tcp_retransmitted_segments_total"), [(WEB, 3)]),
         ]
         lines = ["rule_files: []", "evaluation_interval: 10s", "tests:", "  - interval: 10s",
                  "    input_series:" + SERIES.rstrip("\n"), "    promql_expr_test:"]

@@ -309,6 +309,14 @@ panels += [
                "s", 12, y,
                desc="Average time from issue to completion of the container's disk requests."),
 ]
+y += 8
+panels += [
+    timeseries("TCP segments retransmitted per second",
+               [target(f"rate(lxcmon_container_tcp_retransmitted_segments_total{{{SEL}}}[{W}])", LEG)],
+               "short", 0, y, w=24,
+               desc="Segments the container's sockets sent again (lost on the way, or "
+                    "acknowledged too late): the kernel's RetransSegs, per container."),
+]
 
 dashboard = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus",
