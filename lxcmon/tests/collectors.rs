@@ -352,10 +352,6 @@ fn attached(cgroup: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn v2_cgroup(c: &Container) -> std::path::PathBuf {
-    Path::new("/sys/fs/cgroup/unified").join(format!("lxc.payload.{}", c.name))
-}
-
 #[test]
 #[ignore = "needs root, LXC and BPF: run by cargo xtask test"]
 fn container_churn_leaves_no_attachment_or_map_entry() -> Result<()> {
@@ -376,17 +372,17 @@ fn container_churn_leaves_no_attachment_or_map_entry() -> Result<()> {
     };
     // The map holds exactly the containers with links: no stale entry at any step.
     let consistent = || -> Result<bool> { Ok(tracked_entries()? == tracked_by_links()) };
-    let id_a = std::fs::metadata(v2_cgroup(&a))?.ino();
+    let id_a = std::fs::metadata(a.unified_dir())?.ino();
     wait("the first container tracked", &|| {
         Ok(links_of(id_a) == 2 && consistent()?)
     })?;
     let b = lab.container("churn-b", &ContainerSpec::default())?;
-    let id_b = std::fs::metadata(v2_cgroup(&b))?.ino();
+    let id_b = std::fs::metadata(b.unified_dir())?.ino();
     wait("the second container tracked", &|| {
         Ok(links_of(id_b) == 2 && consistent()?)
     })?;
     ensure!(
-        attached(&v2_cgroup(&b)) == 2,
+        attached(&b.unified_dir()) == 2,
         "ingress and egress attached to {}",
         b.name
     );

@@ -12,26 +12,17 @@
 #![cfg(feature = "ebpf")]
 
 use lxcmon::collect::bpf::{BpfCollector, BpfOptions, LatencyMode};
-use lxcmon::readers::cgroup::Layout;
 use lxcmon_common::LatencyHist;
 use lxcmon_testkit::direct_io;
 use lxcmon_testkit::schedstat::{growth, sched_pipe, subtree};
 use lxcmon_testkit::workload::{busy_loop, kill_and_wait};
-use lxcmon_testkit::{Container, ContainerSpec, Lab};
+use lxcmon_testkit::{ContainerSpec, Lab};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 const WINDOW: Duration = Duration::from_secs(3);
-
-fn v2_dir(c: &Container) -> PathBuf {
-    let layout = Layout::detect(Path::new("/")).expect("cgroup layout");
-    layout
-        .unified
-        .expect("a cgroup v2 hierarchy")
-        .join(format!("lxc.payload.{}", c.name))
-}
 
 fn load(runqueue: bool) -> BpfCollector {
     BpfCollector::load(&BpfOptions {
@@ -70,7 +61,7 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
     let idle = lab
         .container("rqidle", &ContainerSpec::default())
         .expect("idle container");
-    let (bdir, idir) = (v2_dir(&busy), v2_dir(&idle));
+    let (bdir, idir) = (busy.unified_dir(), idle.unified_dir());
     let mut bpf = load(true);
     assert_eq!(*bpf.runqueue(), LatencyMode::Counting);
     let ids = [
@@ -175,7 +166,7 @@ fn switched_off_the_programs_are_not_attached() {
         .expect("container");
     let mut bpf = load(false);
     assert!(matches!(bpf.runqueue(), LatencyMode::Off(_)));
-    let id = bpf.track(&v2_dir(&c)).expect("track");
+    let id = bpf.track(&c.unified_dir()).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.runqueue_hist(id), None, "absent, not 0");
     assert_eq!(loaded_sched_programs(), 0, "no scheduler program loaded");
@@ -223,7 +214,7 @@ fn scheduler_program_cost_and_pipe_slowdown() {
     let c = lab
         .container("rqcost", &ContainerSpec::default())
         .expect("container");
-    let dir = v2_dir(&c);
+    let dir = c.unified_dir();
     let mut bpf = load(true);
     bpf.track(&dir).expect("track");
     let old = std::fs::read_to_string(STATS).unwrap();
@@ -386,7 +377,7 @@ fn io_latency_matches_timed_direct_io() {
     let c = lab
         .container("iolat", &ContainerSpec::default())
         .expect("container");
-    let dir = v2_dir(&c);
+    let dir = c.unified_dir();
     let blkio = if c.cgroup_dir("blkio").exists() {
         c.cgroup_dir("blkio")
     } else {
@@ -511,7 +502,7 @@ fn io_latency_switched_off_is_absent() {
     })
     .expect("loading the BPF collector");
     assert!(matches!(bpf.io_latency(), LatencyMode::Off(_)));
-    let id = bpf.track(&v2_dir(&c)).expect("track");
+    let id = bpf.track(&c.unified_dir()).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.io_latency_hists(id), None, "absent, not 0");
     assert_eq!(

@@ -14,12 +14,11 @@
 #![cfg(feature = "ebpf")]
 
 use lxcmon::collect::bpf::{BpfCollector, BpfOptions, LatencyMode};
-use lxcmon::readers::cgroup::Layout;
 use lxcmon_testkit::bpfprog::{own_programs, prog_stats, Runs, Stats};
 use lxcmon_testkit::netloss::{host_veth, tcp_counters, Direction, Loss, TcpCounters};
-use lxcmon_testkit::{Container, ContainerSpec, Lab};
+use lxcmon_testkit::{ContainerSpec, Lab};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -29,14 +28,6 @@ const LOSS_PERCENT: u8 = 10;
 const BYTES: u64 = 16 << 20;
 /// The program's name as bpftool shows it (15 characters).
 const PROG: &str = "lxcmon_tcp_";
-
-fn v2_dir(c: &Container) -> PathBuf {
-    let layout = Layout::detect(Path::new("/")).expect("cgroup layout");
-    layout
-        .unified
-        .expect("a cgroup v2 hierarchy")
-        .join(format!("lxc.payload.{}", c.name))
-}
 
 fn load(tcp_retransmits: bool) -> BpfCollector {
     BpfCollector::load(&BpfOptions {
@@ -120,8 +111,8 @@ fn retransmits_match_the_containers_retranssegs() {
     let mut bpf = load(true);
     assert_eq!(*bpf.tcp_retransmits(), LatencyMode::Counting);
     let ids = [
-        bpf.track(&v2_dir(&lossy)).expect("track lossy"),
-        bpf.track(&v2_dir(&clean)).expect("track clean"),
+        bpf.track(&lossy.unified_dir()).expect("track lossy"),
+        bpf.track(&clean.unified_dir()).expect("track clean"),
     ];
     let _stats = Stats::on().expect("bpf_stats");
 
@@ -245,7 +236,7 @@ fn syn_ack_retransmits_of_a_listening_container_count() {
     let pid = server.init_pid().unwrap();
     let veth = host_veth(&server).expect("veth");
     let mut bpf = load(true);
-    let ids = [bpf.track(&v2_dir(&server)).expect("track")];
+    let ids = [bpf.track(&server.unified_dir()).expect("track")];
     let (b0, k0) = settled(&mut bpf, &ids, &[pid]);
     // Every SYN-ACK is dropped for 2.5 s: the listener's timer (1 s, then 2 s) and the host's
     // repeated SYN make it send them again; the connection opens once the table is gone.
@@ -282,7 +273,7 @@ fn switched_off_the_figure_is_absent_and_the_program_does_not_run() {
     let veth = host_veth(&c).expect("veth");
     let mut bpf = load(false);
     assert!(matches!(bpf.tcp_retransmits(), LatencyMode::Off(_)));
-    let id = bpf.track(&v2_dir(&c)).expect("track");
+    let id = bpf.track(&c.unified_dir()).expect("track");
     bpf.refresh().expect("refresh");
     assert_eq!(bpf.tcp_retransmitted(id), None, "absent, not 0");
     assert_eq!(

@@ -586,6 +586,16 @@ impl Container {
         }
     }
 
+    /// The container's directory in the cgroup v2 tree (`unified/` on a hybrid host), where
+    /// the BPF programs are attached and PSI is read.
+    pub fn unified_dir(&self) -> PathBuf {
+        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.name);
+        match self.layout {
+            CgroupLayout::V1 => Path::new("/sys/fs/cgroup/unified").join(leaf),
+            CgroupLayout::V2 => Path::new("/sys/fs/cgroup").join(leaf),
+        }
+    }
+
     /// The container's root directory as the host sees it.
     pub fn rootfs(&self) -> &Path {
         &self.rootfs

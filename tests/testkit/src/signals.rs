@@ -121,12 +121,7 @@ fn kv(text: &str) -> BTreeMap<&str, u64> {
 
 impl Truth {
     pub fn new(c: &Container) -> Result<Self> {
-        let leaf = format!("lxc.payload.{}", c.name);
-        let root = Path::new("/sys/fs/cgroup");
-        let unified = match c.layout {
-            CgroupLayout::V1 => root.join("unified").join(&leaf),
-            CgroupLayout::V2 => root.join(&leaf),
-        };
+        let unified = c.unified_dir();
         Ok(Self {
             name: c.name.clone(),
             layout: c.layout,
