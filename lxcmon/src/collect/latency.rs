@@ -3,7 +3,7 @@
 //! cumulative and monotonic per container instance, with the growth over the last interval for
 //! the per-interval figures (`records`' p50 / p99 / total).
 
-use lxcmon_common::{LATENCY_BOUNDED, LATENCY_FIRST_BOUND_NS};
+use lxcmon_common::{LATENCY_BOUNDED, LATENCY_BUCKETS, LATENCY_FIRST_BOUND_NS};
 use std::sync::OnceLock;
 
 /// The buckets' upper bounds in seconds (1 µs · 2^i), ascending; the last bucket is `+Inf`.
@@ -16,32 +16,29 @@ pub fn bounds_seconds() -> &'static [f64] {
     })
 }
 
-/// A latency histogram in the Prometheus sense.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// A latency histogram in the Prometheus sense; a plain array, so keeping it per container
+/// and cycle allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Histogram {
     /// `cumulative[i]`: latencies of at most `bounds_seconds()[i]`; one more element than the
     /// bounds, the last being every latency (`le="+Inf"`, the count).
-    pub cumulative: Vec<u64>,
+    pub cumulative: [u64; LATENCY_BUCKETS],
     /// Sum of the latencies, nanoseconds.
     pub sum_ns: u64,
 }
 
 impl Histogram {
     /// From per-bucket (not cumulative) counts, the overflow bucket last.
-    pub fn from_buckets(buckets: &[u64], sum_ns: u64) -> Self {
-        let mut acc = 0u64;
-        let cumulative = buckets
-            .iter()
-            .map(|b| {
-                acc = acc.saturating_add(*b);
-                acc
-            })
-            .collect();
+    pub fn from_buckets(buckets: &[u64; LATENCY_BUCKETS], sum_ns: u64) -> Self {
+        let mut cumulative = *buckets;
+        for i in 1..LATENCY_BUCKETS {
+            cumulative[i] = cumulative[i].saturating_add(cumulative[i - 1]);
+        }
         Self { cumulative, sum_ns }
     }
 
     pub fn count(&self) -> u64 {
-        self.cumulative.last().copied().unwrap_or(0)
+        self.cumulative[LATENCY_BUCKETS - 1]
     }
 
     pub fn sum_seconds(&self) -> f64 {
@@ -60,12 +57,10 @@ impl Histogram {
 
     /// What was added since `earlier` (same instance, so every bucket only grew).
     pub fn since(&self, earlier: &Histogram) -> Histogram {
-        let cumulative = self
-            .cumulative
-            .iter()
-            .enumerate()
-            .map(|(i, c)| c.saturating_sub(earlier.cumulative.get(i).copied().unwrap_or(0)))
-            .collect();
+        let mut cumulative = self.cumulative;
+        for (c, e) in cumulative.iter_mut().zip(&earlier.cumulative) {
+            *c = c.saturating_sub(*e);
+        }
         Histogram {
             cumulative,
             sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
@@ -204,8 +199,8 @@ impl Monotonic {
         if !self.seen || self.instance != instance {
             *self = Self {
                 instance,
-                raw: raw.clone(),
-                reported: raw.clone(),
+                raw,
+                reported: raw,
                 seen: true,
             };
             return (raw, None);
@@ -216,20 +211,13 @@ impl Monotonic {
                 .iter()
                 .zip(&self.raw.cumulative)
                 .any(|(n, o)| n < o);
-        let growth = if went_back {
-            raw.clone()
-        } else {
-            raw.since(&self.raw)
-        };
-        let mut reported = self.reported.clone();
-        reported.cumulative.resize(growth.cumulative.len(), 0);
-        for (r, g) in reported.cumulative.iter_mut().zip(&growth.cumulative) {
+        let growth = if went_back { raw } else { raw.since(&self.raw) };
+        for (r, g) in self.reported.cumulative.iter_mut().zip(&growth.cumulative) {
             *r = r.saturating_add(*g);
         }
-        reported.sum_ns = reported.sum_ns.saturating_add(growth.sum_ns);
+        self.reported.sum_ns = self.reported.sum_ns.saturating_add(growth.sum_ns);
         self.raw = raw;
-        self.reported = reported.clone();
-        (reported, Some(growth))
+        (self.reported, Some(growth))
     }
 }
 
@@ -265,7 +253,6 @@ impl MonotonicCount {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lxcmon_common::LATENCY_BUCKETS;
 
     fn hist(pairs: &[(usize, u64)], sum_ns: u64) -> Histogram {
         let mut b = [0u64; LATENCY_BUCKETS];

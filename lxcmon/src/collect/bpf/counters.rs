@@ -117,6 +117,15 @@ fn release_pins(pin_dir: &Path, purpose: Purpose) {
     }
 }
 
+/// A container's state in `map`, made on its first cycle: the id is copied only then, not
+/// every cycle as `entry` would.
+fn state<'a, T: Default>(map: &'a mut HashMap<String, T>, id: &str) -> &'a mut T {
+    if !map.contains_key(id) {
+        map.insert(id.to_owned(), T::default());
+    }
+    map.get_mut(id).expect("inserted above when missing")
+}
+
 impl KernelCounters {
     /// Each counted container's run-queue and block I/O latency histograms, monotonic per
     /// instance, with their growth over the interval.
@@ -129,16 +138,12 @@ impl KernelCounters {
             let mut l = Latency::default();
             if let Some(raw) = self.bpf.runqueue_hist(*cgroup_id) {
                 let raw = Histogram::from_buckets(&raw.buckets, raw.sum_ns);
-                let (cumulative, interval) = self
-                    .runqueue
-                    .entry(id.clone())
-                    .or_default()
-                    .advance(*cgroup_id, raw);
+                let (cumulative, interval) = state(&mut self.runqueue, id).advance(*cgroup_id, raw);
                 l.runqueue = Some(cumulative);
                 l.runqueue_interval = interval;
             }
             if let Some([read, write]) = self.bpf.io_latency_hists(*cgroup_id) {
-                let mono = self.io_latency.entry(id.clone()).or_default();
+                let mono = state(&mut self.io_latency, id);
                 let (r, ri) = mono[0].advance(
                     *cgroup_id,
                     Histogram::from_buckets(&read.buckets, read.sum_ns),
@@ -151,8 +156,7 @@ impl KernelCounters {
                 (l.io_write, l.io_write_interval) = (Some(w), wi);
             }
             if let Some(raw) = self.bpf.tcp_retransmitted(*cgroup_id) {
-                let mono = self.retrans.entry(id.clone()).or_default();
-                l.tcp_retransmits = Some(mono.advance(*cgroup_id, raw));
+                l.tcp_retransmits = Some(state(&mut self.retrans, id).advance(*cgroup_id, raw));
             }
             if l != Latency::default() {
                 self.latency.insert(id.clone(), l);
