@@ -397,10 +397,24 @@ fn the_daemon_exports_retransmits_in_records_and_metrics() {
             .transfer_container_to_host(BYTES, 47331)
             .expect("transfer");
     }
-    std::thread::sleep(Duration::from_secs(3));
-    let k1 = tcp_counters(Some(pid)).unwrap();
+    // Late retransmits (a backed-off timer) may come seconds after the transfer: the last
+    // record must be of a cycle run while the kernel's count stood still, so it is read
+    // between two kernel readings two cycles apart that agree.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (k1, values) = loop {
+        let before = tcp_counters(Some(pid)).unwrap();
+        std::thread::sleep(Duration::from_secs_f64(2.5 * cfg.check_interval));
+        let values = record_values(&cfg.export_file(), &lossy.name);
+        let after = tcp_counters(Some(pid)).unwrap();
+        if (before.retrans_segs, before.retrans_fail) == (after.retrans_segs, after.retrans_fail) {
+            break (after, values);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container kept retransmitting for 20 s after the transfer"
+        );
+    };
     let metrics = scrape(port);
-    let values = record_values(&cfg.export_file(), &lossy.name);
     let quiet = record_values(&cfg.export_file(), &clean.name);
     eprintln!("records tcp_retransmits: {values:?}; quiet: {quiet:?}");
     let counted: Vec<u64> = values

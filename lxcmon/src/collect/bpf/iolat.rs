@@ -144,7 +144,7 @@ impl BpfCollector {
             return Ok(());
         }
         self.latency.io.hists = self
-            .read_hists(MAP_IOLAT_HIST, 2)?
+            .read_slots::<LatencyHist>(MAP_IOLAT_HIST, 2)?
             .into_iter()
             .filter_map(|(id, h)| Some((id, [*h.first()?, *h.get(1)?])))
             .collect();

@@ -12,8 +12,8 @@ use super::loader::TpBtf;
 use super::{sys, BpfCollector};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use lxcmon_common::{
-    LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAP_IOLAT_HIST, MAP_RARE, MAP_RUNQ_HIST,
-    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
+    LatencyHist, SchedOffsets, MAP_IOLAT_HIST, MAP_RARE, MAP_RUNQ_HIST, PROG_SCHED_SWITCH,
+    PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
 };
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -138,7 +138,7 @@ impl BpfCollector {
         if self.latency.mode == LatencyMode::Counting {
             self.check_rare();
             self.latency.hists = self
-                .read_hists(MAP_RUNQ_HIST, 1)?
+                .read_slots::<LatencyHist>(MAP_RUNQ_HIST, 1)?
                 .into_iter()
                 .filter_map(|(id, h)| Some((id, *h.first()?)))
                 .collect();
@@ -146,19 +146,19 @@ impl BpfCollector {
         self.refresh_io_latency()
     }
 
-    /// Every tracked container's `per_slot` consecutive histograms of `name` (a per-CPU array
-    /// indexed by `slot * per_slot + i`), CPUs folded.
-    pub(crate) fn read_hists(
+    /// Every tracked container's `per_slot` consecutive values of `name` (a per-CPU array
+    /// indexed by `slot * per_slot + i`), CPUs folded: histograms, or the retransmit counter.
+    pub(crate) fn read_slots<T: SlotValue>(
         &self,
         name: &'static str,
         per_slot: u32,
-    ) -> Result<HashMap<u64, Vec<LatencyHist>>, BpfError> {
+    ) -> Result<HashMap<u64, Vec<T>>, BpfError> {
         let mut out = HashMap::new();
         let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
             return Ok(out);
         };
         let count = (max_slot + 1) * per_slot;
-        let value_size = std::mem::size_of::<LatencyHist>();
+        let value_size = std::mem::size_of::<T>();
         let stride = value_size.div_ceil(8) * 8;
         let raw = match self.map(name)? {
             Map::PerCpuArray(data) if self.batched != Some(false) => {
@@ -174,10 +174,10 @@ impl BpfCollector {
                     let mut v = Vec::with_capacity(per_slot as usize);
                     for i in 0..per_slot {
                         let base = (t.slot * per_slot + i) as usize * per_index;
-                        let mut sum = LatencyHist::default();
+                        let mut sum = T::default();
                         for cpu in 0..self.ncpus {
                             let off = base + cpu * stride;
-                            sum.add(&hist_from_bytes(&raw[off..off + value_size]));
+                            sum.add(&from_bytes(&raw[off..off + value_size]));
                         }
                         v.push(sum);
                     }
@@ -186,7 +186,7 @@ impl BpfCollector {
             }
             _ => {
                 // Older kernels without batched array reads: one read per container.
-                let map: PerCpuArray<&MapData, LatencyHist> =
+                let map: PerCpuArray<&MapData, T> =
                     PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
                 for (id, t) in &self.tracked {
                     let mut v = Vec::with_capacity(per_slot as usize);
@@ -194,9 +194,9 @@ impl BpfCollector {
                         let per_cpu = map
                             .get(&(t.slot * per_slot + i), 0)
                             .map_err(map_err(name))?;
-                        let mut sum = LatencyHist::default();
-                        for h in per_cpu.iter() {
-                            sum.add(h);
+                        let mut sum = T::default();
+                        for x in per_cpu.iter() {
+                            sum.add(x);
                         }
                         v.push(sum);
                     }
@@ -254,25 +254,37 @@ impl BpfCollector {
     }
 }
 
-fn hist_from_bytes(b: &[u8]) -> LatencyHist {
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        if let Some(s) = b.get(i * 8..i * 8 + 8) {
-            w.copy_from_slice(s);
-        }
-        u64::from_ne_bytes(w)
-    };
-    let mut h = LatencyHist::default();
-    for (i, bucket) in h.buckets.iter_mut().enumerate() {
-        *bucket = word(i);
+/// A value of a per-CPU array read for every container at once: plain data, summed over CPUs.
+pub(crate) trait SlotValue: aya::Pod + Default {
+    fn add(&mut self, other: &Self);
+}
+
+impl SlotValue for LatencyHist {
+    fn add(&mut self, other: &Self) {
+        LatencyHist::add(self, other);
     }
-    h.sum_ns = word(LATENCY_BUCKETS);
-    h
+}
+
+impl SlotValue for u64 {
+    fn add(&mut self, other: &Self) {
+        *self = self.wrapping_add(*other);
+    }
+}
+
+/// One CPU's value from a batched read's bytes (`size_of::<T>()` of them).
+fn from_bytes<T: SlotValue>(b: &[u8]) -> T {
+    if b.len() < std::mem::size_of::<T>() {
+        return T::default();
+    }
+    // SAFETY: `T` is `Pod` (any bit pattern is a value) and `b` holds at least its size;
+    // the read is unaligned-safe.
+    unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lxcmon_common::LATENCY_BUCKETS;
 
     #[test]
     fn the_running_kernel_has_the_sched_offsets() {
@@ -290,12 +302,16 @@ mod tests {
         for i in 0..=LATENCY_BUCKETS as u64 {
             bytes.extend((i * 3).to_ne_bytes());
         }
-        let h = hist_from_bytes(&bytes);
+        let h: LatencyHist = from_bytes(&bytes);
         assert_eq!(h.buckets[0], 0);
         assert_eq!(
             h.buckets[LATENCY_BUCKETS - 1],
             (LATENCY_BUCKETS as u64 - 1) * 3
         );
         assert_eq!(h.sum_ns, LATENCY_BUCKETS as u64 * 3);
+        let mut n = 3u64;
+        n.add(&from_bytes::<u64>(&u64::MAX.to_ne_bytes()));
+        assert_eq!(n, 2, "counters wrap as the kernel's do");
+        assert_eq!(from_bytes::<u64>(&[1, 2]), 0, "too short: nothing");
     }
 }

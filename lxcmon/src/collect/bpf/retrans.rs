@@ -6,11 +6,10 @@ use super::btf::Btf;
 use super::error::{map_err, BpfError};
 use super::latency::LatencyMode;
 use super::loader::TpBtf;
-use super::{format, sys, BpfCollector};
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use super::{format, BpfCollector};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use lxcmon_common::{TcpOffsets, MAP_TCP_RETRANS, PROG_TCP_RETRANS, PROG_TCP_SYNACK};
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::path::Path;
 
 /// The programs, their tracepoints and link names.
@@ -123,37 +122,11 @@ impl BpfCollector {
         if self.retrans.mode != LatencyMode::Counting {
             return Ok(());
         }
-        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
-            return Ok(());
-        };
-        let count = max_slot + 1;
-        let raw = match self.map(MAP_TCP_RETRANS)? {
-            Map::PerCpuArray(data) if self.batched != Some(false) => {
-                sys::percpu_array_lookup_batch(data.fd().as_fd(), count, 8, self.ncpus).ok()
-            }
-            _ => None,
-        };
-        let per_slot = 8 * self.ncpus;
-        let mut counts = HashMap::with_capacity(self.tracked.len());
-        match raw {
-            Some(raw) if raw.len() >= per_slot * count as usize => {
-                for (id, t) in &self.tracked {
-                    let base = t.slot as usize * per_slot;
-                    counts.insert(*id, sum_u64s(&raw[base..base + per_slot]));
-                }
-            }
-            _ => {
-                // Older kernels without batched array reads: one read per container.
-                let map: PerCpuArray<&MapData, u64> =
-                    PerCpuArray::try_from(self.map(MAP_TCP_RETRANS)?)
-                        .map_err(map_err(MAP_TCP_RETRANS))?;
-                for (id, t) in &self.tracked {
-                    let per_cpu = map.get(&t.slot, 0).map_err(map_err(MAP_TCP_RETRANS))?;
-                    let sum = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
-                    counts.insert(*id, sum);
-                }
-            }
-        }
+        let counts = self
+            .read_slots::<u64>(MAP_TCP_RETRANS, 1)?
+            .into_iter()
+            .filter_map(|(id, v)| Some((id, *v.first()?)))
+            .collect();
         self.retrans.counts = counts;
         Ok(())
     }
@@ -163,17 +136,6 @@ impl BpfCollector {
     pub fn tcp_retransmitted(&self, cgroup_id: u64) -> Option<u64> {
         self.retrans.counts.get(&cgroup_id).copied()
     }
-}
-
-/// The sum of native-endian `u64`s (one per CPU).
-fn sum_u64s(b: &[u8]) -> u64 {
-    b.chunks_exact(8)
-        .map(|c| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            u64::from_ne_bytes(w)
-        })
-        .fold(0u64, u64::wrapping_add)
 }
 
 #[cfg(test)]
@@ -197,14 +159,5 @@ mod tests {
         assert_eq!(o.enabled, 1);
         assert_eq!(o.err_arg == 1, text.contains(" err;"));
         assert!(o.sk_cgrp > 0 && o.skb_segs > 0 && o.cgrp_kn > 0 && o.kn_id > 0);
-    }
-
-    #[test]
-    fn sums_the_cpus() {
-        let mut b = Vec::new();
-        for v in [3u64, 0, u64::MAX, 2] {
-            b.extend(v.to_ne_bytes());
-        }
-        assert_eq!(sum_u64s(&b), 4);
     }
 }
