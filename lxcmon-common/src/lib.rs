@@ -126,27 +126,20 @@ impl Counters {
 
 /// Run-queue wait: a per-CPU array of [`LatencyHist`] by [`TrackedCgroup::slot`].
 pub const MAP_RUNQ_HIST: &str = "LXCMON_RUNQ";
-/// Run-queue wait: the in-flight enqueue time of each task of a tracked container, in
-/// task-local storage ([`RunqStart`], `ts == 0` when not waiting), freed with the task.
-pub const MAP_RUNQ_TASK: &str = "LXCMON_RUNQ_TASK";
 /// Per-CPU array of [`RARE_EVENTS`] counters of rare kernel-side conditions (see
-/// [`RARE_INFLIGHT_FAILED`]), logged by the agent when they grow.
+/// [`RARE_NO_ENQUEUE_TIME`]), logged by the agent when they grow.
 pub const MAP_RARE: &str = "LXCMON_RARE";
 
-/// `tp_btf/sched_switch`: the wait of the task switched in ends; a preempted task that stays
-/// runnable starts waiting again.
+/// `tp_btf/sched_switch`: the task switched in stops waiting; its wait is the kernel's own
+/// `sched_info` figure (run-queue clock now minus its enqueue time).
 pub const PROG_SCHED_SWITCH: &str = "lxcmon_sched_switch";
-/// `tp_btf/sched_wakeup` and `tp_btf/sched_wakeup_new`: a task of a tracked container starts
-/// waiting for a CPU.
-pub const PROG_SCHED_WAKEUP: &str = "lxcmon_sched_wakeup";
-pub const PROG_SCHED_WAKEUP_NEW: &str = "lxcmon_sched_wakeup_new";
 
 /// Global holding [`SchedOffsets`].
 pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
 
-/// Rare-condition counters in [`MAP_RARE`]: an in-flight entry that could not be stored (the
-/// kernel refused the task's storage, e.g. out of memory).
-pub const RARE_INFLIGHT_FAILED: u32 = 0;
+/// Rare-condition counters in [`MAP_RARE`]: a tracked task switched in without an enqueue time
+/// (a kernel that keeps no `sched_info`, or a clock behind it): that wait is not counted.
+pub const RARE_NO_ENQUEUE_TIME: u32 = 0;
 pub const RARE_EVENTS: u32 = 1;
 
 /// Buckets of a latency histogram: bucket `i < LATENCY_BOUNDED` holds waits of at most
@@ -217,29 +210,21 @@ impl LatencyHist {
     }
 }
 
-/// A task's run-queue state (task-local storage): when it became runnable (0: not waiting),
-/// and its container's slot, cached with the cgroup it was resolved from and the tracking
-/// generation (the high half of the levels word), so the next enqueue skips the walk.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunqStart {
-    pub ts: u64,
-    /// Kernel address of the task's cgroup v2 (`struct cgroup *`) the slot was resolved for.
-    pub cgrp: u64,
-    pub slot: u32,
-    pub generation: u32,
-}
-
-/// Byte offsets the scheduler programs need to read a task's cgroup v2 and state, from the
-/// running kernel's BTF. `enabled == 0` leaves the programs idle.
+/// Byte offsets the scheduler program needs to read a task's cgroup v2 and its wait, from the
+/// running kernel's BTF. `enabled == 0` leaves the program idle.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedOffsets {
     pub enabled: u32,
-    /// `task_struct`: `cgroups` (the css_set), `__state` (or `state`), `on_cpu`.
+    /// `task_struct`: `cgroups` (the css_set).
     pub task_cgroups: u32,
-    pub task_state: u32,
-    pub task_on_cpu: u32,
+    /// `task_struct`: `sched_info.last_queued` (run-queue clock when it was enqueued, 0 when
+    /// not waiting) and `se.cfs_rq` (its CPU's CFS queue, set for every class).
+    pub task_last_queued: u32,
+    pub task_se_cfs_rq: u32,
+    /// `cfs_rq.rq` (its CPU's run-queue) and `rq.clock` (the clock `sched_info` reads).
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
     /// `css_set` `dfl_cgrp`: the task's cgroup in the v2 hierarchy.
     pub cset_dfl_cgrp: u32,
     /// `cgroup`: `level`, `kn`; `kernfs_node`: `__parent` (or `parent`), `id`.
@@ -247,7 +232,6 @@ pub struct SchedOffsets {
     pub cgrp_kn: u32,
     pub kn_parent: u32,
     pub kn_id: u32,
-    pub _pad: u32,
 }
 
 /// Block I/O latency: a per-CPU array of [`LatencyHist`] indexed by `slot * 2 + write`
@@ -339,8 +323,6 @@ unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for KernelOffsets {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for LatencyHist {}
-#[cfg(feature = "aya")]
-unsafe impl aya::Pod for RunqStart {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for SchedOffsets {}
 #[cfg(feature = "aya")]

@@ -1,10 +1,10 @@
-//! Run-queue wait: the scheduler programs (`tp_btf/sched_{wakeup,wakeup_new,switch}`), the
-//! task offsets they read from the kernel's BTF, and the per-container histograms, read for
-//! every container in one batched map read per cycle.
+//! Run-queue wait: the scheduler program (`tp_btf/sched_switch`), the task offsets it reads
+//! from the kernel's BTF, and the per-container histograms, read for every container in one
+//! batched map read per cycle.
 //!
-//! In-flight enqueue times live in task-local storage (`BPF_MAP_TYPE_TASK_STORAGE`, a BTF-defined
-//! map: the object is linked with `--btf`), created only for tasks of tracked containers and
-//! freed by the kernel with the task, so nothing can leak; its lookups cost no hashing.
+//! The program keeps no in-flight state: each task's enqueue time is the kernel's own
+//! (`sched_info.last_queued`), read when the task is switched in, so there is nothing to leak
+//! and the wait is the one `/proc/<pid>/schedstat` adds up.
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
@@ -13,22 +13,14 @@ use super::{sys, BpfCollector};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use lxcmon_common::{
     LatencyHist, SchedOffsets, MAP_IOLAT_HIST, MAP_RARE, MAP_RUNQ_HIST, PROG_SCHED_SWITCH,
-    PROG_SCHED_WAKEUP, PROG_SCHED_WAKEUP_NEW, RARE_EVENTS,
+    RARE_EVENTS,
 };
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-/// The scheduler programs, their tracepoints and link names (`sched-<tracepoint>`).
-const PROGRAMS: [TpBtf<'static>; 3] = [
-    (PROG_SCHED_WAKEUP, "sched_wakeup", "sched-sched_wakeup"),
-    (
-        PROG_SCHED_WAKEUP_NEW,
-        "sched_wakeup_new",
-        "sched-sched_wakeup_new",
-    ),
-    (PROG_SCHED_SWITCH, "sched_switch", "sched-sched_switch"),
-];
+/// The scheduler program, its tracepoint and link name (`sched-<tracepoint>`).
+const PROGRAMS: [TpBtf<'static>; 1] = [(PROG_SCHED_SWITCH, "sched_switch", "sched-sched_switch")];
 
 /// How often the rare-condition counters are read (and logged when they grew).
 const RARE_EVERY: Duration = Duration::from_secs(60);
@@ -41,23 +33,24 @@ pub enum LatencyMode {
     Off(String),
 }
 
-/// The task and cgroup offsets the scheduler programs need, from the kernel's BTF; the error
-/// is why run-queue wait cannot be measured.
+/// The task and cgroup offsets the scheduler program needs, from the kernel's BTF; the error
+/// is why run-queue wait cannot be measured (a kernel without `CONFIG_SCHED_INFO` has no
+/// `sched_info`, one without `CONFIG_FAIR_GROUP_SCHED` no `cfs_rq.rq`).
 pub(crate) fn sched_offsets(btf: &Btf) -> Result<SchedOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
     Ok(SchedOffsets {
         enabled: 1,
         task_cgroups: m("task_struct", "cgroups")?,
-        // `__state` since 5.14, `state` (a long; its low word on little-endian) before.
-        task_state: m("task_struct", "__state").or_else(|_| m("task_struct", "state"))?,
-        task_on_cpu: m("task_struct", "on_cpu")?,
+        task_last_queued: m("task_struct", "sched_info.last_queued")?,
+        task_se_cfs_rq: m("task_struct", "se.cfs_rq")?,
+        cfs_rq_rq: m("cfs_rq", "rq")?,
+        rq_clock: m("rq", "clock")?,
         cset_dfl_cgrp: m("css_set", "dfl_cgrp")?,
         cgrp_level: m("cgroup", "level")?,
         cgrp_kn: m("cgroup", "kn")?,
         // `__parent` since 6.15, `parent` before.
         kn_parent: m("kernfs_node", "__parent").or_else(|_| m("kernfs_node", "parent"))?,
         kn_id: m("kernfs_node", "id")?,
-        _pad: 0,
     })
 }
 
@@ -93,7 +86,7 @@ impl BpfCollector {
         &self.latency.mode
     }
 
-    /// Switches the scheduler programs on (attached, keeping an earlier agent's pinned links)
+    /// Switches the scheduler program on (attached, keeping an earlier agent's pinned links)
     /// or off (detached). Returns the new mode; a refusal is the reason, the rest goes on.
     pub fn set_runqueue(&mut self, on: bool) -> &LatencyMode {
         let offsets = self.latency.offsets.clone();
@@ -213,8 +206,8 @@ impl BpfCollector {
         self.latency.hists.get(&cgroup_id).copied()
     }
 
-    /// The rare kernel-side conditions (an in-flight entry that could not be stored), summed
-    /// over CPUs.
+    /// The rare kernel-side conditions (a tracked task switched in without an enqueue time),
+    /// summed over CPUs.
     pub fn rare_events(&self) -> Result<[u64; RARE_EVENTS as usize], BpfError> {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(MAP_RARE)?).map_err(map_err(MAP_RARE))?;
@@ -246,8 +239,8 @@ impl BpfCollector {
         let seen = self.latency.rare_seen;
         if now != seen {
             tracing::warn!(
-                inflight_failed = now[0].saturating_sub(seen[0]),
-                "run-queue wait: the kernel refused task storage for some enqueues since the last check (those waits are not counted)"
+                no_enqueue_time = now[0].saturating_sub(seen[0]),
+                "run-queue wait: some tasks of tracked containers were switched in without an enqueue time from the kernel since the last check (sched_info off?); those waits are not counted"
             );
             self.latency.rare_seen = now;
         }
@@ -294,6 +287,17 @@ mod tests {
         let s = sched_offsets(&btf).expect("offsets");
         assert_eq!(s.enabled, 1);
         assert!(s.task_cgroups > 0 && s.cgrp_kn > 0 && s.cgrp_level > 0 && s.kn_id > 0);
+        assert!(s.task_last_queued > 0 && s.task_se_cfs_rq > 0 && s.cfs_rq_rq > 0);
+        // `sched_info` and `se` are members of `task_struct`, the fields inside them.
+        let m = |a: &str, b: &str| btf.member_offset(a, b).expect(b);
+        assert_eq!(
+            s.task_last_queued,
+            m("task_struct", "sched_info") + m("sched_info", "last_queued")
+        );
+        assert_eq!(
+            s.task_se_cfs_rq,
+            m("task_struct", "se") + m("sched_entity", "cfs_rq")
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
     GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_BLK_OFFSETS, GLOBAL_KERNEL_OFFSETS,
-    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_RUNQ_TASK, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,47 +100,16 @@ impl BpfCollector {
             .and_then(|b| retrans::tcp_offsets(b, tracefs));
         let tcp_value = tcp.clone().unwrap_or_default();
         drop(btf);
-        let load = |standin: Option<&Path>| {
-            let mut loader = EbpfLoader::new();
-            loader
-                // The scheduler programs' task storage map, which aya 0.14 has no type for.
-                .allow_unsupported_maps()
-                .default_map_pin_directory(&map_dir)
-                .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
-                .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
-                .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
-                .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
-                .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
-                .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true)
-                .override_global(GLOBAL_TCP_OFFSETS, &tcp_value, true);
-            if let Some(path) = standin {
-                loader.map_pin_path(MAP_RUNQ_TASK, path);
-            }
-            loader.load(OBJECT)
-        };
-        let mut sched = sched;
-        let loaded = match load(None) {
-            // A kernel without task-local storage (before 5.11): the rest loads with a stand-in
-            // map in its place, and run-queue wait is off.
-            Err(aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }))
-                if name == MAP_RUNQ_TASK =>
-            {
-                sched = Err(format!(
-                    "the kernel refused a task storage map (Linux 5.11+): {io_error}"
-                ));
-                // bpffs refuses names with a dot.
-                let standin = map_dir.join("lxcmon-runq-task-standin");
-                let _ = std::fs::remove_file(&standin);
-                sys::pin_standin_map(&standin).map_err(|source| BpfError::PinDir {
-                    path: standin.clone(),
-                    source,
-                })?;
-                let loaded = load(Some(&standin));
-                let _ = std::fs::remove_file(&standin);
-                loaded
-            }
-            other => other,
-        };
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
+            .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
+            .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+            .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
+            .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
+            .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true)
+            .override_global(GLOBAL_TCP_OFFSETS, &tcp_value, true)
+            .load(OBJECT);
         if opts.ephemeral {
             let _ = std::fs::remove_dir_all(&map_dir);
         }

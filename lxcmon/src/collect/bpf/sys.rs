@@ -88,8 +88,6 @@ pub fn kernel_dev_t(major: u32, minor: u32) -> u32 {
 }
 
 // bpf(2) commands and the parts of `union bpf_attr` used here.
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
@@ -125,50 +123,6 @@ struct TestRunAttr {
     cpu: u32,
     batch_size: u32,
     _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjPinAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// Pins a one-element array map at `path`: a stand-in for a map type the kernel lacks, so the
-/// object loads and only the programs that need the real map are refused.
-pub fn pin_standin_map(path: &Path) -> io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let mut create = MapCreateAttr {
-        map_type: 2, // BPF_MAP_TYPE_ARRAY
-        key_size: 4,
-        value_size: 8,
-        max_entries: 1,
-        ..Default::default()
-    };
-    let fd = bpf_syscall(BPF_MAP_CREATE, &mut create)?;
-    // SAFETY: a new descriptor the kernel just returned, owned here only.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the pin path"))?;
-    let mut pin = ObjPinAttr {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    bpf_syscall(BPF_OBJ_PIN, &mut pin)?;
-    Ok(())
 }
 
 fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
