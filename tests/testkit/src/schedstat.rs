@@ -74,16 +74,18 @@ pub fn growth(
 }
 
 /// Runs `perf bench sched pipe -l <loops>` (two tasks passing a byte through a pipe pair,
-/// two context switches per round trip), in the cgroup v2 directory `cgroup` when given,
-/// and returns the time it reports.
-pub fn sched_pipe(cgroup: Option<&Path>, loops: u32) -> Result<Duration> {
+/// two context switches per round trip), in the cgroup v2 directory `cgroup` when given, both
+/// tasks on CPU 0 when `one_cpu` (pure context switches; across CPUs a round trip is mostly
+/// cross-CPU wakeups and idle exits), and returns the time it reports.
+pub fn sched_pipe(cgroup: Option<&Path>, loops: u32, one_cpu: bool) -> Result<Duration> {
     let enter = cgroup
         .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
         .unwrap_or_default();
+    let pin = if one_cpu { "taskset -c 0 " } else { "" };
     let out = Command::new("sh")
         .args([
             "-c",
-            &format!("{enter}exec perf bench sched pipe -l {loops}"),
+            &format!("{enter}exec {pin}perf bench sched pipe -l {loops}"),
         ])
         .output()
         .context("running perf bench sched pipe (package linux-perf)")?;
