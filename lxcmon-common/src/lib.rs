@@ -140,7 +140,11 @@ pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
 /// Rare-condition counters in [`MAP_RARE`]: a tracked task switched in without an enqueue time
 /// (a kernel that keeps no `sched_info`, or a clock behind it): that wait is not counted.
 pub const RARE_NO_ENQUEUE_TIME: u32 = 0;
-pub const RARE_EVENTS: u32 = 1;
+/// A tracked container's bio the block I/O latency in-flight map refused: not timed.
+pub const RARE_IOLAT_INSERT_FAILED: u32 = 1;
+pub const RARE_EVENTS: u32 = 2;
+/// The aya-log ring buffer the programs log rare conditions to (aya-log's own name).
+pub const MAP_BPF_LOG: &str = "AYA_LOGS";
 
 /// Buckets of a latency histogram: bucket `i < LATENCY_BOUNDED` holds waits of at most
 /// `LATENCY_FIRST_BOUND_NS << i` (1 µs, 2 µs, ... 2^23 µs ≈ 8.4 s); the last one the rest.

@@ -12,7 +12,7 @@
 //! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
 //! completion.
 
-use crate::kernel::load;
+use crate::kernel::{load, rare};
 use crate::{slot_of, LXCMON_LEVELS, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use lxcmon_common::{
     latency_bucket, BlkLatOffsets, IoStart, LatencyHist, IO_INFLIGHT_MAX, LATENCY_BUCKETS,
-    MAX_CONTAINERS,
+    MAX_CONTAINERS, RARE_IOLAT_INSERT_FAILED,
 };
 
 /// Histograms by `slot * 2 + write`.
@@ -51,7 +51,7 @@ fn generation() -> u32 {
 /// `block_bio_queue(bio)`: a read or write bio of a tracked container's task is remembered.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
-    on_bio(ctx.arg(0));
+    on_bio(&ctx, ctx.arg(0));
     0
 }
 
@@ -60,12 +60,12 @@ pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
 /// offset.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio_old(ctx: BtfTracePointContext) -> i32 {
-    on_bio(ctx.arg(1));
+    on_bio(&ctx, ctx.arg(1));
     0
 }
 
 #[inline(always)]
-fn on_bio(bio: *const u8) {
+fn on_bio(ctx: &BtfTracePointContext, bio: *const u8) {
     let k = LXCMON_BLK_OFF.load();
     if k.enabled == 0 {
         return;
@@ -85,7 +85,12 @@ fn on_bio(bio: *const u8) {
         slot: slot * 2 + op,
         generation: generation(),
     };
-    let _ = LXCMON_IOLAT_INFLIGHT.insert(&(bio as u64), &start, 0);
+    if LXCMON_IOLAT_INFLIGHT
+        .insert(&(bio as u64), &start, 0)
+        .is_err()
+    {
+        rare(ctx, RARE_IOLAT_INSERT_FAILED);
+    }
 }
 
 /// `block_rq_issue(rq)`: the request goes to the device.

@@ -3,7 +3,43 @@
 //! programs).
 
 use crate::LXCMON_TRACKED;
-use lxcmon_common::MAX_TRACKED_LEVEL;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::BtfTracePointContext};
+use aya_log_ebpf::warn;
+use lxcmon_common::{MAX_TRACKED_LEVEL, RARE_EVENTS, RARE_NO_ENQUEUE_TIME};
+
+#[map]
+static LXCMON_RARE: PerCpuArray<u64> = PerCpuArray::pinned(RARE_EVENTS, 0);
+
+/// Counts a rare kernel-side condition (one of `RARE_*`) and logs it through aya-log at its
+/// 1st, 2nd, 4th, 8th... occurrence on this CPU: a steady stream of them costs a few dozen
+/// lines, never one per event.
+#[inline(never)]
+pub(crate) fn rare(ctx: &BtfTracePointContext, what: u32) {
+    let Some(c) = LXCMON_RARE.get_ptr_mut(what) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+    let n = unsafe {
+        *c += 1;
+        *c
+    };
+    if n & (n - 1) != 0 {
+        return;
+    }
+    if what == RARE_NO_ENQUEUE_TIME {
+        warn!(
+            ctx,
+            "run-queue wait: a task of a tracked container was switched in without an enqueue time from the kernel ({} times on this CPU); those waits are not counted",
+            n
+        );
+    } else {
+        warn!(
+            ctx,
+            "block I/O latency: the in-flight map refused a bio of a tracked container ({} times on this CPU); those requests are not timed",
+            n
+        );
+    }
+}
 
 /// A plain load of a kernel struct member through a BTF-typed pointer (the offsets are
 /// constants of the frozen read-only data: the verifier checks each against the kernel's

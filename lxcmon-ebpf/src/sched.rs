@@ -15,7 +15,7 @@
 //! kernel's types), not `bpf_probe_read_kernel` calls. A task above every tracked level (the
 //! host's, in the root cgroup) costs three loads.
 
-use crate::kernel::{cgroup_slot, load, KnOffsets};
+use crate::kernel::{cgroup_slot, load, rare, KnOffsets};
 use crate::LXCMON_LEVELS;
 use aya_ebpf::{
     macros::{btf_tracepoint, map},
@@ -25,14 +25,11 @@ use aya_ebpf::{
 };
 use lxcmon_common::{
     latency_bucket, LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
-    RARE_EVENTS, RARE_NO_ENQUEUE_TIME,
+    RARE_NO_ENQUEUE_TIME,
 };
 
 #[map]
 static LXCMON_RUNQ: PerCpuArray<LatencyHist> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
-
-#[map]
-static LXCMON_RARE: PerCpuArray<u64> = PerCpuArray::pinned(RARE_EVENTS, 0);
 
 #[no_mangle]
 static LXCMON_SCHED_OFF: Global<SchedOffsets> = Global::new(SchedOffsets {
@@ -48,14 +45,6 @@ static LXCMON_SCHED_OFF: Global<SchedOffsets> = Global::new(SchedOffsets {
     kn_parent: 0,
     kn_id: 0,
 });
-
-#[inline(always)]
-fn rare(what: u32) {
-    if let Some(c) = LXCMON_RARE.get_ptr_mut(what) {
-        // SAFETY: per-CPU slot.
-        unsafe { *c += 1 };
-    }
-}
 
 /// `sched_switch(preempt, prev, next, ...)`: `next`'s wait ends now.
 #[btf_tracepoint(function = "sched_switch")]
@@ -104,7 +93,7 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
     }
     let clock: u64 = load(rq, s.rq_clock);
     if queued == 0 || clock < queued {
-        rare(RARE_NO_ENQUEUE_TIME);
+        rare(&ctx, RARE_NO_ENQUEUE_TIME);
         return 0;
     }
     let wait = clock - queued;

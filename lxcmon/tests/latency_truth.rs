@@ -64,6 +64,10 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
     let (bdir, idir) = (busy.unified_dir(), idle.unified_dir());
     let mut bpf = load(true);
     assert_eq!(*bpf.runqueue(), LatencyMode::Counting);
+    assert!(
+        bpf.reads_kernel_log(),
+        "the programs' aya-log ring buffer is read"
+    );
     let ids = [
         bpf.track(&bdir).expect("track busy"),
         bpf.track(&idir).expect("track idle"),
@@ -151,7 +155,11 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
     // `sched_info`), so nothing can leak; what can be checked is that every switch-in of a
     // tracked task found its enqueue time.
     let rare = bpf.rare_events().expect("rare events");
-    assert_eq!(rare, [0], "switch-ins without an enqueue time");
+    assert_eq!(
+        rare[lxcmon_common::RARE_NO_ENQUEUE_TIME as usize],
+        0,
+        "switch-ins without an enqueue time"
+    );
     for id in ids {
         bpf.untrack(id).expect("untrack");
     }

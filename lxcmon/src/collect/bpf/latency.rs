@@ -17,13 +17,9 @@ use lxcmon_common::{
 };
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
 
 /// The scheduler program, its tracepoint and link name (`sched-<tracepoint>`).
 const PROGRAMS: [TpBtf<'static>; 1] = [(PROG_SCHED_SWITCH, "sched_switch", "sched-sched_switch")];
-
-/// How often the rare-condition counters are read (and logged when they grew).
-const RARE_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether run-queue wait is measured (see [`BpfCollector::runqueue`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +59,6 @@ pub(crate) struct LatencyState {
     hists: HashMap<u64, LatencyHist>,
     /// Block I/O latency: whether measured, and each container's (read, write) histograms.
     pub(crate) io: super::iolat::IoLatState,
-    rare_seen: [u64; RARE_EVENTS as usize],
-    rare_checked: Option<Instant>,
 }
 
 impl LatencyState {
@@ -74,8 +68,6 @@ impl LatencyState {
             offsets,
             hists: HashMap::new(),
             io: super::iolat::IoLatState::new(io_offsets),
-            rare_seen: [0; RARE_EVENTS as usize],
-            rare_checked: None,
         }
     }
 }
@@ -128,8 +120,10 @@ impl BpfCollector {
     /// a family that is off.
     pub(crate) fn refresh_latency(&mut self) -> Result<(), BpfError> {
         self.latency.hists.clear();
+        if let Some(log) = &mut self.log {
+            log.flush();
+        }
         if self.latency.mode == LatencyMode::Counting {
-            self.check_rare();
             self.latency.hists = self
                 .read_slots::<LatencyHist>(MAP_RUNQ_HIST, 1)?
                 .into_iter()
@@ -206,8 +200,14 @@ impl BpfCollector {
         self.latency.hists.get(&cgroup_id).copied()
     }
 
-    /// The rare kernel-side conditions (a tracked task switched in without an enqueue time),
-    /// summed over CPUs.
+    /// Whether the programs' own log (aya-log's ring buffer) is read into the agent's log.
+    pub fn reads_kernel_log(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// The rare kernel-side conditions (`RARE_*`: a tracked task switched in without an
+    /// enqueue time, a bio the I/O latency in-flight map refused), summed over CPUs. The
+    /// programs log them themselves (aya-log); this is their count.
     pub fn rare_events(&self) -> Result<[u64; RARE_EVENTS as usize], BpfError> {
         let map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.map(MAP_RARE)?).map_err(map_err(MAP_RARE))?;
@@ -220,30 +220,6 @@ impl BpfCollector {
                 .sum();
         }
         Ok(out)
-    }
-
-    /// Logs the rare conditions when they grew, at most once per [`RARE_EVERY`] (the
-    /// programs only count them: aya-log is not wired into this object).
-    fn check_rare(&mut self) {
-        if self
-            .latency
-            .rare_checked
-            .is_some_and(|t| t.elapsed() < RARE_EVERY)
-        {
-            return;
-        }
-        self.latency.rare_checked = Some(Instant::now());
-        let Ok(now) = self.rare_events() else {
-            return;
-        };
-        let seen = self.latency.rare_seen;
-        if now != seen {
-            tracing::warn!(
-                no_enqueue_time = now[0].saturating_sub(seen[0]),
-                "run-queue wait: some tasks of tracked containers were switched in without an enqueue time from the kernel since the last check (sched_info off?); those waits are not counted"
-            );
-            self.latency.rare_seen = now;
-        }
     }
 }
 

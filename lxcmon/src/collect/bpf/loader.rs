@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
     GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_BLK_OFFSETS, GLOBAL_KERNEL_OFFSETS,
-    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_BPF_LOG, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,6 +102,9 @@ impl BpfCollector {
         drop(btf);
         let loaded = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
+            // aya-log's ring buffer is not pinned by its definition: pinned here, so an agent
+            // that adopts an earlier one's links reads the log of the programs they run.
+            .map_pin_path(MAP_BPF_LOG, map_dir.join(MAP_BPF_LOG))
             .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
             .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
             .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
@@ -137,7 +140,9 @@ impl BpfCollector {
             batched: None,
             latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
             retrans: retrans::RetransState::new(tcp.map(drop)),
+            log: None,
         };
+        this.log = super::bpflog::init(&mut this.ebpf);
         this.io_mode = this.attach_block(koff.map(drop));
         this.set_runqueue(opts.runqueue);
         this.set_io_latency(opts.io_latency);

@@ -14,7 +14,8 @@
 //! - [`iolat`](self::iolat): the block request programs and the I/O latency histograms;
 //! - [`retrans`](self::retrans): the TCP retransmit program and its per-container counters;
 //! - [`counters`]: what the cycle sees (choice of collector, per-container fallback);
-//! - [`testing`](self::testing): `BPF_PROG_TEST_RUN` for tests.
+//! - [`testing`](self::testing): `BPF_PROG_TEST_RUN` for tests;
+//! - [`bpflog`](self::bpflog): the programs' own log lines (aya-log) into the agent's log.
 //!
 //! The daemon pins maps and links under [`BpfOptions::pin_dir`] (default
 //! [`default_pin_dir`]), so counting goes on while the agent restarts and a new agent continues
@@ -29,6 +30,7 @@
 //! are dirtied (see `lxcmon-ebpf/README.md`).
 
 mod block;
+mod bpflog;
 mod btf;
 pub mod counters;
 mod error;
@@ -115,6 +117,8 @@ pub struct BpfCollector {
     batched: Option<bool>,
     latency: latency::LatencyState,
     retrans: retrans::RetransState,
+    /// The programs' log (rare conditions), drained every refresh.
+    log: Option<aya_log::EbpfLogger<bpflog::ToTracing>>,
 }
 
 impl std::fmt::Debug for BpfCollector {
