@@ -127,7 +127,7 @@ impl Counters {
 /// Run-queue wait: a per-CPU array of [`LatencyHist`] by [`TrackedCgroup::slot`].
 pub const MAP_RUNQ_HIST: &str = "LXCMON_RUNQ";
 /// Per-CPU array of [`RARE_EVENTS`] counters of rare kernel-side conditions (see
-/// [`RARE_NO_ENQUEUE_TIME`]), logged by the agent when they grow.
+/// [`RARE_RUNQ_CLOCK_BEHIND`]), logged by the agent when they grow.
 pub const MAP_RARE: &str = "LXCMON_RARE";
 
 /// `tp_btf/sched_switch`: the task switched in stops waiting; its wait is the kernel's own
@@ -137,9 +137,9 @@ pub const PROG_SCHED_SWITCH: &str = "lxcmon_sched_switch";
 /// Global holding [`SchedOffsets`].
 pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
 
-/// Rare-condition counters in [`MAP_RARE`]: a tracked task switched in without an enqueue time
-/// (a kernel that keeps no `sched_info`, or a clock behind it): that wait is not counted.
-pub const RARE_NO_ENQUEUE_TIME: u32 = 0;
+/// Rare-condition counters in [`MAP_RARE`]: a tracked task switched in with an enqueue time
+/// after its run-queue's clock (a stamp from another CPU's clock): that wait is not counted.
+pub const RARE_RUNQ_CLOCK_BEHIND: u32 = 0;
 /// A tracked container's bio the block I/O latency in-flight map refused: not timed.
 pub const RARE_IOLAT_INSERT_FAILED: u32 = 1;
 pub const RARE_EVENTS: u32 = 2;

@@ -5,7 +5,7 @@
 use crate::LXCMON_TRACKED;
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
-use lxcmon_common::{MAX_TRACKED_LEVEL, RARE_EVENTS, RARE_NO_ENQUEUE_TIME};
+use lxcmon_common::{MAX_TRACKED_LEVEL, RARE_EVENTS, RARE_RUNQ_CLOCK_BEHIND};
 
 #[map]
 static LXCMON_RARE: PerCpuArray<u64> = PerCpuArray::pinned(RARE_EVENTS, 0);
@@ -26,10 +26,10 @@ pub(crate) fn rare(ctx: &BtfTracePointContext, what: u32) {
     if n & (n - 1) != 0 {
         return;
     }
-    if what == RARE_NO_ENQUEUE_TIME {
+    if what == RARE_RUNQ_CLOCK_BEHIND {
         warn!(
             ctx,
-            "run-queue wait: a task of a tracked container was switched in without an enqueue time from the kernel ({} times on this CPU); those waits are not counted",
+            "run-queue wait: a task of a tracked container was switched in with an enqueue time after its run-queue's clock ({} times on this CPU); those waits are not counted",
             n
         );
     } else {

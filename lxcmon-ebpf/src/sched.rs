@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use lxcmon_common::{
     latency_bucket, LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
-    RARE_NO_ENQUEUE_TIME,
+    RARE_RUNQ_CLOCK_BEHIND,
 };
 
 #[map]
@@ -82,7 +82,12 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
     let Some(slot) = cgroup_slot(kn, cgrp, level as u32, mask) else {
         return 0;
     };
+    // No enqueue time: the kernel counts no wait for this switch either (`sched_info_arrive`
+    // returns early, `pcount` stays), so neither does the histogram.
     let queued: u64 = load(next, s.task_last_queued);
+    if queued == 0 {
+        return 0;
+    }
     let cfs_rq: *const u8 = load(next, s.task_se_cfs_rq);
     if cfs_rq.is_null() {
         return 0;
@@ -92,8 +97,8 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let clock: u64 = load(rq, s.rq_clock);
-    if queued == 0 || clock < queued {
-        rare(&ctx, RARE_NO_ENQUEUE_TIME);
+    if clock < queued {
+        rare(&ctx, RARE_RUNQ_CLOCK_BEHIND);
         return 0;
     }
     let wait = clock - queued;

@@ -152,13 +152,13 @@ fn runqueue_wait_matches_schedstat_and_leaves_nothing_in_flight() {
     busy.stop().expect("stop busy");
     idle.stop().expect("stop idle");
     // The program keeps no in-flight state (the enqueue times are the kernel's own
-    // `sched_info`), so nothing can leak; what can be checked is that every switch-in of a
-    // tracked task found its enqueue time.
+    // `sched_info`), so nothing can leak; what can be checked is that no switch-in of a
+    // tracked task found its enqueue time after its run-queue's clock.
     let rare = bpf.rare_events().expect("rare events");
     assert_eq!(
-        rare[lxcmon_common::RARE_NO_ENQUEUE_TIME as usize],
+        rare[lxcmon_common::RARE_RUNQ_CLOCK_BEHIND as usize],
         0,
-        "switch-ins without an enqueue time"
+        "switch-ins with an enqueue time after the run-queue's clock"
     );
     for id in ids {
         bpf.untrack(id).expect("untrack");

@@ -510,6 +510,7 @@ impl Details<'_> {
             agent::kill(pid, rustix::process::Signal::KILL)?;
         }
         self.check_cpu(report, VMID, &a, &b);
+        self.check_runqueue(report, &a, &b);
         step("one-CPU window");
 
         // OOM kills, one at a time, each seen by the agent.
@@ -597,6 +598,75 @@ impl Details<'_> {
         crate::retrans::check(report, net.rec(101), tcp.rec(101), (k0, k1), ERRLOG);
         step("TCP retransmits");
         Ok(())
+    }
+
+    /// Over the window a..b (105's two loops on its one CPU): the run-queue wait the agent
+    /// exported, summed over the cycles after a up to b, against the loops' own `run_delay`
+    /// (schedstat) over the bracketing reads, the kernel's figure the program reads. Where the
+    /// kernel cannot run the program, the figure is absent and the log says why.
+    fn check_runqueue(&self, report: &mut Report, a: &Bracket, b: &Bracket) {
+        let p = format!("details/{VMID}/runqueue_wait");
+        let cycles = agent::read_cycles(&self.export);
+        let ts = |c: &BTreeMap<String, Value>| {
+            c.values()
+                .next()
+                .and_then(|r| r.get("timestamp")?.as_str())
+                .and_then(crate::scenario::parse_ts)
+        };
+        let window: Vec<&BTreeMap<String, Value>> = cycles
+            .iter()
+            .filter(|c| ts(c).is_some_and(|t| t > a.ts + 1e-6 && t <= b.ts + 1e-6))
+            .collect();
+        let waits: Vec<Option<f64>> = window
+            .iter()
+            .map(|c| {
+                getf(
+                    c.get(&VMID.to_string()),
+                    &["runqueue_wait", "total_seconds"],
+                )
+            })
+            .collect();
+        let delay = |s: &Snap| -> f64 {
+            s.run_delay_ns
+                .get(&VMID)
+                .map_or(0, |m| m.values().sum::<u64>()) as f64
+                / 1e9
+        };
+        let (lo, hi) = (
+            delay(&b.before) - delay(&a.after),
+            delay(&b.after) - delay(&a.before),
+        );
+        if waits.iter().all(Option::is_none) {
+            let log = [ERRLOG, "/tmp/lxcmon-details.log"]
+                .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+                .concat();
+            report.check(
+                &format!("{p}/absent-only-before-5.15"),
+                !crate::retrans::kernel_counts(),
+                &format!("absent in {} cycles", waits.len()),
+            );
+            report.check(
+                &format!("{p}/reason-logged"),
+                log.contains("run-queue wait: not measured"),
+                "the agent says why the figure is absent",
+            );
+            return;
+        }
+        let got: Option<f64> = waits.iter().copied().sum();
+        info(&format!(
+            "details: run-queue wait of {VMID} over {} cycles: {got:?} s exported; its loops' run_delay grew [{lo:.6}, {hi:.6}] s",
+            waits.len()
+        ));
+        // The loops are the only tasks of 105 that run in the window but for its init's rare
+        // wakeups (microseconds): 5 ms of slack, plus the export's 1 µs rounding per cycle.
+        within(
+            report,
+            &format!("{p}-sum-vs-run_delay"),
+            got,
+            lo,
+            hi,
+            0.005 + 1e-6 * waits.len() as f64,
+        );
     }
 
     /// Over the window a..b: 103's throttling and CPU pressure, or 105's CPU pressure.

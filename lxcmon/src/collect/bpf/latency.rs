@@ -205,8 +205,8 @@ impl BpfCollector {
         self.log.is_some()
     }
 
-    /// The rare kernel-side conditions (`RARE_*`: a tracked task switched in without an
-    /// enqueue time, a bio the I/O latency in-flight map refused), summed over CPUs. The
+    /// The rare kernel-side conditions (`RARE_*`: a tracked task switched in with an enqueue
+    /// time after its run-queue's clock, a bio the I/O latency in-flight map refused), summed over CPUs. The
     /// programs log them themselves (aya-log); this is their count.
     pub fn rare_events(&self) -> Result<[u64; RARE_EVENTS as usize], BpfError> {
         let map: PerCpuArray<&MapData, u64> =
