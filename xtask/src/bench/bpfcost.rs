@@ -2,11 +2,14 @@
 //! keep run time and run count per program; `bpftool prog show` reads them. Each load step
 //! runs a bounded workload (TCP to the bench bridge, direct and buffered writes), inside one
 //! bench container (its cgroups and network namespace) or on the host, and the deltas give
-//! nanoseconds per event for each program that ran.
+//! nanoseconds per event for each program that ran. Then, with the stats clock off, the
+//! scheduler program's effect on `perf bench sched pipe` ([`pipe`]).
 
 mod empty_skb;
+pub mod pipe;
 
 use super::fleet::{Fleet, HOST_ADDR};
+use super::measure::Agent;
 use anyhow::{bail, Context, Result};
 use empty_skb::EmptySkb;
 use std::collections::BTreeMap;
@@ -21,22 +24,23 @@ const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const LOAD_BYTES: u64 = 64 << 20;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `bpf_stats_enabled` set for as long as this lives; the old value is put back on drop.
-struct StatsEnabled {
+/// `bpf_stats_enabled` set to `value` for as long as this lives; the old value is put back on
+/// drop.
+struct StatsSet {
     old: String,
 }
 
-impl StatsEnabled {
-    fn new() -> Result<Self> {
+impl StatsSet {
+    fn new(value: &str) -> Result<Self> {
         let old = std::fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
-        std::fs::write(SYSCTL, "1").with_context(|| format!("writing {SYSCTL}"))?;
+        std::fs::write(SYSCTL, value).with_context(|| format!("writing {SYSCTL}"))?;
         Ok(Self {
             old: old.trim().to_string(),
         })
     }
 }
 
-impl Drop for StatsEnabled {
+impl Drop for StatsSet {
     fn drop(&mut self) {
         let _ = std::fs::write(SYSCTL, &self.old);
     }
@@ -94,12 +98,20 @@ pub struct ProgCost {
     pub ns_per_event: f64,
 }
 
-/// Runs the load steps with stats enabled while the agent (BPF collector) tracks the fleet.
-pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgCost>> {
+/// The BPF step's figures: each program's cost per load step, and the pipe benchmark's
+/// slowdown with the scheduler program attached.
+pub struct BpfCost {
+    pub progs: Vec<ProgCost>,
+    pub pipe: pipe::PipeOutcome,
+}
+
+/// Runs the load steps with stats enabled while `agent` (BPF collector) tracks the fleet, then
+/// the pipe slowdown with stats off (the agent's scheduler program detached and re-attached).
+/// A failed pipe step is its outcome's reason, not the whole step's failure.
+pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path, agent: &mut Agent) -> Result<BpfCost> {
     let Some(c) = fleet.containers.first() else {
         bail!("no container to load");
     };
-    let _enabled = StatsEnabled::new()?;
     let cgroup_procs: Vec<PathBuf> = fleet
         .hierarchies
         .iter()
@@ -108,6 +120,42 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
     let inside = Inside {
         cgroup_procs,
         init: c.init,
+    };
+    let has_perf = Command::new("perf")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let progs = {
+        let _enabled = StatsSet::new("1")?;
+        prog_costs(fleet, &inside, busybox, io_dir, has_perf)?
+    };
+    let pipe = if !has_perf {
+        pipe::PipeOutcome::Skipped("no `perf` (package linux-perf)".into())
+    } else {
+        // The stats clock adds two clock reads to every run of every program.
+        let _off = StatsSet::new("0")?;
+        match pipe::measure(agent, &inside) {
+            Ok(m) => pipe::PipeOutcome::Measured(m),
+            Err(e) => {
+                super::check_interrupted()?;
+                eprintln!("bench: pipe slowdown not measured: {e:#}");
+                pipe::PipeOutcome::Skipped(format!("{e:#}"))
+            }
+        }
+    };
+    Ok(BpfCost { progs, pipe })
+}
+
+/// The load steps, each program's cost per event in each (stats on).
+fn prog_costs(
+    fleet: &Fleet,
+    inside: &Inside,
+    busybox: &Path,
+    io_dir: &Path,
+    has_perf: bool,
+) -> Result<Vec<ProgCost>> {
+    let Some(c) = fleet.containers.first() else {
+        bail!("no container to load");
     };
     std::fs::create_dir_all(io_dir).context("creating the BPF load dir")?;
     let file = io_dir.join("bpfcost");
@@ -154,7 +202,7 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
         Ok(())
     };
     step("container: 64 MiB TCP to the host", &mut || {
-        tcp_upload(&inside, &bb)
+        tcp_upload(inside, &bb)
     })?;
     let direct = [
         bb.as_str(),
@@ -182,7 +230,7 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
     // back and forth through pipes, two switches per round trip, in the container and on the
     // host (whose tasks take only the programs' early exits).
     let pipe = ["perf", "bench", "sched", "pipe", "-l", "100000"];
-    if Command::new("perf").arg("--version").output().is_ok() {
+    if has_perf {
         step(
             "container: perf bench sched pipe, 100k round trips",
             &mut || inside.run(&pipe),
@@ -192,7 +240,9 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path) -> Result<Vec<ProgC
             &mut || run_bounded(Command::new(pipe[0]).args(&pipe[1..])),
         )?;
     } else {
-        eprintln!("bench: no `perf` (linux-perf): the context-switch steps are skipped");
+        eprintln!(
+            "bench: no `perf` (linux-perf): the context-switch steps and the pipe slowdown are skipped"
+        );
     }
     Ok(costs)
 }
@@ -234,8 +284,14 @@ impl Inside {
 }
 
 fn run_bounded(cmd: &mut Command) -> Result<()> {
+    read_bounded(cmd).map(drop)
+}
+
+/// Runs `cmd` to its end within `STEP_TIMEOUT`; its standard output, read once it exited (the
+/// commands here write a few lines: a pipe's buffer holds them).
+fn read_bounded(cmd: &mut Command) -> Result<String> {
     let mut child = cmd
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("starting a load process")?;
@@ -249,7 +305,12 @@ fn run_bounded(cmd: &mut Command) -> Result<()> {
                 }
                 bail!("load process failed ({status}): {}", err.trim());
             }
-            return Ok(());
+            let mut out = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                o.read_to_string(&mut out)
+                    .context("reading a load process's output")?;
+            }
+            return Ok(out);
         }
         if Instant::now() > deadline || super::interrupted() {
             let _ = child.kill();

@@ -32,6 +32,7 @@ pub struct Agent {
     log: File,
     pending: String,
     pub dir: PathBuf,
+    cfg: AgentConfig,
 }
 
 /// One cycle as seen from outside.
@@ -158,12 +159,10 @@ fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
         .and_then(|v| v.parse().ok())
 }
 
-impl Agent {
-    pub fn start(bin: &Path, cfg: &AgentConfig) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("lxcmon-bench-agent-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).context("creating the agent's temp dir")?;
-        let config = format!(
+/// The agent's YAML for `cfg` in `dir`; `runqueue` is `enable_runqueue_latency` (the other
+/// groups follow `cfg.signals`).
+fn config_yaml(cfg: &AgentConfig, dir: &Path, runqueue: bool) -> String {
+    format!(
             "logging:\n  log_file: {d}/lxcmon.log\n  log_level: INFO\nmonitoring:\n  export_file: {d}/export.json\n  check_interval: {i}\n  collector: {c}\n  parallel_processing: {p}\n  max_workers: {w}\n  max_metrics_entries: {m}\n  export_format: {f}\n{s}",
             d = dir.display(),
             i = cfg.interval,
@@ -179,14 +178,22 @@ impl Agent {
                 "enable_per_device",
                 "enable_per_interface",
                 "enable_per_mount",
-                "enable_runqueue_latency",
                 "enable_io_latency",
             ]
             .map(|k| format!("  {k}: {}\n", cfg.signals))
-            .concat(),
-        );
+            .concat()
+            + &format!("  enable_runqueue_latency: {runqueue}\n"),
+    )
+}
+
+impl Agent {
+    pub fn start(bin: &Path, cfg: &AgentConfig) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lxcmon-bench-agent-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).context("creating the agent's temp dir")?;
         let config_path = dir.join("lxcmon.yaml");
-        fs::write(&config_path, config).context("writing the agent config")?;
+        fs::write(&config_path, config_yaml(cfg, &dir, cfg.signals))
+            .context("writing the agent config")?;
         File::create(dir.join("lxcmon.log")).context("creating the agent log")?;
         let log = File::open(dir.join("lxcmon.log")).context("opening the agent log")?;
         let child = Command::new(bin)
@@ -205,7 +212,73 @@ impl Agent {
             log,
             pending: String::new(),
             dir,
+            cfg: cfg.clone(),
         })
+    }
+
+    /// Rewrites the config with `enable_runqueue_latency: on`, sends SIGHUP and waits until the
+    /// agent says it applied it: its run-queue line ("measured" / "not measured") and then
+    /// "configuration reloaded". The config must change the switch (no line otherwise).
+    pub fn reload_runqueue(&mut self, on: bool) -> Result<()> {
+        fs::write(
+            self.dir.join("lxcmon.yaml"),
+            config_yaml(&self.cfg, &self.dir, on),
+        )
+        .context("rewriting the agent config")?;
+        // SAFETY: signalling the agent we started (still our child: not reaped, pid not reused).
+        if unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP to the agent: {}", std::io::Error::last_os_error());
+        }
+        let want = if on {
+            "run-queue wait: measured"
+        } else {
+            "run-queue wait: not measured"
+        };
+        let mut seen = false;
+        let timeout = Duration::from_secs_f64(self.cfg.interval * 3.0 + 30.0);
+        loop {
+            let line = self.next_line(timeout, "configuration reloaded")?;
+            if line.contains("configuration reload rejected") {
+                bail!("the agent rejected the reload: {}", strip_ansi(line.trim()));
+            }
+            seen |= line.contains(want);
+            if line.contains("configuration reloaded") {
+                if !seen {
+                    bail!("the agent reloaded without `{want}` in its log");
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// The agent's next log line, waiting up to `timeout` for it (`what` names what the wait
+    /// is for, in the error).
+    fn next_line(&mut self, timeout: Duration, what: &str) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(nl) = self.pending.find('\n') {
+                return Ok(self.pending.drain(..=nl).collect());
+            }
+            let mut chunk = String::new();
+            self.log
+                .read_to_string(&mut chunk)
+                .context("reading the agent log")?;
+            if chunk.is_empty() {
+                if super::interrupted() {
+                    bail!("interrupted");
+                }
+                if let Some(why) = self.exited() {
+                    bail!("the agent exited: {why}");
+                }
+                if Instant::now() > deadline {
+                    bail!("no `{what}` line from the agent in {timeout:?}");
+                }
+                // Reading at EOF leaves the position where it was: poll again.
+                std::thread::sleep(Duration::from_millis(1));
+            } else {
+                self.pending.push_str(&chunk);
+            }
+        }
     }
 
     /// Whether the agent has exited (it refuses a config, for example), with its stderr tail.
@@ -228,34 +301,14 @@ impl Agent {
     pub fn next_cycle(&mut self, timeout: Duration) -> Result<(u64, usize)> {
         let deadline = Instant::now() + timeout;
         loop {
-            while let Some(nl) = self.pending.find('\n') {
-                let line: String = self.pending.drain(..=nl).collect();
-                if line.contains(" cycle ") || line.trim_end().ends_with(" cycle") {
-                    // duration_us: the agent's own wall time of the cycle (0 when an older
-                    // agent does not log it).
-                    if let Some(f) = field::<usize>(&line, "found=") {
-                        return Ok((field::<u64>(&line, "duration_us=").unwrap_or(0), f));
-                    }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.next_line(left, "cycle")?;
+            if line.contains(" cycle ") || line.trim_end().ends_with(" cycle") {
+                // duration_us: the agent's own wall time of the cycle (0 when an older
+                // agent does not log it).
+                if let Some(f) = field::<usize>(&line, "found=") {
+                    return Ok((field::<u64>(&line, "duration_us=").unwrap_or(0), f));
                 }
-            }
-            let mut chunk = String::new();
-            self.log
-                .read_to_string(&mut chunk)
-                .context("reading the agent log")?;
-            if chunk.is_empty() {
-                if super::interrupted() {
-                    bail!("interrupted");
-                }
-                if let Some(why) = self.exited() {
-                    bail!("the agent exited: {why}");
-                }
-                if Instant::now() > deadline {
-                    bail!("no cycle line from the agent in {timeout:?}");
-                }
-                // Reading at EOF leaves the position where it was: poll again.
-                std::thread::sleep(Duration::from_millis(1));
-            } else {
-                self.pending.push_str(&chunk);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The bench's report: `bench/results.md` in full and the README's summary, both rendered
 //! from one [`Report`].
 
-use super::bpfcost::ProgCost;
+use super::bpfcost::{pipe, BpfCost};
 use super::fleet::Flavor;
 use super::measure::{self, FloorResult, RunStats};
 use super::BenchArgs;
@@ -14,8 +14,9 @@ pub struct FilesRow {
     pub collector: String,
     pub n: usize,
     pub runs: Vec<RunStats>,
-    /// BPF collector only: kernel-side cost per program under a load (first run).
-    pub bpf: Option<Result<Vec<ProgCost>, String>>,
+    /// BPF collector only: kernel-side cost per program under a load and the pipe
+    /// benchmark's slowdown (first run).
+    pub bpf: Option<Result<BpfCost, String>>,
     pub syscalls: Vec<(String, u64)>,
     pub strace_cycles: usize,
     pub floor: FloorResult,
@@ -129,6 +130,7 @@ impl Report<'_> {
         let largest = self.largest();
         let mut share = Vec::new();
         let mut bpf_lines = Vec::new();
+        let mut pipe_lines = Vec::new();
         for row in rows {
             match row {
                 CollectorRow::Files(r) => {
@@ -158,9 +160,12 @@ impl Report<'_> {
                         );
                         share.push(format!("{} {pct:.1} %", r.collector));
                         if let Some(b) = &r.bpf {
+                            pipe_lines.extend(pipe::readme_rows(
+                                b.as_ref().map(|c| &c.pipe).map_err(|e| e.as_str()),
+                            ));
                             match b {
-                                Ok(costs) => {
-                                    for c in costs.iter().filter(|c| c.events >= 100) {
+                                Ok(cost) => {
+                                    for c in cost.progs.iter().filter(|c| c.events >= 100) {
                                         bpf_lines.push(format!(
                                             "| {} | {} | {} | {:.0} ns | {} |",
                                             c.program,
@@ -250,6 +255,9 @@ impl Report<'_> {
                 "| export of one cycle, N = 100, 1000 cycles retained | {} | |",
                 exports.join("; ")
             );
+        }
+        for l in pipe_lines {
+            let _ = writeln!(md, "{l}");
         }
         if !bpf_lines.is_empty() {
             let _ = writeln!(
@@ -491,8 +499,8 @@ impl Report<'_> {
             }) = row
             {
                 match b {
-                    Ok(costs) => {
-                        for c in costs {
+                    Ok(cost) => {
+                        for c in &cost.progs {
                             let _ = writeln!(
                                 md,
                                 "| {n} | {} | {} | {} | {:.0} | < 100 |",
@@ -510,11 +518,22 @@ impl Report<'_> {
                 }
             }
         }
+        let pipes: Vec<(usize, Result<&pipe::PipeOutcome, &str>)> = rows
+            .iter()
+            .filter_map(|row| match row {
+                CollectorRow::Files(FilesRow {
+                    n, bpf: Some(b), ..
+                }) => Some((*n, b.as_ref().map(|c| &c.pipe).map_err(|e| e.as_str()))),
+                _ => None,
+            })
+            .collect();
+        md += &pipe::results_section(&pipes);
         let _ = writeln!(md, "\n## Targets\n");
         let _ = writeln!(
         md,
         "files collector <= 20 us CPU per container per cycle at N=1000 (floor about 12 us); ebpf <= 12 us; \
-         1000 containers at 1 s under 2% of one core; 0.1 s sustainable; < 30 MiB RSS at N=1000; cgroup_skb ≤ 100 ns per packet, the tracepoint programs ≤ 150 ns per event (stats clock included)."
+         1000 containers at 1 s under 2% of one core; 0.1 s sustainable; < 30 MiB RSS at N=1000; cgroup_skb ≤ 100 ns per packet, the tracepoint programs ≤ 150 ns per event (stats clock included); \
+         `perf bench sched pipe` ≤ 3 % slower with the scheduler program attached."
     );
         md
     }

@@ -103,6 +103,7 @@ pub fn measure_collector(
                 fleet,
                 &fleet::which("busybox")?,
                 &Path::new(fleet::IO_DIR).join("bpfcost"),
+                &mut agent,
             );
             check_interrupted()?;
             if let Err(e) = &measured {
