@@ -210,7 +210,8 @@ fn id_line(line: &str) -> Option<(u64, &str)> {
 }
 
 /// Links (`bpftool link show`: `<id>: <type>  prog <prog id>`) of programs named `program`
-/// (`bpftool prog show`: `<id>: <type>  name <first 15 characters>`).
+/// (`bpftool prog show`: `<id>: <type>  name <name>`, the whole name from the program's BTF,
+/// else the kernel's first 15 characters).
 fn count_links(prog_show: &str, link_show: &str, program: &str) -> usize {
     let short = &program[..program.len().min(15)];
     let after = |rest: &str, key: &str| {
@@ -221,7 +222,7 @@ fn count_links(prog_show: &str, link_show: &str, program: &str) -> usize {
     let ids: HashSet<u64> = prog_show
         .lines()
         .filter_map(id_line)
-        .filter(|(_, rest)| after(rest, "name").as_deref() == Some(short))
+        .filter(|(_, rest)| after(rest, "name").is_some_and(|n| n == program || n == short))
         .map(|(id, _)| id)
         .collect();
     link_show
@@ -349,16 +350,16 @@ mod tests {
     #[test]
     fn only_links_of_the_named_program_count() {
         let progs = "\
-41: tracing  name lxcmon_sched_sw  tag 0123  gpl
+41: tracing  name lxcmon_sched_switch  tag 0123  gpl
 \tloaded_at 2026-12-02T06:00:00+0000  uid 0
 42: tracing  name lxcmon_iolat_is  tag 4567  gpl
 43: tracing  name lxcmon_sched_sw  tag 0123  gpl
 ";
         let links = "\
-7: tracing  prog 41
-\tprog_type tracing  attach_type trace_raw_tp
-8: tracing  prog 42
-\tprog_type tracing  attach_type trace_raw_tp
+7: raw_tracepoint  prog 41
+\ttp 'sched_switch'
+8: raw_tracepoint  prog 42
+\ttp 'block_rq_issue'
 9: cgroup  prog 50
 ";
         assert_eq!(count_links(progs, links, "lxcmon_sched_switch"), 1);
