@@ -503,15 +503,19 @@ impl Report<'_> {
                         for c in &cost.progs {
                             let _ = writeln!(
                                 md,
-                                "| {n} | {} | {} | {} | {:.0} | < 100 |",
-                                c.step, c.program, c.events, c.ns_per_event
+                                "| {n} | {} | {} | {} | {:.0} | {} |",
+                                c.step,
+                                c.program,
+                                c.events,
+                                c.ns_per_event,
+                                budget(&c.program)
                             );
                         }
                     }
                     Err(e) => {
                         let _ = writeln!(
                             md,
-                            "| {n} | – | – | – | not measured: {} | < 100 |",
+                            "| {n} | – | – | – | not measured: {} | – |",
                             e.replace('|', "/")
                         );
                     }
