@@ -37,9 +37,18 @@ pub const MAP_TRACKED_LEVELS: &str = "LXCMON_LEVELS";
 /// `HashMap<u32 kernel dev_t, u8>`: block devices whose I/O is not counted.
 pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
 
-/// Program names in the object.
+/// `BPF_MAP_TYPE_CGROUP_STORAGE` keyed by the cgroup id alone (Linux 5.9+: one value per
+/// cgroup, shared by its ingress and egress attachments): the attached container's counter slot
+/// + 1, written by the agent right after attaching; 0 (not written yet) sends the programs to
+/// the ancestor walk.
+pub const MAP_SKB_SLOT: &str = "LXCMON_SKB_SLOT";
+
+/// Program names in the object. The `cgroup_skb` pair reads the slot from [`MAP_SKB_SLOT`];
+/// the `_WALK` pair (kernels without that map) only walks the tracked ancestors.
 pub const PROG_SKB_INGRESS: &str = "lxcmon_skb_ingress";
 pub const PROG_SKB_EGRESS: &str = "lxcmon_skb_egress";
+pub const PROG_SKB_INGRESS_WALK: &str = "lxcmon_walk_ingress";
+pub const PROG_SKB_EGRESS_WALK: &str = "lxcmon_walk_egress";
 pub const PROG_BIO_QUEUE: &str = "lxcmon_block_bio_queue";
 /// BTF variant of the block program: reads the bio itself, so it can tell page-cache writeback
 /// (already counted when the pages were dirtied) from direct I/O.

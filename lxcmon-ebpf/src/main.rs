@@ -2,7 +2,9 @@
 //!
 //! * `cgroup_skb` ingress/egress programs, attached by the agent to each container's cgroup v2
 //!   directory, add `skb->len` plus the Ethernet header to the container's per-CPU counters; packets on
-//!   the loopback device (ifindex 1 in every network namespace) are skipped.
+//!   the loopback device (ifindex 1 in every network namespace) are skipped. The container's
+//!   slot is in the attachment's cgroup storage (`LXCMON_SKB_SLOT`), written by the agent; the
+//!   ancestor walk below is the fallback (before that write, and on kernels without the map).
 //! * The `block/block_bio_queue` tracepoint adds the bio's bytes to the container of the task
 //!   that submits it (its cgroup or an ancestor of it), unless its device is in the
 //!   excluded-device map.
@@ -26,10 +28,12 @@ mod sched;
 mod tcp;
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, bpf_map_type::BPF_MAP_TYPE_CGROUP_STORAGE},
     helpers::bpf_probe_read_kernel,
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
-    macros::{btf_tracepoint, cgroup_skb, map, tracepoint},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_local_storage, bpf_skb_ancestor_cgroup_id,
+    },
+    macros::{btf_map, btf_tracepoint, cgroup_skb, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
     Global,
@@ -139,8 +143,54 @@ pub(crate) fn highest_bit(mut v: u64) -> u32 {
 /// per packet makes both collectors count the same bytes ("as seen inside the container").
 const ETH_HLEN: u32 = 14;
 
+/// A BTF-defined cgroup storage map (aya-ebpf 0.2.1 has no wrapper for this type): no
+/// `max_entries` (the kernel requires 0), a `u64` key (the cgroup id alone: one value per
+/// cgroup, shared by both directions, Linux 5.9+), pinned by name so a restarted agent writes
+/// into the storage of the attachments it adopts.
+#[repr(C)]
+pub struct CgroupStorage<V> {
+    r#type: *const [i32; BPF_MAP_TYPE_CGROUP_STORAGE as usize],
+    key: *const u64,
+    value: *const V,
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+/// `LIBBPF_PIN_BY_NAME`.
+const PIN_BY_NAME: usize = 1;
+
+// SAFETY: the fields are placeholders read by the loader, never dereferenced.
+unsafe impl<V> Sync for CgroupStorage<V> {}
+
+/// Slot + 1 of the container whose cgroup the program is attached to (0: not written yet).
+#[btf_map]
+static LXCMON_SKB_SLOT: CgroupStorage<u32> = CgroupStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+/// The slot the agent stored for the attachment's cgroup, if it has written it yet.
 #[inline(always)]
-fn count_skb(ctx: &SkBuffContext, ingress: bool) {
+fn stored_slot() -> Option<u32> {
+    // SAFETY: a cgroup storage map of `u32`, valid in cgroup_skb programs; the kernel returns
+    // the running attachment's storage (never null for an attached program).
+    let p = unsafe {
+        bpf_get_local_storage(&LXCMON_SKB_SLOT as *const CgroupStorage<u32> as *mut _, 0)
+    } as *const u32;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: points to the 4-byte value of this cgroup's storage.
+    unsafe { *p }.checked_sub(1)
+}
+
+/// Adds a packet to the counters of the container the program is attached to. With
+/// `storage`, the slot comes from the attachment's cgroup storage (one helper call, no hash
+/// lookup, the same cost for any number of containers); the ancestor walk is the fallback
+/// while the agent has not written it, and the whole path of the `_walk` programs.
+#[inline(always)]
+fn count_skb(ctx: &SkBuffContext, ingress: bool, storage: bool) {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // SAFETY: `skb` is the program's context pointer; these fields are readable in cgroup_skb.
     let (ifindex, ip_len) = unsafe { ((*skb).ifindex, (*skb).len) };
@@ -148,8 +198,11 @@ fn count_skb(ctx: &SkBuffContext, ingress: bool) {
     if ifindex == LOOPBACK_IFINDEX {
         return;
     }
+    let stored = if storage { stored_slot() } else { None };
     // SAFETY: helpers valid for cgroup_skb programs.
-    let Some(slot) = slot_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }) else {
+    let Some(slot) =
+        stored.or_else(|| slot_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }))
+    else {
         return;
     };
     if let Some(c) = LXCMON_COUNTERS.get_ptr_mut(slot) {
@@ -166,13 +219,25 @@ fn count_skb(ctx: &SkBuffContext, ingress: bool) {
 
 #[cgroup_skb(ingress)]
 pub fn lxcmon_skb_ingress(ctx: SkBuffContext) -> i32 {
-    count_skb(&ctx, true);
+    count_skb(&ctx, true, true);
     1
 }
 
 #[cgroup_skb(egress)]
 pub fn lxcmon_skb_egress(ctx: SkBuffContext) -> i32 {
-    count_skb(&ctx, false);
+    count_skb(&ctx, false, true);
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn lxcmon_walk_ingress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, true, false);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn lxcmon_walk_egress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, false, false);
     1
 }
 

@@ -7,7 +7,7 @@
 
 use lxcmon::collect::bpf::counters::{KernelCounters, Purpose};
 use lxcmon::collect::bpf::{
-    cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode,
+    cleanup_pinned, kernel_dev_t, BpfCollector, BpfOptions, Counters, IoMode, SkbSlot,
 };
 use lxcmon::collect::discovery::{Discovered, Flavor, Runtime};
 use lxcmon::collect::sample::{ContainerSample, CounterSource};
@@ -356,6 +356,124 @@ fn network_bytes_over_veth_counted_loopback_not() {
     c.untrack(id).expect("untrack");
 }
 
+/// Sends `n` bytes over TCP from a process in `cg`'s nested leaf (in `ns`) to the host; returns
+/// the bytes the host received.
+fn send_from(ns: &TestNetns, cg: &TestCgroup, n: usize) -> u64 {
+    let l = TcpListener::bind((ns.host_ip.as_str(), 0)).expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let rx = sink(l);
+    ns.run_in(
+        cg,
+        &format!("head -c {n} /dev/zero > /dev/tcp/{}/{port}", ns.host_ip),
+    );
+    let got = rx.join().expect("sink thread");
+    assert_eq!(got, n as u64);
+    got
+}
+
+/// The network programs take the container's slot from the attachment's cgroup storage: the
+/// agent writes slot + 1 there on attach (a packet from a nested sub-cgroup is counted through
+/// it; pointed at another slot, the packets go there; 0 falls back to the walk), and after an
+/// untrack the storage never holds the old slot, which a new container may take: a re-tracked
+/// container gets its new slot written.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn skb_slot_from_cgroup_storage_never_stale() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("storage");
+    let a = TestCgroup::new("storage-a");
+    let b = TestCgroup::new("storage-b");
+    let ns = TestNetns::new(74);
+    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    assert_eq!(
+        c.skb_slot(),
+        &SkbSlot::Storage,
+        "cgroup storage keyed by the cgroup id (Linux 5.9+)"
+    );
+    let ida = c.track(&a.dir).expect("track a");
+    let idb = c.track(&b.dir).expect("track b");
+    let (sa, sb) = (c.slot(ida).expect("slot a"), c.slot(idb).expect("slot b"));
+    assert_ne!(sa, sb);
+    assert_eq!(c.stored_skb_slot(ida).expect("lookup a"), Some(sa + 1));
+    assert_eq!(c.stored_skb_slot(idb).expect("lookup b"), Some(sb + 1));
+
+    const N: usize = 2 * 1024 * 1024;
+    let sent = send_from(&ns, &a, N);
+    let (ca, cb) = (counters(&mut c, ida), counters(&mut c, idb));
+    assert_within("a's traffic, slot from storage", ca.net_tx, sent, 5);
+    assert_eq!(cb.net_tx, 0, "b sent nothing");
+
+    // Pointed at b's slot, a's packets are counted there: the slot comes from the storage.
+    c.overwrite_stored_skb_slot(ida, sb + 1).expect("overwrite");
+    let sent = send_from(&ns, &a, N);
+    let (ca2, cb2) = (counters(&mut c, ida), counters(&mut c, idb));
+    assert_within("a's traffic into b's slot", cb2.net_tx - cb.net_tx, sent, 5);
+    assert_eq!(ca2.net_tx, ca.net_tx, "nothing into a's own slot");
+
+    // Not written yet (0): the ancestor walk counts them to a.
+    c.overwrite_stored_skb_slot(ida, 0).expect("overwrite");
+    let sent = send_from(&ns, &a, N);
+    let (ca3, cb3) = (counters(&mut c, ida), counters(&mut c, idb));
+    assert_within(
+        "a's traffic through the walk",
+        ca3.net_tx - ca2.net_tx,
+        sent,
+        5,
+    );
+    assert_eq!(cb3.net_tx, cb2.net_tx);
+
+    // Untracked: the storage (which the kernel may keep) does not hold the old slot.
+    c.overwrite_stored_skb_slot(ida, sa + 1).expect("overwrite");
+    c.untrack(ida).expect("untrack a");
+    let left = c.stored_skb_slot(ida).expect("lookup after untrack");
+    assert!(
+        matches!(left, None | Some(0)),
+        "a's storage after untrack: {left:?}"
+    );
+    // A new container takes a's old slot; a, tracked again, gets another one, written.
+    let cc = TestCgroup::new("storage-c");
+    let idc = c.track(&cc.dir).expect("track c");
+    assert_eq!(c.slot(idc), Some(sa), "the freed slot is reused");
+    assert_eq!(c.track(&a.dir).expect("track a again"), ida);
+    let sa2 = c.slot(ida).expect("new slot of a");
+    assert_ne!(sa2, sa);
+    assert_eq!(c.stored_skb_slot(ida).expect("lookup"), Some(sa2 + 1));
+    let sent = send_from(&ns, &a, N);
+    let (ca4, cc4) = (counters(&mut c, ida), counters(&mut c, idc));
+    assert_within("a's traffic in its new slot", ca4.net_tx, sent, 5);
+    assert_eq!(cc4.net_tx, 0, "nothing into the reused slot's new owner");
+    for id in [ida, idb, idc] {
+        c.untrack(id).expect("untrack");
+    }
+}
+
+/// With the storage off (as on kernels before 5.9), the walk-only programs are attached and
+/// count the same bytes; their cgroup has no slot storage.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn walk_programs_count_without_cgroup_storage() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("walk");
+    let cg = TestCgroup::new("walk");
+    let ns = TestNetns::new(75);
+    let opts = BpfOptions {
+        skb_storage: false,
+        ..pins.opts()
+    };
+    let mut c = BpfCollector::load(&opts).expect("load");
+    assert!(matches!(c.skb_slot(), SkbSlot::Walk(_)));
+    let id = c.track(&cg.dir).expect("track");
+    let shown = bpftool_cgroup_progs(&cg.dir);
+    assert!(
+        shown.contains("lxcmon_walk_in") && shown.contains("lxcmon_walk_eg"),
+        "the walk programs are attached: {shown}"
+    );
+    assert_eq!(c.stored_skb_slot(id).expect("lookup"), None);
+    let sent = send_from(&ns, &cg, 2 * 1024 * 1024);
+    assert_within("net_tx by the walk", counters(&mut c, id).net_tx, sent, 5);
+    c.untrack(id).expect("untrack");
+}
+
 /// BPF_PROG_TEST_RUN of the cgroup_skb programs with the test process in a tracked cgroup: a
 /// frame on a non-loopback device counts exactly its IP length, on loopback nothing.
 #[test]
@@ -596,12 +714,20 @@ fn restart_continues_counts_via_pins() {
     let first = send(NET_BYTES);
     let a = counters(&mut c, id);
     assert_within("net_tx before restart", a.net_tx, first, 5);
+    let slot = c.slot(id).expect("slot");
+    // As if the agent stopped between attaching and writing the slot: the next one writes it.
+    c.overwrite_stored_skb_slot(id, 0).expect("overwrite");
     drop(c);
     // No collector loaded: the pinned links keep counting.
     let second = send(NET_BYTES);
     let started = Instant::now();
     let mut c = BpfCollector::load(&pins.opts()).expect("reload");
     assert!(c.tracked_ids().any(|t| t == id), "restored from pins");
+    assert_eq!(
+        c.stored_skb_slot(id).expect("lookup"),
+        Some(slot + 1),
+        "the adopted attachment's slot is written again"
+    );
     // Tracking again keeps the counts.
     assert_eq!(c.track(&cg.dir).expect("track again"), id);
     let b = counters(&mut c, id);

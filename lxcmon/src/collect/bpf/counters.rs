@@ -191,6 +191,9 @@ impl KernelCounters {
                 if let IoMode::Files(reason) = k.bpf.io_mode() {
                     tracing::warn!(%reason, "the kernel refused the block I/O programs: network bytes come from BPF, block I/O from the file readers");
                 }
+                if let super::SkbSlot::Walk(reason) = k.bpf.skb_slot() {
+                    tracing::warn!(%reason, "network programs: the container's slot is not in cgroup storage, every packet walks the tracked cgroups (slower, same counts)");
+                }
                 k.log_runqueue();
                 k.log_io_latency();
                 k.log_tcp_retransmits();

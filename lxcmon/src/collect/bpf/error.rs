@@ -66,6 +66,12 @@ pub enum BpfError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    /// A raw map command (one aya has no wrapper for) failed.
+    #[error("BPF map {map}")]
+    MapIo {
+        map: &'static str,
+        source: std::io::Error,
+    },
     #[error("cgroup {}", .path.display())]
     Cgroup {
         path: PathBuf,

@@ -5,18 +5,19 @@
 use super::block::IoMode;
 use super::error::BpfError;
 use super::latency::LatencyMode;
+use super::net::{self, SkbSlot};
 use super::pins::{Links, PinLock};
 use super::{btf, format, iolat, latency, retrans, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use crate::logging::Chain;
 use aya::maps::Map;
 use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
-use aya::programs::{CgroupSkb, Program, ProgramError};
+use aya::programs::{Program, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use lxcmon_common::{
     KernelOffsets, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32, GLOBAL_BIO_DEV_OFF,
     GLOBAL_BIO_NR_SECTOR_OFF, GLOBAL_BIO_RWBS_OFF, GLOBAL_BLK_OFFSETS, GLOBAL_KERNEL_OFFSETS,
-    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_BPF_LOG, PROG_SKB_EGRESS, PROG_SKB_INGRESS,
+    GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_BPF_LOG, MAP_SKB_SLOT,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,31 +101,59 @@ impl BpfCollector {
             .and_then(|b| retrans::tcp_offsets(b, tracefs));
         let tcp_value = tcp.clone().unwrap_or_default();
         drop(btf);
-        let loaded = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            // aya-log's ring buffer is not pinned by its definition: pinned here, so an agent
-            // that adopts an earlier one's links reads the log of the programs they run.
-            .map_pin_path(MAP_BPF_LOG, map_dir.join(MAP_BPF_LOG))
-            .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
-            .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
-            .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
-            .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
-            .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
-            .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true)
-            .override_global(GLOBAL_TCP_OFFSETS, &tcp_value, true)
-            .load(OBJECT);
+        let load = |standin: Option<&Path>| {
+            let mut loader = EbpfLoader::new();
+            loader
+                .default_map_pin_directory(&map_dir)
+                // aya-log's ring buffer is not pinned by its definition: pinned here, so an agent
+                // that adopts an earlier one's links reads the log of the programs they run.
+                .map_pin_path(MAP_BPF_LOG, map_dir.join(MAP_BPF_LOG))
+                .override_global(GLOBAL_BIO_DEV_OFF, &dev_off, true)
+                .override_global(GLOBAL_BIO_NR_SECTOR_OFF, &nr_off, true)
+                .override_global(GLOBAL_BIO_RWBS_OFF, &rwbs_off, true)
+                .override_global(GLOBAL_KERNEL_OFFSETS, &koff_value, true)
+                .override_global(GLOBAL_SCHED_OFFSETS, &sched_value, true)
+                .override_global(GLOBAL_BLK_OFFSETS, &blk_value, true)
+                .override_global(GLOBAL_TCP_OFFSETS, &tcp_value, true);
+            if let Some(path) = standin {
+                loader.map_pin_path(MAP_SKB_SLOT, path);
+            }
+            loader.load(OBJECT)
+        };
+        let mut skb_slot = if opts.skb_storage {
+            SkbSlot::Storage
+        } else {
+            SkbSlot::Walk("disabled by the collector's options".to_string())
+        };
+        // A kernel that refuses cgroup storage keyed by the cgroup id alone (before 5.9): the
+        // rest loads with a stand-in map in its place, and the walk-only network pair is used.
+        let loaded = match load(None) {
+            Err(aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error }))
+                if name == MAP_SKB_SLOT =>
+            {
+                skb_slot = SkbSlot::Walk(format!(
+                    "the kernel refused a cgroup storage map keyed by the cgroup id \
+                     (Linux 5.9+): {io_error}"
+                ));
+                // bpffs refuses names with a dot.
+                let standin = map_dir.join("lxcmon-skb-slot-standin");
+                let _ = std::fs::remove_file(&standin);
+                sys::pin_standin_map(&standin).map_err(|source| BpfError::PinDir {
+                    path: standin.clone(),
+                    source,
+                })?;
+                let loaded = load(Some(&standin));
+                let _ = std::fs::remove_file(&standin);
+                loaded
+            }
+            other => other,
+        };
         if opts.ephemeral {
             let _ = std::fs::remove_dir_all(&map_dir);
         }
         let mut ebpf = loaded.map_err(BpfError::Load)?;
+        let skb_slot = net::load_skb(&mut ebpf, skb_slot)?;
 
-        for name in [PROG_SKB_INGRESS, PROG_SKB_EGRESS] {
-            let prog: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|source| BpfError::Program {
-                program: name,
-                source,
-            })?;
-        }
         let ncpus =
             aya::util::nr_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         let mut this = Self {
@@ -137,6 +166,7 @@ impl BpfCollector {
             ncpus,
             io_mode: IoMode::Files(String::new()),
             network: opts.network,
+            skb_slot,
             batched: None,
             latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
             retrans: retrans::RetransState::new(tcp.map(drop)),
@@ -156,6 +186,7 @@ impl BpfCollector {
             runqueue = ?this.latency.mode,
             io_latency = ?this.latency.io.mode,
             tcp_retransmits = ?this.retrans.mode,
+            skb_slot = ?this.skb_slot,
             "BPF collector loaded"
         );
         Ok(this)

@@ -6,7 +6,8 @@
 //! - [`loader`](self::loader): mounts, the object, its globals (tracepoint record and kernel
 //!   struct offsets);
 //! - [`block`](self::block): the block programs and how I/O is counted ([`IoMode`]);
-//! - [`net`](self::net): the `cgroup_skb` pair attached to each container;
+//! - [`net`](self::net): the `cgroup_skb` pair attached to each container, and the slot it
+//!   reads from the attachment's cgroup storage;
 //! - [`tracking`](self::tracking): which containers are counted in which slot, and reading
 //!   the counters;
 //! - [`pins`](self::pins): pinned or process-held links, the pin directory lock, clean-up;
@@ -54,6 +55,7 @@ pub use block::IoMode;
 pub use error::BpfError;
 pub use latency::LatencyMode;
 pub use lxcmon_common::Counters;
+pub use net::SkbSlot;
 pub use pins::{cleanup_all, cleanup_pinned, default_pin_dir};
 pub use sys::kernel_dev_t;
 
@@ -83,6 +85,10 @@ pub struct BpfOptions {
     pub io_latency: bool,
     /// Attach the TCP retransmit program (`enable_tcp_retransmits`).
     pub tcp_retransmits: bool,
+    /// Let the network programs read the container's slot from cgroup storage (where the
+    /// kernel has it); off, they walk the tracked ancestors of every packet (tests, cost
+    /// comparisons).
+    pub skb_storage: bool,
 }
 
 impl Default for BpfOptions {
@@ -96,6 +102,7 @@ impl Default for BpfOptions {
             runqueue: true,
             io_latency: true,
             tcp_retransmits: true,
+            skb_storage: true,
         }
     }
 }
@@ -113,6 +120,7 @@ pub struct BpfCollector {
     ncpus: usize,
     io_mode: IoMode,
     network: bool,
+    skb_slot: net::SkbSlot,
     /// `Some(true)` while batched reads work, `Some(false)` once the kernel refused one.
     batched: Option<bool>,
     latency: latency::LatencyState,

@@ -1,6 +1,7 @@
 //! Small kernel interfaces the collector needs that aya does not expose: filesystem mounts,
-//! cgroup v2 directory facts, the batched per-CPU array read and `BPF_PROG_TEST_RUN`. The two
-//! `bpf(2)` commands go through libc: neither aya nor rustix wraps them.
+//! cgroup v2 directory facts, the batched per-CPU array read, cgroup storage keyed by the cgroup
+//! id alone and `BPF_PROG_TEST_RUN`. These `bpf(2)` commands go through libc: neither aya nor
+//! rustix wraps them.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -88,6 +89,10 @@ pub fn kernel_dev_t(major: u32, minor: u32) -> u32 {
 }
 
 // bpf(2) commands and the parts of `union bpf_attr` used here.
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
@@ -123,6 +128,89 @@ struct TestRunAttr {
     cpu: u32,
     batch_size: u32,
     _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Pins a one-element array map at `path`: a stand-in for a map type the kernel lacks, so the
+/// object loads and only the programs that need the real map are refused.
+pub fn pin_standin_map(path: &Path) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let mut create = MapCreateAttr {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        ..Default::default()
+    };
+    let fd = bpf_syscall(BPF_MAP_CREATE, &mut create)?;
+    // SAFETY: a new descriptor the kernel just returned, owned here only.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the pin path"))?;
+    let mut pin = ObjPinAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_OBJ_PIN, &mut pin)?;
+    Ok(())
+}
+
+/// Writes the `u32` value of a cgroup's storage in a cgroup storage map keyed by the cgroup id
+/// alone (aya's `CgroupStorage` takes only the older per-attach-type key). The storage exists
+/// only while some program using the map is (or was) attached to the cgroup: `ENOENT` before.
+pub fn cgroup_storage_set(map: BorrowedFd<'_>, cgroup_id: u64, value: u32) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &cgroup_id as *const u64 as u64,
+        value: &value as *const u32 as u64,
+        ..Default::default() // BPF_ANY: the kernel creates no element here either way.
+    };
+    bpf_syscall(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Reads the `u32` value of a cgroup's storage; `None` when the cgroup has none.
+pub fn cgroup_storage_get(map: BorrowedFd<'_>, cgroup_id: u64) -> io::Result<Option<u32>> {
+    let mut value = 0u32;
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: &cgroup_id as *const u64 as u64,
+        value: &mut value as *mut u32 as u64,
+        ..Default::default()
+    };
+    match bpf_syscall(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {

@@ -24,6 +24,11 @@ impl BpfCollector {
             let map = self.tracked_map()?;
             map.iter().filter_map(Result::ok).collect()
         };
+        // The adopted attachments' storage may predate this slot assignment (or be unwritten):
+        // write each again.
+        for (id, t) in &entries {
+            self.store_skb_slot(*id, t.slot + 1);
+        }
         self.tracked.extend(entries);
         self.write_levels()
     }
@@ -59,6 +64,11 @@ impl BpfCollector {
             source: aya::maps::MapError::IoError(e),
         })?;
         counters.set(slot, values, 0).map_err(map_err(MAP_COUNTERS))
+    }
+
+    /// The counter slot of a tracked container.
+    pub fn slot(&self, cgroup_id: u64) -> Option<u32> {
+        self.tracked.get(&cgroup_id).map(|t| t.slot)
     }
 
     /// Ids of the tracked container cgroups (also those restored from pins).
@@ -114,7 +124,7 @@ impl BpfCollector {
         self.tracked.insert(cg.id, entry);
         self.write_levels()?;
         if self.network {
-            if let Err(e) = self.attach_skb(&cg) {
+            if let Err(e) = self.attach_skb(&cg, entry.slot) {
                 let _ = self.untrack(cg.id);
                 return Err(e);
             }
