@@ -38,9 +38,9 @@ pub const MAP_TRACKED_LEVELS: &str = "LXCMON_LEVELS";
 pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
 
 /// `BPF_MAP_TYPE_CGROUP_STORAGE` keyed by the cgroup id alone (Linux 5.9+: one value per
-/// cgroup, shared by its ingress and egress attachments): the attached container's counter slot
-/// + 1, written by the agent right after attaching; 0 (not written yet) sends the programs to
-/// the ancestor walk.
+/// cgroup, shared by its ingress and egress attachments): the attached container's counter
+/// slot plus one, written by the agent right after attaching; 0 (not written yet) sends the
+/// programs to the ancestor walk.
 pub const MAP_SKB_SLOT: &str = "LXCMON_SKB_SLOT";
 
 /// Program names in the object. The `cgroup_skb` pair reads the slot from [`MAP_SKB_SLOT`];
