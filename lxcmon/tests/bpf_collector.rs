@@ -474,6 +474,38 @@ fn walk_programs_count_without_cgroup_storage() {
     c.untrack(id).expect("untrack");
 }
 
+/// When the kernel refuses the programs that read the slot storage (here: an array map pinned
+/// in its place, which `bpf_get_local_storage` does not take), the walk-only programs are
+/// loaded instead, with the kernel's reason, and count.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn storage_programs_refused_walk_programs_count() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("refused");
+    let cg = TestCgroup::new("refused");
+    let ns = TestNetns::new(76);
+    std::fs::create_dir_all(&pins.0).expect("pin dir");
+    let map = pins.0.join("LXCMON_SKB_SLOT");
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+        .args(["name", "lxcmon_standin"]));
+    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    match c.skb_slot() {
+        SkbSlot::Walk(why) => assert!(
+            why.contains("refused the network programs"),
+            "the reason names the refusal: {why}"
+        ),
+        other => panic!("storage programs loaded against an array map: {other:?}"),
+    }
+    let id = c.track(&cg.dir).expect("track");
+    assert!(bpftool_cgroup_progs(&cg.dir).contains("lxcmon_walk_in"));
+    let sent = send_from(&ns, &cg, 2 * 1024 * 1024);
+    assert_within("net_tx by the walk", counters(&mut c, id).net_tx, sent, 5);
+    c.untrack(id).expect("untrack");
+}
+
 /// BPF_PROG_TEST_RUN of the cgroup_skb programs with the test process in a tracked cgroup: a
 /// frame on a non-loopback device counts exactly its IP length, on loopback nothing.
 #[test]
