@@ -43,7 +43,8 @@ pub struct ExportRow {
 /// Each program's own budget (issue 13): per packet for `cgroup_skb`, per event for the
 /// tracepoint programs; the empty program calibrates the stats clock (its figure is the clock).
 fn budget(program: &str) -> &'static str {
-    if program.starts_with("lxcmon_skb") {
+    // The walk-only pair (`lxcmon_walk_*`) is the network pair of kernels before 5.9.
+    if program.starts_with("lxcmon_skb") || program.starts_with("lxcmon_walk") {
         "≤ 100 ns"
     } else if program == "lxcmon_empty" {
         "(the stats clock alone)"
