@@ -12,7 +12,7 @@
 //! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
 //! completion.
 
-use crate::kernel::{load, rare};
+use crate::kernel::{load, rare, record_latency};
 use crate::{slot_of, LXCMON_LEVELS, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
@@ -22,8 +22,7 @@ use aya_ebpf::{
     Global,
 };
 use lxcmon_common::{
-    latency_bucket, BlkLatOffsets, IoStart, LatencyHist, IO_INFLIGHT_MAX, LATENCY_BUCKETS,
-    MAX_CONTAINERS, RARE_IOLAT_INSERT_FAILED,
+    BlkLatOffsets, IoStart, LatencyHist, IO_INFLIGHT_MAX, MAX_CONTAINERS, RARE_IOLAT_INSERT_FAILED,
 };
 
 /// Histograms by `slot * 2 + write`.
@@ -153,15 +152,6 @@ pub fn lxcmon_iolat_complete(ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: helper valid in tracing programs.
     let lat = unsafe { bpf_ktime_get_ns() }.saturating_sub(ts);
-    if let Some(h) = LXCMON_IOLAT.get_ptr_mut(idx) {
-        let b = latency_bucket(lat);
-        if b < LATENCY_BUCKETS {
-            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            unsafe {
-                (*h).buckets[b] += 1;
-                (*h).sum_ns += lat;
-            }
-        }
-    }
+    record_latency(&LXCMON_IOLAT, idx, lat);
     0
 }

@@ -5,10 +5,29 @@
 use crate::LXCMON_TRACKED;
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
-use lxcmon_common::{MAX_TRACKED_LEVEL, RARE_EVENTS, RARE_RUNQ_CLOCK_BEHIND};
+use lxcmon_common::{
+    latency_bucket, LatencyHist, LATENCY_BUCKETS, MAX_TRACKED_LEVEL, RARE_EVENTS,
+    RARE_RUNQ_CLOCK_BEHIND,
+};
 
 #[map]
 static LXCMON_RARE: PerCpuArray<u64> = PerCpuArray::pinned(RARE_EVENTS, 0);
+
+/// Adds one latency of `ns` nanoseconds to the histogram at `idx` of a per-CPU histogram map
+/// (run-queue wait, block I/O latency).
+#[inline(always)]
+pub(crate) fn record_latency(map: &PerCpuArray<LatencyHist>, idx: u32, ns: u64) {
+    if let Some(h) = map.get_ptr_mut(idx) {
+        let b = latency_bucket(ns);
+        if b < LATENCY_BUCKETS {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe {
+                (*h).buckets[b] += 1;
+                (*h).sum_ns += ns;
+            }
+        }
+    }
+}
 
 /// Counts a rare kernel-side condition (one of `RARE_*`) and logs it through aya-log at its
 /// 1st, 2nd, 4th, 8th... occurrence on this CPU: a steady stream of them costs a few dozen

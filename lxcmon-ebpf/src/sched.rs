@@ -15,7 +15,7 @@
 //! kernel's types), not `bpf_probe_read_kernel` calls. A task above every tracked level (the
 //! host's, in the root cgroup) costs three loads.
 
-use crate::kernel::{cgroup_slot, load, rare, KnOffsets};
+use crate::kernel::{cgroup_slot, load, rare, record_latency, KnOffsets};
 use crate::LXCMON_LEVELS;
 use aya_ebpf::{
     macros::{btf_tracepoint, map},
@@ -24,8 +24,7 @@ use aya_ebpf::{
     Global,
 };
 use lxcmon_common::{
-    latency_bucket, LatencyHist, SchedOffsets, LATENCY_BUCKETS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
-    RARE_RUNQ_CLOCK_BEHIND,
+    LatencyHist, SchedOffsets, MAX_CONTAINERS, MAX_TRACKED_LEVEL, RARE_RUNQ_CLOCK_BEHIND,
 };
 
 #[map]
@@ -101,16 +100,6 @@ pub fn lxcmon_sched_switch(ctx: BtfTracePointContext) -> i32 {
         rare(&ctx, RARE_RUNQ_CLOCK_BEHIND);
         return 0;
     }
-    let wait = clock - queued;
-    if let Some(h) = LXCMON_RUNQ.get_ptr_mut(slot) {
-        let b = latency_bucket(wait);
-        if b < LATENCY_BUCKETS {
-            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            unsafe {
-                (*h).buckets[b] += 1;
-                (*h).sum_ns += wait;
-            }
-        }
-    }
+    record_latency(&LXCMON_RUNQ, slot, clock - queued);
     0
 }
