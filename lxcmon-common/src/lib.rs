@@ -149,8 +149,9 @@ pub const GLOBAL_SCHED_OFFSETS: &str = "LXCMON_SCHED_OFF";
 /// Rare-condition counters in [`MAP_RARE`]: a tracked task switched in with an enqueue time
 /// after its run-queue's clock (a stamp from another CPU's clock): that wait is not counted.
 pub const RARE_RUNQ_CLOCK_BEHIND: u32 = 0;
-/// A tracked container's bio the block I/O latency in-flight map refused: not timed.
-pub const RARE_IOLAT_INSERT_FAILED: u32 = 1;
+/// A tracked container's request completed without the block layer's start time (its queue
+/// keeps none: `iostats` off and no I/O scheduler): not timed.
+pub const RARE_IOLAT_NO_START: u32 = 1;
 pub const RARE_EVENTS: u32 = 2;
 /// The aya-log ring buffer the programs log rare conditions to (aya-log's own name).
 pub const MAP_BPF_LOG: &str = "AYA_LOGS";
@@ -250,29 +251,44 @@ pub struct SchedOffsets {
 /// Block I/O latency: a per-CPU array of [`LatencyHist`] indexed by `slot * 2 + write`
 /// (0: reads, 1: writes).
 pub const MAP_IOLAT_HIST: &str = "LXCMON_IOLAT";
-/// Block I/O latency: LRU hash from a bio's kernel address to [`IoStart`], for bios queued by
-/// tracked containers' tasks (bounded to [`IO_INFLIGHT_MAX`]; entries that never complete are
-/// evicted).
-pub const MAP_IOLAT_INFLIGHT: &str = "LXCMON_IOLAT_INFLIGHT";
-pub const IO_INFLIGHT_MAX: u32 = 16384;
+/// Block I/O latency: an array of [`IO_BIOS`] [`IoStart`] entries, a tracked container's bio
+/// at [`bio_index`] of its first sector until its request completes. A fixed array, not a hash:
+/// writing an entry takes no lock and allocates nothing, and an entry nothing consumes (a bio
+/// merged behind another request's first bio) is simply overwritten later: bounded by
+/// construction.
+pub const MAP_IOLAT_BIOS: &str = "LXCMON_IOLAT_BIOS";
+/// Entries of [`MAP_IOLAT_BIOS`]: a power of two (`1 << IO_BIOS_BITS`). Two bios in flight at
+/// the same index: the later one wins, the earlier request is not timed (with `k` requests in
+/// flight, about `k / IO_BIOS` of them).
+pub const IO_BIOS_BITS: u32 = 14;
+pub const IO_BIOS: u32 = 1 << IO_BIOS_BITS;
+
+/// The [`MAP_IOLAT_BIOS`] index of a bio, from its first sector (a request's first sector is
+/// its first bio's; the verifier allows no arithmetic on the bio's address). Fibonacci
+/// hashing: the product's top bits depend on every bit, so the sectors of sequential I/O
+/// spread over the array.
+#[inline(always)]
+pub fn bio_index(sector: u64) -> u32 {
+    (sector.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - IO_BIOS_BITS)) as u32
+}
+
 /// `tp_btf/block_bio_queue`: remembers a tracked container's bio.
 pub const PROG_IOLAT_BIO: &str = "lxcmon_iolat_bio";
-/// `tp_btf/block_rq_issue`: a remembered request goes to the device.
-pub const PROG_IOLAT_ISSUE: &str = "lxcmon_iolat_issue";
-/// Their variants for kernels before 5.11 (`block_bio_queue(q, bio)`, `block_rq_issue(q, rq)`).
+/// Its variant for kernels before 5.11 (`block_bio_queue(q, bio)`).
 pub const PROG_IOLAT_BIO_OLD: &str = "lxcmon_iolat_bio_old";
-pub const PROG_IOLAT_ISSUE_OLD: &str = "lxcmon_iolat_issue_old";
-/// `tp_btf/block_rq_complete`: its latency goes into the container's histogram.
+/// `tp_btf/block_rq_complete`: a remembered request's latency (the block layer's own start
+/// time to now) goes into the container's histogram.
 pub const PROG_IOLAT_COMPLETE: &str = "lxcmon_iolat_complete";
 /// Global holding [`BlkLatOffsets`].
 pub const GLOBAL_BLK_OFFSETS: &str = "LXCMON_BLK_OFF";
 
-/// An in-flight bio of a tracked container: issue time (0 until issued), its first sector
-/// (checked against the request's at issue), `slot * 2 + write` and the tracking generation.
+/// A tracked container's bio on its way to a request: its address (0: a free entry), its
+/// first sector (checked against the request's at completion: a freed bio's address reused by
+/// another bio), `slot * 2 + write` and the tracking generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoStart {
-    pub ts: u64,
+    pub bio: u64,
     pub sector: u64,
     pub slot: u32,
     pub generation: u32,
@@ -284,12 +300,16 @@ pub struct IoStart {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkLatOffsets {
     pub enabled: u32,
-    /// 1 before 5.11, where `block_rq_issue` and `block_bio_queue` take the queue first: the
-    /// agent then attaches the `_old` programs.
-    pub issue_rq_arg: u32,
-    /// `request`: `bio`, `__sector`; `bio`: `bi_opf`, `bi_iter.bi_sector`.
+    /// 1 before 5.11, where `block_bio_queue` takes the queue first: the agent then attaches
+    /// the `_old` program.
+    pub old_args: u32,
+    /// `request`: `bio`, `__sector`, `__data_len` (bytes left), `start_time_ns` (when the block
+    /// layer made it: the start of the span `/proc/diskstats` times); `bio`: `bi_opf`,
+    /// `bi_iter.bi_sector`.
     pub rq_bio: u32,
     pub rq_sector: u32,
+    pub rq_data_len: u32,
+    pub rq_start_ns: u32,
     pub bio_opf: u32,
     pub bio_sector: u32,
 }

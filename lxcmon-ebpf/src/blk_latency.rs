@@ -1,28 +1,29 @@
-//! Block I/O latency per container: from a request's issue to the device
-//! (`block_rq_issue`) to its completion (`block_rq_complete`), reads and writes apart, into the
-//! per-CPU histogram of the container that submitted it.
+//! Block I/O latency per container: from the block layer's start time of a request
+//! (`request.start_time_ns`, the span `/proc/diskstats` times: made, queued, dispatched,
+//! served) to its completion (`block_rq_complete`), reads and writes apart, into the per-CPU
+//! histogram of the container that submitted it.
 //!
 //! Attribution is the byte counters': the task that queues the bio (`block_bio_queue`, in its
-//! own context). That program records, for bios of tracked containers only, the container's
-//! slot and the bio's first sector in an LRU hash keyed by the bio's address; at issue the
-//! request's first bio (`rq->bio`) is looked up and, when its sector is the request's (a
-//! recycled bio address of another request fails this check), the issue time is stored in the
-//! same entry; completion looks it up again, records and deletes it. Bios merged behind
-//! another request's first bio, and requests that never complete, leave entries that the LRU
-//! evicts: the map is bounded. Host I/O costs one failed lookup at issue and one at
-//! completion.
+//! own context). That program writes, for bios of tracked containers only, the bio's address,
+//! its first sector and the container's slot into the entry of a fixed array at a hash of
+//! that sector; completion reads the entry at the request's first sector, checks that it is
+//! the request's first bio (`rq->bio`) with that sector (a freed bio's address reused by
+//! another fails it), records the latency and frees the entry. No lock, no allocation, no clock read before completion; the
+//! kernel already stamps the request. An entry nothing consumes (a bio merged behind another
+//! request's first bio) is overwritten by a later bio at its index: the array is the bound.
+//! Host I/O costs the tracked-cgroup lookup at queueing and one array read at completion.
 
 use crate::kernel::{load, rare, record_latency};
 use crate::{slot_of, LXCMON_LEVELS, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE};
 use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::BtfTracePointContext,
     Global,
 };
 use lxcmon_common::{
-    BlkLatOffsets, IoStart, LatencyHist, IO_INFLIGHT_MAX, MAX_CONTAINERS, RARE_IOLAT_INSERT_FAILED,
+    bio_index, BlkLatOffsets, IoStart, LatencyHist, IO_BIOS, MAX_CONTAINERS, RARE_IOLAT_NO_START,
 };
 
 /// Histograms by `slot * 2 + write`.
@@ -30,14 +31,16 @@ use lxcmon_common::{
 static LXCMON_IOLAT: PerCpuArray<LatencyHist> = PerCpuArray::pinned(MAX_CONTAINERS * 2, 0);
 
 #[map]
-static LXCMON_IOLAT_INFLIGHT: LruHashMap<u64, IoStart> = LruHashMap::pinned(IO_INFLIGHT_MAX, 0);
+static LXCMON_IOLAT_BIOS: Array<IoStart> = Array::pinned(IO_BIOS, 0);
 
 #[no_mangle]
 static LXCMON_BLK_OFF: Global<BlkLatOffsets> = Global::new(BlkLatOffsets {
     enabled: 0,
-    issue_rq_arg: 0,
+    old_args: 0,
     rq_bio: 0,
     rq_sector: 0,
+    rq_data_len: 0,
+    rq_start_ns: 0,
     bio_opf: 0,
     bio_sector: 0,
 });
@@ -50,7 +53,7 @@ fn generation() -> u32 {
 /// `block_bio_queue(bio)`: a read or write bio of a tracked container's task is remembered.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
-    on_bio(&ctx, ctx.arg(0));
+    on_bio(ctx.arg(0));
     0
 }
 
@@ -59,12 +62,12 @@ pub fn lxcmon_iolat_bio(ctx: BtfTracePointContext) -> i32 {
 /// offset.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn lxcmon_iolat_bio_old(ctx: BtfTracePointContext) -> i32 {
-    on_bio(&ctx, ctx.arg(1));
+    on_bio(ctx.arg(1));
     0
 }
 
 #[inline(always)]
-fn on_bio(ctx: &BtfTracePointContext, bio: *const u8) {
+fn on_bio(bio: *const u8) {
     let k = LXCMON_BLK_OFF.load();
     if k.enabled == 0 {
         return;
@@ -78,57 +81,24 @@ fn on_bio(ctx: &BtfTracePointContext, bio: *const u8) {
         return;
     }
     let sector: u64 = load(bio, k.bio_sector);
-    let start = IoStart {
-        ts: 0,
-        sector,
-        slot: slot * 2 + op,
-        generation: generation(),
-    };
-    if LXCMON_IOLAT_INFLIGHT
-        .insert(&(bio as u64), &start, 0)
-        .is_err()
-    {
-        rare(ctx, RARE_IOLAT_INSERT_FAILED);
-    }
-}
-
-/// `block_rq_issue(rq)`: the request goes to the device.
-#[btf_tracepoint(function = "block_rq_issue")]
-pub fn lxcmon_iolat_issue(ctx: BtfTracePointContext) -> i32 {
-    on_issue(ctx.arg(0));
-    0
-}
-
-/// `block_rq_issue(q, rq)` before 5.11.
-#[btf_tracepoint(function = "block_rq_issue")]
-pub fn lxcmon_iolat_issue_old(ctx: BtfTracePointContext) -> i32 {
-    on_issue(ctx.arg(1));
-    0
-}
-
-#[inline(always)]
-fn on_issue(rq: *const u8) {
-    let k = LXCMON_BLK_OFF.load();
-    if k.enabled == 0 {
-        return;
-    }
-    let bio: u64 = load(rq, k.rq_bio);
-    let Some(st) = LXCMON_IOLAT_INFLIGHT.get_ptr_mut(&bio) else {
-        return;
-    };
-    let sector: u64 = load(rq, k.rq_sector);
-    // SAFETY: the entry is valid for this run.
-    unsafe {
-        if (*st).sector != sector {
-            let _ = LXCMON_IOLAT_INFLIGHT.remove(&bio);
-            return;
+    if let Some(e) = LXCMON_IOLAT_BIOS.get_ptr_mut(bio_index(sector)) {
+        // SAFETY: an entry of the array, valid for this run. Another CPU may write the same
+        // entry at the same moment (two bios at one index): completion's address and sector
+        // check drops what such a race could mix up.
+        unsafe {
+            *e = IoStart {
+                bio: bio as u64,
+                sector,
+                slot: slot * 2 + op,
+                generation: generation(),
+            };
         }
-        (*st).ts = bpf_ktime_get_ns();
     }
 }
 
 /// `block_rq_complete(rq, error, nr_bytes)`: fires before the request's bios are ended, so
-/// `rq->bio` is still the one looked up at issue.
+/// `rq->bio` is still the first one. A partial completion (fewer bytes than are left) is not
+/// the end of the request: only the last one times it.
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn lxcmon_iolat_complete(ctx: BtfTracePointContext) -> i32 {
     let k = LXCMON_BLK_OFF.load();
@@ -136,22 +106,33 @@ pub fn lxcmon_iolat_complete(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let rq: *const u8 = ctx.arg(0);
-    let bio: u64 = load(rq, k.rq_bio);
-    let Some(st) = LXCMON_IOLAT_INFLIGHT.get_ptr_mut(&bio) else {
+    let sector: u64 = load(rq, k.rq_sector);
+    let Some(e) = LXCMON_IOLAT_BIOS.get_ptr_mut(bio_index(sector)) else {
         return 0;
     };
-    // SAFETY: the entry is valid for this run.
-    let (ts, idx, gen) = unsafe { ((*st).ts, (*st).slot, (*st).generation) };
-    if ts == 0 {
-        return 0; // queued, not issued yet (a partial completion of another request)
+    // SAFETY: an entry of the array, valid for this run.
+    let (tag, queued_at, idx, gen) = unsafe { ((*e).bio, (*e).sector, (*e).slot, (*e).generation) };
+    let bio: u64 = load(rq, k.rq_bio);
+    if tag != bio || bio == 0 || queued_at != sector {
+        return 0;
     }
-    let _ = LXCMON_IOLAT_INFLIGHT.remove(&bio);
+    let nr_bytes: u64 = ctx.arg(2);
+    if (nr_bytes as u32) < load::<u32>(rq, k.rq_data_len) {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { (*e).bio = 0 };
     // A slot given to another container since the bio was queued: dropped.
     if gen != generation() || idx >= MAX_CONTAINERS * 2 {
         return 0;
     }
+    let start: u64 = load(rq, k.rq_start_ns);
+    if start == 0 {
+        rare(&ctx, RARE_IOLAT_NO_START);
+        return 0;
+    }
     // SAFETY: helper valid in tracing programs.
-    let lat = unsafe { bpf_ktime_get_ns() }.saturating_sub(ts);
+    let lat = unsafe { bpf_ktime_get_ns() }.saturating_sub(start);
     record_latency(&LXCMON_IOLAT, idx, lat);
     0
 }

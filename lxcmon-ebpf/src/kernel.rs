@@ -54,7 +54,7 @@ pub(crate) fn rare(ctx: &BtfTracePointContext, what: u32) {
     } else {
         warn!(
             ctx,
-            "block I/O latency: the in-flight map refused a bio of a tracked container ({} times on this CPU); those requests are not timed",
+            "block I/O latency: a tracked container's request completed without a start time ({} times on this CPU): its queue keeps none (iostats off, no I/O scheduler); those requests are not timed",
             n
         );
     }

@@ -454,8 +454,9 @@ fn io_latency_matches_timed_direct_io() {
             "{what}: {got}, the kernel counted {kernel}"
         );
     }
-    // The histogram times issue to completion; the process times the whole system call
-    // around it: the CPU work before issue and after completion (about 12-17 us per I/O on
+    // The histogram times the request from the block layer's start of it to its completion;
+    // the process times the whole system call around it: the CPU work before the request and
+    // after completion (about 12-17 us per I/O on
     // this VM when idle) and any wait for a CPU after the wake-up (its own `run_delay`, which
     // grows a lot on a loaded host). So the histogram's mean is at most the timed mean, and at
     // least half of the timed mean without the process' run-queue wait (the CPU work outside

@@ -1,9 +1,9 @@
-//! Block I/O latency: the request programs (`tp_btf/block_bio_queue`, `block_rq_issue`,
-//! `block_rq_complete`), the struct offsets they read from the kernel's BTF, and the
-//! per-container read and write histograms, read in one batched map read per cycle.
+//! Block I/O latency: the request programs (`tp_btf/block_bio_queue`, `block_rq_complete`),
+//! the struct offsets they read from the kernel's BTF, and the per-container read and write
+//! histograms, read in one batched map read per cycle.
 //!
-//! In-flight requests live in an LRU hash keyed by their first bio's address (bounded: entries
-//! of requests that never complete, or of bios merged behind another, are evicted).
+//! A tracked container's bio waits for its request's completion in a fixed array at a hash of
+//! its address (bounded by construction: an entry nothing consumes is overwritten later).
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
@@ -11,33 +11,27 @@ use super::latency::LatencyMode;
 use super::loader::TpBtf;
 use super::BpfCollector;
 use lxcmon_common::{
-    BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_HIST, MAP_IOLAT_INFLIGHT, PROG_IOLAT_BIO,
-    PROG_IOLAT_BIO_OLD, PROG_IOLAT_COMPLETE, PROG_IOLAT_ISSUE, PROG_IOLAT_ISSUE_OLD,
+    BlkLatOffsets, IoStart, LatencyHist, MAP_IOLAT_BIOS, MAP_IOLAT_HIST, PROG_IOLAT_BIO,
+    PROG_IOLAT_BIO_OLD, PROG_IOLAT_COMPLETE,
 };
 use std::collections::HashMap;
 
 /// Attached in this order: completion first and bio queueing last, so no entry is made that
 /// nothing would consume. Link names are `iolat-<tracepoint>`.
-const PROGRAMS: [TpBtf<'static>; 3] = [
+const PROGRAMS: [TpBtf<'static>; 2] = [
     (
         PROG_IOLAT_COMPLETE,
         "block_rq_complete",
         "iolat-block_rq_complete",
     ),
-    (PROG_IOLAT_ISSUE, "block_rq_issue", "iolat-block_rq_issue"),
     (PROG_IOLAT_BIO, "block_bio_queue", "iolat-block_bio_queue"),
 ];
 /// Before 5.11 (the queue as the first argument).
-const PROGRAMS_OLD: [TpBtf<'static>; 3] = [
+const PROGRAMS_OLD: [TpBtf<'static>; 2] = [
     (
         PROG_IOLAT_COMPLETE,
         "block_rq_complete",
         "iolat-block_rq_complete",
-    ),
-    (
-        PROG_IOLAT_ISSUE_OLD,
-        "block_rq_issue",
-        "iolat-block_rq_issue",
     ),
     (
         PROG_IOLAT_BIO_OLD,
@@ -45,21 +39,26 @@ const PROGRAMS_OLD: [TpBtf<'static>; 3] = [
         "iolat-block_bio_queue",
     ),
 ];
+/// Links of earlier versions' programs, detached whenever the family is switched: an agent
+/// that adopts an older one's pins must not leave its issue-time program running.
+const RETIRED_LINKS: [&str; 1] = ["iolat-block_rq_issue"];
 
 /// The request and bio offsets the programs need, from the kernel's BTF; the error is why
 /// block I/O latency cannot be measured.
 pub(crate) fn blk_offsets(btf: &Btf) -> Result<BlkLatOffsets, String> {
     let m = |s: &str, f: &str| btf.member_offset(s, f).map_err(|e| e.to_string());
-    // `block_rq_issue(struct request *)` and `block_bio_queue(struct bio *)` since 5.11, both
-    // with the `struct request_queue *` first before.
+    // `block_bio_queue(struct bio *)` since 5.11, with the `struct request_queue *` first
+    // before.
     let before_5_11 = aya::util::KernelVersion::current()
         .map(|v| v < aya::util::KernelVersion::new(5, 11, 0))
         .map_err(|e| format!("kernel version: {e}"))?;
     Ok(BlkLatOffsets {
         enabled: 1,
-        issue_rq_arg: u32::from(before_5_11),
+        old_args: u32::from(before_5_11),
         rq_bio: m("request", "bio")?,
         rq_sector: m("request", "__sector")?,
+        rq_data_len: m("request", "__data_len")?,
+        rq_start_ns: m("request", "start_time_ns")?,
         bio_opf: m("bio", "bi_opf")?,
         bio_sector: m("bio", "bi_iter.bi_sector")?,
     })
@@ -107,6 +106,7 @@ impl BpfCollector {
     /// Returns the new mode; a refusal is the reason, the rest goes on.
     pub fn set_io_latency(&mut self, on: bool) -> &LatencyMode {
         self.latency.io.wanted = on;
+        self.detach_links(RETIRED_LINKS);
         let offsets = self.latency.io.offsets.clone();
         self.latency.io.mode = self.switch_family(
             on,
@@ -118,7 +118,7 @@ impl BpfCollector {
         &self.latency.io.mode
     }
 
-    fn programs(&self) -> [TpBtf<'static>; 3] {
+    fn programs(&self) -> [TpBtf<'static>; 2] {
         if self.latency.io.old {
             PROGRAMS_OLD
         } else {
@@ -126,7 +126,7 @@ impl BpfCollector {
         }
     }
 
-    /// Loads all three, then attaches them in [`PROGRAMS`]' order. The tracepoints' argument
+    /// Loads both, then attaches them in [`PROGRAMS`]' order. The tracepoints' argument
     /// lists changed in 5.11 but some 5.10 stable kernels (Debian's 5.10.223) have the new
     /// ones: when the set the version chose is refused, the other is tried.
     fn attach_iolat(&mut self) -> Result<(), String> {
@@ -151,13 +151,16 @@ impl BpfCollector {
         Ok(())
     }
 
-    /// How many requests are in flight in the kernel side's map (tests: nothing is left once
-    /// the I/O is done).
+    /// How many bios wait for their request's completion in the kernel side's array (tests:
+    /// nothing is left once the I/O is done).
     pub fn io_inflight(&self) -> Result<usize, BpfError> {
-        let map: aya::maps::HashMap<&aya::maps::MapData, u64, IoStart> =
-            aya::maps::HashMap::try_from(self.map(MAP_IOLAT_INFLIGHT)?)
-                .map_err(map_err(MAP_IOLAT_INFLIGHT))?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        let map: aya::maps::Array<&aya::maps::MapData, IoStart> =
+            aya::maps::Array::try_from(self.map(MAP_IOLAT_BIOS)?)
+                .map_err(map_err(MAP_IOLAT_BIOS))?;
+        Ok(map
+            .iter()
+            .filter(|e| e.as_ref().is_ok_and(|e| e.bio != 0))
+            .count())
     }
 
     /// A tracked container's block I/O latency histograms (reads, writes) as of the last
@@ -177,8 +180,9 @@ mod tests {
             return; // no kernel BTF here
         };
         let o = blk_offsets(&btf).expect("offsets");
-        assert_eq!((o.enabled, o.issue_rq_arg), (1, 0));
+        assert_eq!((o.enabled, o.old_args), (1, 0));
         assert!(o.rq_bio > 0 && o.rq_sector > 0 && o.bio_sector > 0);
+        assert!(o.rq_data_len > 0 && o.rq_start_ns > 0);
         assert_ne!(o.bio_opf, o.bio_sector);
     }
 }

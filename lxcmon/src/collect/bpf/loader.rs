@@ -168,7 +168,7 @@ impl BpfCollector {
             network: opts.network,
             skb_slot,
             batched: None,
-            latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.issue_rq_arg == 1)),
+            latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.old_args == 1)),
             retrans: retrans::RetransState::new(tcp.map(drop)),
             log: None,
         };
