@@ -38,6 +38,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
     Global,
 };
+use kernel::load;
 use lxcmon_common::{
     Counters, KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32,
     MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL,
@@ -322,37 +323,29 @@ pub fn lxcmon_dirty_folio(ctx: BtfTracePointContext) -> i32 {
     };
     let folio: *const u8 = ctx.arg(0);
     let mapping: *const u8 = ctx.arg(1);
-    let Some(host) = kread::<*const u8>(mapping, k.as_host) else {
-        return 0;
-    };
-    let Some(sb) = kread::<*const u8>(host, k.inode_sb) else {
-        return 0;
-    };
-    let Some(bdi) = kread::<*const u8>(sb, k.sb_bdi) else {
-        return 0;
-    };
-    let Some(caps) = kread::<u32>(bdi, k.bdi_caps) else {
-        return 0;
-    };
-    if caps & BDI_CAP_WRITEBACK == 0 {
+    // The verifier types `mapping` as possibly null: it wants the check before any offset.
+    if folio.is_null() || mapping.is_null() {
         return 0;
     }
-    let Some(dev) = kread::<u32>(sb, k.sb_dev) else {
+    // Plain loads through the BTF-typed arguments (a null pointer on the way reads 0).
+    let host: *const u8 = load(mapping, k.as_host);
+    let sb: *const u8 = load(host, k.inode_sb);
+    let bdi: *const u8 = load(sb, k.sb_bdi);
+    if load::<u32>(bdi, k.bdi_caps) & BDI_CAP_WRITEBACK == 0 {
         return 0;
-    };
+    }
+    let dev: u32 = load(sb, k.sb_dev);
     // SAFETY: plain lookup.
     if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
         return 0;
     }
-    let Some(flags) = kread::<u64>(folio, k.folio_flags) else {
-        return 0;
-    };
+    let flags: u64 = load(folio, k.folio_flags);
     let mut pages: u64 = 1;
     if flags & (1u64 << (k.pg_head & 63)) != 0 {
         if k.folio_nr_mode == FOLIO_NR_PAGES_U32 {
-            pages = u64::from(kread::<u32>(folio, k.folio_nr).unwrap_or(1));
+            pages = u64::from(load::<u32>(folio, k.folio_nr));
         } else if k.folio_nr_mode == FOLIO_NR_ORDER_BYTE {
-            pages = 1u64 << (kread::<u8>(folio, k.folio_nr).unwrap_or(0) & 31);
+            pages = 1u64 << (load::<u8>(folio, k.folio_nr) & 31);
         }
     }
     add_io(slot, true, pages * u64::from(k.page_size));
@@ -373,42 +366,48 @@ pub fn lxcmon_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let bio: *const u8 = ctx.arg(0);
-    let Some(bdev) = kread::<*const u8>(bio, k.bio_bdev) else {
-        return 0;
-    };
-    let Some(dev) = kread::<u32>(bdev, k.bdev_dev) else {
-        return 0;
-    };
+    let bdev: *const u8 = load(bio, k.bio_bdev);
+    let dev: u32 = load(bdev, k.bdev_dev);
     // SAFETY: plain lookup.
     if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
         return 0;
     }
-    let Some(opf) = kread::<u32>(bio, k.bio_opf) else {
-        return 0;
-    };
-    let Some(size) = kread::<u32>(bio, k.bio_size) else {
-        return 0;
-    };
+    let size: u32 = load(bio, k.bio_size);
     if size == 0 {
         return 0;
     }
-    let op = opf & REQ_OP_MASK;
+    let op = load::<u32>(bio, k.bio_opf) & REQ_OP_MASK;
     if op == REQ_OP_WRITE {
-        let vec = kread::<*const u8>(bio, k.bio_io_vec).unwrap_or(core::ptr::null());
-        let idx = kread::<u32>(bio, k.bio_idx).unwrap_or(0);
-        if !vec.is_null() && idx < 4096 {
-            let bv = vec.wrapping_add((idx * k.bvec_size) as usize);
-            let page = kread::<*const u8>(bv, k.bvec_page).unwrap_or(core::ptr::null());
-            let mapping = kread::<u64>(page, k.folio_mapping).unwrap_or(0);
-            if mapping != 0 && mapping & PAGE_MAPPING_FLAGS == 0 {
-                return 0;
-            }
+        if is_page_cache_write(bio, k) {
+            return 0;
         }
         add_io(slot, true, u64::from(size));
     } else if op == REQ_OP_READ {
         add_io(slot, false, u64::from(size));
     }
     0
+}
+
+/// Whether a write bio's first page belongs to a file's page cache (a mapping without the
+/// anon/movable low bits). `page->mapping` is read as a number through
+/// `bpf_probe_read_kernel`: the verifier allows no bit test on a loaded pointer. A bio not at
+/// its first vector (split) reads the vector at a computed offset, which only the helper may.
+#[inline(always)]
+fn is_page_cache_write(bio: *const u8, k: KernelOffsets) -> bool {
+    let idx: u32 = load(bio, k.bio_idx);
+    let page = if idx == 0 {
+        let vec: *const u8 = load(bio, k.bio_io_vec);
+        load::<*const u8>(vec, k.bvec_page)
+    } else {
+        let vec = kread::<*const u8>(bio, k.bio_io_vec).unwrap_or(core::ptr::null());
+        if vec.is_null() || idx >= 4096 {
+            return false;
+        }
+        let bv = vec.wrapping_add((idx * k.bvec_size) as usize);
+        kread::<*const u8>(bv, k.bvec_page).unwrap_or(core::ptr::null())
+    };
+    let mapping = kread::<u64>(page, k.folio_mapping).unwrap_or(0);
+    mapping != 0 && mapping & PAGE_MAPPING_FLAGS == 0
 }
 
 #[cfg(not(test))]

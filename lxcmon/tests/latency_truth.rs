@@ -426,13 +426,13 @@ fn io_latency_matches_timed_direct_io() {
 
     let old_stats = std::fs::read_to_string(STATS).unwrap();
     std::fs::write(STATS, "1").unwrap();
-    let cost_before = prog_stats("lxcmon_iolat_");
+    let cost_before = prog_stats("lxcmon_");
     let before = io(&mut bpf);
     let kernel_before = direct_io::kernel_requests(&blkio).expect("blkio");
     let timed = direct_io::timed_in("direct_io_child", &procs, &file, IO_COUNT).expect("timed I/O");
     let kernel_after = direct_io::kernel_requests(&blkio).expect("blkio");
     let after = io(&mut bpf);
-    let cost_container = prog_stats("lxcmon_iolat_");
+    let cost_container = prog_stats("lxcmon_");
     let (kr, kw) = (
         kernel_after.0 - kernel_before.0,
         kernel_after.1 - kernel_before.1,
@@ -481,7 +481,7 @@ fn io_latency_matches_timed_direct_io() {
     let timed_host =
         direct_io::timed_in("direct_io_child", &[], &file, IO_COUNT / 4).expect("timed host I/O");
     let host = io(&mut bpf);
-    let cost_host = prog_stats("lxcmon_iolat_");
+    let cost_host = prog_stats("lxcmon_");
     std::fs::write(STATS, old_stats.trim()).unwrap();
     // Kernel time per event of each program (as the bench measures it, the stats clock
     // included): the container's I/O, then the host's (the early exits).
@@ -563,7 +563,7 @@ fn io_latency_switched_off_is_absent() {
         "the direct writes' requests ({writes} writes; histograms {h:?}; rare conditions {:?}; \
          programs {:?})",
         bpf.rare_events(),
-        prog_stats("lxcmon_iolat_")
+        prog_stats("lxcmon_")
     );
     assert!(matches!(bpf.set_io_latency(false), LatencyMode::Off(_)));
     drop(lab);
