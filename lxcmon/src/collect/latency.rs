@@ -101,8 +101,8 @@ pub struct Latency {
     pub runqueue: Option<Histogram>,
     /// The growth of `runqueue` over the last interval (`None` in an instance's first cycle).
     pub runqueue_interval: Option<Histogram>,
-    /// Block I/O latency from a request's issue to its completion, reads and writes,
-    /// cumulative for this instance.
+    /// Block I/O latency from the block layer's start of a request to its completion, reads
+    /// and writes, cumulative for this instance.
     pub io_read: Option<Histogram>,
     pub io_write: Option<Histogram>,
     /// Their growth over the last interval (`None` in an instance's first cycle).
@@ -136,7 +136,8 @@ impl IntervalSummary {
 }
 
 /// Per-interval summary of an I/O latency histogram's growth: median and 99th percentile in
-/// milliseconds (omitted without requests) and how many requests completed.
+/// milliseconds (omitted without requests), how many requests completed, and their latencies'
+/// total in seconds (the mean, `iostat`'s await, is `total_seconds / count`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct IoSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +145,7 @@ pub struct IoSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_ms: Option<f64>,
     pub count: u64,
+    pub total_seconds: f64,
 }
 
 impl IoSummary {
@@ -153,6 +155,7 @@ impl IoSummary {
             p50_ms: ms(0.5),
             p99_ms: ms(0.99),
             count: growth.count(),
+            total_seconds: (growth.sum_seconds() * 1e6).round() / 1e6,
         }
     }
 }
@@ -315,7 +318,11 @@ mod tests {
         let s = l.io_summary().unwrap();
         assert_eq!(s.read.count, 10);
         assert_eq!(s.read.p50_ms, Some(0.096)); // (64 us, 128 us], halfway
-        assert_eq!(serde_json::to_string(&s.write).unwrap(), r#"{"count":0}"#);
+        assert_eq!(s.read.total_seconds, 0.001);
+        assert_eq!(
+            serde_json::to_string(&s.write).unwrap(),
+            r#"{"count":0,"total_seconds":0.0}"#
+        );
     }
 
     #[test]

@@ -51,6 +51,9 @@ const IO_MIB: u64 = 4;
 const MP0_MIB: u64 = 2;
 /// Files created on mp0 (the data file and empty ones): inodes_free drops by exactly this.
 const MP0_FILES: u64 = 5;
+/// 4 KiB O_DIRECT overwrites, then as many reads, for the I/O latency check.
+const DIO_COUNT: u64 = 128;
+const DIO_FILE: &str = "/iolat.bin";
 const NET_COUNT: u64 = 200;
 const NET_SIZE: u64 = 500;
 const ERRLOG: &str = "/tmp/lxcmon-details.stderr";
@@ -163,6 +166,9 @@ struct Snap {
     /// vmid -> pid -> `run_delay` (schedstat) of its busy loops: time each was runnable but
     /// not running.
     run_delay_ns: BTreeMap<u32, BTreeMap<u32, u64>>,
+    /// `/sys/block/vda/stat`: requests completed and the milliseconds they took, the span the
+    /// I/O latency programs time (`[0]` reads, `[3]` read ms, `[4]` writes, `[7]` write ms).
+    disk: Vec<u64>,
 }
 
 /// One agent cycle with the kernel read before it began and after it was exported.
@@ -422,6 +428,11 @@ impl Details<'_> {
             }
         }
         s.io = read_iostat(&format!("{CGROOT}/{BASE}/io.stat"));
+        s.disk = std::fs::read_to_string("/sys/block/vda/stat")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
         for c in self.cts.iter().take(2) {
             s.net.insert(c.vmid, read_netdev(c.init_pid));
         }
@@ -558,6 +569,40 @@ impl Details<'_> {
         self.check_mounts(report, &base, &io)?;
         step("block I/O and mounts");
 
+        // Block I/O latency: a file written and synced first (outside the window), then
+        // overwritten and read back in 4 KiB direct requests.
+        let dio_bytes = (DIO_COUNT * 4096).div_ceil(MIB) * MIB;
+        self.ct.run(
+            "",
+            &[
+                "/bin/vm-guest",
+                "wl",
+                "write",
+                DIO_FILE,
+                &dio_bytes.to_string(),
+                "buffered",
+            ],
+        )?;
+        let a = self.bracket(agent)?;
+        let out = self.ct.run(
+            "",
+            &[
+                "/bin/vm-guest",
+                "wl",
+                "dio",
+                DIO_FILE,
+                &DIO_COUNT.to_string(),
+            ],
+        )?;
+        report.eq(
+            &format!("details/kernel/{VMID}/dio-done"),
+            out.trim().to_string(),
+            format!("DIO {DIO_COUNT} {DIO_COUNT}"),
+        );
+        let b = self.bracket(agent)?;
+        self.check_io_latency(report, &a, &b);
+        step("block I/O latency");
+
         // Per interface: 101 -> 102.
         let sent = agent::udp_transfer(&self.cts[0], &self.cts[1], 5105, NET_COUNT, NET_SIZE)?;
         let bytes = sent * (NET_SIZE + UDP_FRAME_OVERHEAD);
@@ -605,17 +650,7 @@ impl Details<'_> {
     /// (schedstat) over the bracketing reads, the kernel's figure the program reads.
     fn check_runqueue(&self, report: &mut Report, a: &Bracket, b: &Bracket) {
         let p = format!("details/{VMID}/runqueue_wait");
-        let cycles = agent::read_cycles(&self.export);
-        let ts = |c: &BTreeMap<String, Value>| {
-            c.values()
-                .next()
-                .and_then(|r| r.get("timestamp")?.as_str())
-                .and_then(crate::scenario::parse_ts)
-        };
-        let window: Vec<&BTreeMap<String, Value>> = cycles
-            .iter()
-            .filter(|c| ts(c).is_some_and(|t| t > a.ts + 1e-6 && t <= b.ts + 1e-6))
-            .collect();
+        let window = self.window(a, b);
         let waits: Vec<Option<f64>> = window
             .iter()
             .map(|c| {
@@ -667,6 +702,104 @@ impl Details<'_> {
             hi,
             0.005 + 1e-6 * waits.len() as f64,
         );
+    }
+
+    /// Over the window a..b (105's direct overwrites and reads on its root, the guest's disk):
+    /// the requests and latencies the agent exported, summed over the cycles after a up to b,
+    /// against the workload and the disk's own statistics. The programs time the span
+    /// `/proc/diskstats` adds up (the request's start to its completion), so when every read
+    /// the disk served in the window was 105's, the exported read latency total is the disk's
+    /// read time (it keeps milliseconds: 2 ms of slack, and up to 20 µs per request for the
+    /// completion work between the program and the disk's accounting, on a slow VM).
+    fn check_io_latency(&self, report: &mut Report, a: &Bracket, b: &Bracket) {
+        let p = format!("details/{VMID}/io_latency");
+        let window = self.window(a, b);
+        let sum = |op: &str, key: &str| -> Option<f64> {
+            window
+                .iter()
+                .map(|c| getf(c.get(&VMID.to_string()), &["io_latency", op, key]))
+                .sum()
+        };
+        if window
+            .iter()
+            .all(|c| get(c.get(&VMID.to_string()), &["io_latency"]).is_none())
+        {
+            // Absent: allowed only with the agent's reason (a kernel that refuses the
+            // programs), which goes into the report.
+            let log = [ERRLOG, "/tmp/lxcmon-details.log"]
+                .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+                .concat();
+            let reason = log
+                .lines()
+                .find(|l| l.contains("block I/O latency: not measured"));
+            report.check(
+                &format!("{p}/absent-with-a-reason"),
+                reason.is_some(),
+                &format!(
+                    "absent in {} cycles: {}",
+                    window.len(),
+                    reason.unwrap_or("no reason logged")
+                ),
+            );
+            return;
+        }
+        let disk = |s: &Snap, i: usize| s.disk.get(i).copied().unwrap_or(0) as f64;
+        // The disk's figures over the widest bracket: other tasks' I/O only adds to them.
+        let dk = |i: usize| disk(&b.after, i) - disk(&a.before, i);
+        for (op, ios) in [("read", 0usize), ("write", 4)] {
+            let got = sum(op, "count");
+            info(&format!(
+                "details: I/O latency of {VMID} over {} cycles: {got:?} {op} requests, {:?} s; the disk completed {} {op}s in {} ms",
+                window.len(),
+                sum(op, "total_seconds"),
+                dk(ios),
+                dk(ios + 3)
+            ));
+            within(
+                report,
+                &format!("{p}.{op}.count-vs-workload-and-disk"),
+                got,
+                DIO_COUNT as f64,
+                dk(ios),
+                0.0,
+            );
+        }
+        let (got_n, got_s) = (sum("read", "count"), sum("read", "total_seconds"));
+        let (disk_n, disk_s) = (dk(0), dk(3) / 1e3);
+        let slack = 0.002 + 1e-6 * window.len() as f64;
+        if got_n == Some(disk_n) {
+            within(
+                report,
+                &format!("{p}.read.total_seconds-vs-disk"),
+                got_s,
+                disk_s - 20e-6 * disk_n,
+                disk_s,
+                slack,
+            );
+        } else {
+            within(
+                report,
+                &format!("{p}.read.total_seconds-at-most-the-disk"),
+                got_s,
+                0.0,
+                disk_s,
+                slack,
+            );
+        }
+    }
+
+    /// The exported cycles after a up to b (their timestamps).
+    fn window(&self, a: &Bracket, b: &Bracket) -> Vec<BTreeMap<String, Value>> {
+        let ts = |c: &BTreeMap<String, Value>| {
+            c.values()
+                .next()
+                .and_then(|r| r.get("timestamp")?.as_str())
+                .and_then(crate::scenario::parse_ts)
+        };
+        agent::read_cycles(&self.export)
+            .into_iter()
+            .filter(|c| ts(c).is_some_and(|t| t > a.ts + 1e-6 && t <= b.ts + 1e-6))
+            .collect()
     }
 
     /// Over the window a..b: 103's throttling and CPU pressure, or 105's CPU pressure.

@@ -48,6 +48,7 @@ pub fn main(args: &[String]) -> Result<()> {
     match a.as_slice() {
         ["write", path, bytes, mode] => write(path, bytes.parse()?, *mode == "direct"),
         ["read", path, bytes] => read_direct(path, bytes.parse()?),
+        ["dio", path, count] => dio(path, count.parse()?),
         ["udp-recv", port, count] => udp_recv(port.parse()?, count.parse()?),
         ["udp-send", dst, port, count, size] => {
             udp_send(dst, port.parse()?, count.parse()?, size.parse()?)
@@ -107,6 +108,39 @@ fn read_direct(path: &str, bytes: usize) -> Result<()> {
         done += n;
     }
     println!("READ {done}");
+    Ok(())
+}
+
+/// `count` 4 KiB O_DIRECT overwrites of an existing file's first blocks, then `count` 4 KiB
+/// O_DIRECT reads of them: one block request each (an overwrite allocates nothing, so the
+/// filesystem adds no request of the task's own).
+fn dio(path: &str, count: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(direct_flag())
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    let len = f.metadata()?.len();
+    if len < count * BLOCK as u64 {
+        bail!("{path} has {len} bytes, not the {count} blocks to overwrite");
+    }
+    let mut buf = Aligned::new(BLOCK, 0x77)?;
+    for i in 0..count {
+        let n = f.write_at(buf.slice(), i * BLOCK as u64)?;
+        if n != BLOCK {
+            bail!("short direct write: {n} bytes");
+        }
+    }
+    for i in 0..count {
+        let n = f.read_at(buf.slice(), i * BLOCK as u64)?;
+        if n != BLOCK {
+            bail!("short direct read: {n} bytes");
+        }
+    }
+    println!("DIO {count} {count}");
     Ok(())
 }
 
