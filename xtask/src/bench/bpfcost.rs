@@ -2,10 +2,13 @@
 //! keep run time and run count per program; `bpftool prog show` reads them. Each load step
 //! runs a bounded workload (TCP to the bench bridge, direct and buffered writes), inside one
 //! bench container (its cgroups and network namespace) or on the host, and the deltas give
-//! nanoseconds per event for each program that ran. Then, with the stats clock off, the
+//! nanoseconds per event for each program that ran. Empty programs on the same hooks
+//! ([`empty_skb`], [`empty_tp`]) give each hook's floor in each step: the stats clock and the
+//! program's entry, cache-cold where events are rare. Then, with the stats clock off, the
 //! scheduler program's effect on `perf bench sched pipe` ([`pipe`]).
 
 mod empty_skb;
+mod empty_tp;
 pub mod pipe;
 
 use super::fleet::{Fleet, HOST_ADDR};
@@ -98,6 +101,69 @@ pub struct ProgCost {
     pub ns_per_event: f64,
 }
 
+/// The empty program on the hook `program` runs on (full name or the kernel's first 15
+/// characters): the agent's tracing programs by their tracepoint, its `cgroup_skb` programs by
+/// `lxcmon_empty`. `None` for the empty programs themselves and for programs whose hook has
+/// none (the classic-tracepoint bio program, the TCP programs).
+pub fn empty_for(program: &str) -> Option<&'static str> {
+    use lxcmon_common as c;
+    let is = |name: &str| program == name || program == &name[..name.len().min(15)];
+    if program.starts_with("lxcmon_skb_") || program.starts_with("lxcmon_walk_") {
+        Some(empty_skb::NAME)
+    } else if is(c::PROG_BIO_QUEUE_BTF) || is(c::PROG_IOLAT_BIO) || is(c::PROG_IOLAT_BIO_OLD) {
+        Some(empty_tp::BIO_QUEUE.program)
+    } else if is(c::PROG_IOLAT_COMPLETE) {
+        Some(empty_tp::RQ_COMPLETE.program)
+    } else if is(c::PROG_DIRTY_FOLIO) {
+        Some(empty_tp::DIRTY_FOLIO.program)
+    } else if is(c::PROG_SCHED_SWITCH) {
+        Some(empty_tp::SCHED_SWITCH.program)
+    } else {
+        None
+    }
+}
+
+/// One of the bench's own empty programs (a hook's floor, not the agent's).
+pub fn is_empty_program(program: &str) -> bool {
+    program == empty_skb::NAME || empty_tp::HOOKS.iter().any(|h| h.program == program)
+}
+
+/// A program's cost in one step set against its hook's floor in that step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Own {
+    /// The row is one of the empty programs.
+    EmptyItself,
+    /// No empty program runs on this program's hook.
+    NoEmpty,
+    /// The hook's empty program has no figure in this step (not attached, or it did not run).
+    Unknown,
+    /// The empty program's time per event and this program's own cost above it
+    /// (measured − empty, same hook, same step).
+    Known { empty: f64, own: f64 },
+}
+
+impl ProgCost {
+    /// This cost against the empty program on the same hook in the same step of `all`.
+    pub fn own(&self, all: &[ProgCost]) -> Own {
+        if is_empty_program(&self.program) {
+            return Own::EmptyItself;
+        }
+        let Some(empty) = empty_for(&self.program) else {
+            return Own::NoEmpty;
+        };
+        match all
+            .iter()
+            .find(|c| c.step == self.step && c.program == empty && c.events > 0)
+        {
+            Some(e) => Own::Known {
+                empty: e.ns_per_event,
+                own: self.ns_per_event - e.ns_per_event,
+            },
+            None => Own::Unknown,
+        }
+    }
+}
+
 /// The BPF step's figures: each program's cost per load step, and the pipe benchmark's
 /// slowdown with the scheduler program attached.
 pub struct BpfCost {
@@ -125,16 +191,21 @@ pub fn measure(fleet: &Fleet, busybox: &Path, io_dir: &Path, agent: &mut Agent) 
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    let btf_ids = empty_tp::trace_btf_ids().unwrap_or_else(|e| {
+        eprintln!("bench: no empty tracepoint programs: {e:#}");
+        BTreeMap::new()
+    });
     let progs = {
         let _enabled = StatsSet::new("1")?;
-        prog_costs(fleet, &inside, busybox, io_dir, has_perf)?
+        prog_costs(fleet, &inside, busybox, io_dir, has_perf, &btf_ids)?
     };
     let pipe = if !has_perf {
         pipe::PipeOutcome::Skipped("no `perf` (package linux-perf)".into())
     } else {
         // The stats clock adds two clock reads to every run of every program.
         let _off = StatsSet::new("0")?;
-        match pipe::measure(agent, &inside) {
+        let empty_sw = btf_ids.get(empty_tp::SCHED_SWITCH.tracepoint).copied();
+        match pipe::measure(agent, &inside, empty_sw) {
             Ok(m) => pipe::PipeOutcome::Measured(m),
             Err(e) => {
                 super::check_interrupted()?;
@@ -153,6 +224,7 @@ fn prog_costs(
     busybox: &Path,
     io_dir: &Path,
     has_perf: bool,
+    btf_ids: &BTreeMap<&'static str, u32>,
 ) -> Result<Vec<ProgCost>> {
     let Some(c) = fleet.containers.first() else {
         bail!("no container to load");
@@ -164,8 +236,9 @@ fn prog_costs(
     // programs run thousands of times per step rather than a few dozen.
     let count = (LOAD_BYTES >> 12).to_string();
     let bb = busybox.display().to_string();
-    // The same hooks with a program that does nothing: what the stats clock and the dispatch
-    // cost by themselves on this machine.
+    // The same hooks with a program that does nothing (the container's cgroup for the packets,
+    // each tracepoint of the agent's tracing programs): what the stats clock and a program's
+    // entry cost by themselves on each hook in each step, the floor the own costs are above.
     let v2 = fleet
         .hierarchies
         .iter()
@@ -181,6 +254,7 @@ fn prog_costs(
         },
         None => None,
     };
+    let _empty_tps = empty_tp::attach_all(btf_ids);
     let mut costs = Vec::new();
     let mut step = |name: &'static str, run: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         super::check_interrupted()?;
@@ -398,5 +472,97 @@ mod tests {
         let skb = m["lxcmon_skb_ingr"];
         assert_eq!((skb.run_time_ns, skb.run_cnt), (4000, 50));
         assert_eq!(m["lxcmon_block_b"].run_cnt, 0);
+    }
+
+    #[test]
+    fn programs_map_to_the_empty_program_on_their_hook() {
+        let cases = [
+            ("lxcmon_bio_queue_btf", Some("lxcmon_nop_bioq")),
+            ("lxcmon_bio_queu", Some("lxcmon_nop_bioq")),
+            ("lxcmon_iolat_bio", Some("lxcmon_nop_bioq")),
+            ("lxcmon_iolat_bio_old", Some("lxcmon_nop_bioq")),
+            ("lxcmon_iolat_complete", Some("lxcmon_nop_rqc")),
+            ("lxcmon_iolat_co", Some("lxcmon_nop_rqc")),
+            ("lxcmon_dirty_folio", Some("lxcmon_nop_dirt")),
+            ("lxcmon_sched_switch", Some("lxcmon_nop_sw")),
+            ("lxcmon_sched_sw", Some("lxcmon_nop_sw")),
+            ("lxcmon_skb_ingress", Some("lxcmon_empty")),
+            ("lxcmon_skb_ingr", Some("lxcmon_empty")),
+            ("lxcmon_walk_egress", Some("lxcmon_empty")),
+            // A classic tracepoint and the TCP programs have no empty twin.
+            ("lxcmon_block_bio_queue", None),
+            ("lxcmon_tcp_retransmit", None),
+            ("lxcmon_empty", None),
+            ("lxcmon_nop_sw", None),
+        ];
+        for (program, empty) in cases {
+            assert_eq!(empty_for(program), empty, "{program}");
+        }
+        assert!(is_empty_program("lxcmon_empty"));
+        assert!(is_empty_program("lxcmon_nop_bioq"));
+        assert!(!is_empty_program("lxcmon_iolat_bio"));
+    }
+
+    fn cost(step: &'static str, program: &str, events: u64, ns: f64) -> ProgCost {
+        ProgCost {
+            step,
+            program: program.into(),
+            events,
+            ns_per_event: ns,
+        }
+    }
+
+    #[test]
+    fn own_cost_is_above_the_empty_program_of_the_same_hook_and_step() {
+        let all = [
+            cost("direct", "lxcmon_nop_bioq", 16000, 210.0),
+            cost("direct", "lxcmon_iolat_bio", 16000, 370.0),
+            cost("direct", "lxcmon_iolat_complete", 15900, 377.0),
+            cost("direct", "lxcmon_nop_sw", 33000, 80.0),
+            cost("pipe", "lxcmon_nop_sw", 200000, 50.0),
+            cost("pipe", "lxcmon_sched_switch", 200000, 117.0),
+            cost("direct", "lxcmon_sched_switch", 33000, 121.0),
+            cost("tcp", "lxcmon_skb_egress", 59000, 95.0),
+            cost("tcp", "lxcmon_empty", 98000, 55.0),
+            cost("buffered", "lxcmon_nop_dirt", 0, 0.0),
+            cost("buffered", "lxcmon_dirty_folio", 16000, 356.0),
+            cost("tcp", "lxcmon_tcp_retransmit", 10, 900.0),
+        ];
+        let own = |i: usize| all[i].own(&all);
+        assert_eq!(
+            own(1),
+            Own::Known {
+                empty: 210.0,
+                own: 160.0
+            }
+        );
+        // The same program in two steps: each against its own step's empty figure.
+        assert_eq!(
+            own(5),
+            Own::Known {
+                empty: 50.0,
+                own: 67.0
+            }
+        );
+        assert_eq!(
+            own(6),
+            Own::Known {
+                empty: 80.0,
+                own: 41.0
+            }
+        );
+        assert_eq!(
+            own(7),
+            Own::Known {
+                empty: 55.0,
+                own: 40.0
+            }
+        );
+        // No empty figure on the hook in that step: unknown, not the raw figure.
+        assert_eq!(own(2), Own::Unknown);
+        assert_eq!(own(10), Own::Unknown);
+        assert_eq!(own(0), Own::EmptyItself);
+        assert_eq!(own(8), Own::EmptyItself);
+        assert_eq!(own(11), Own::NoEmpty);
     }
 }

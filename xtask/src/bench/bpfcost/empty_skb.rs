@@ -3,6 +3,9 @@
 use anyhow::{Context, Result};
 use std::path::Path;
 
+/// The program's name (the kernel keeps 15 characters; this has 12).
+pub const NAME: &str = "lxcmon_empty";
+
 /// A two-instruction `cgroup_skb` program (`return 1`) attached for ingress and egress beside
 /// the agent's, named `lxcmon_empty` so the snapshots see it; detached and closed on drop.
 pub struct EmptySkb {
@@ -19,7 +22,7 @@ const BPF_CGROUP_INET_EGRESS: u32 = 1;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// `bpf(2)` with a zero-padded `union bpf_attr` built by the caller.
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+pub(super) fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
     // SAFETY: attr is a valid, writable 128-byte buffer for the duration of the call, larger
     // than every field these commands read.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
@@ -30,7 +33,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
     }
 }
 
-fn put(attr: &mut [u8; 128], off: usize, bytes: &[u8]) {
+pub(super) fn put(attr: &mut [u8; 128], off: usize, bytes: &[u8]) {
     attr[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
@@ -45,7 +48,7 @@ impl EmptySkb {
         put(&mut attr, 4, &2u32.to_ne_bytes());
         put(&mut attr, 8, &(insns.as_ptr() as u64).to_ne_bytes());
         put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
-        put(&mut attr, 48, b"lxcmon_empty");
+        put(&mut attr, 48, NAME.as_bytes());
         let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
         // SAFETY: the kernel just returned this descriptor and nothing else owns it.
         let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };

@@ -3,9 +3,12 @@
 //! `enable_runqueue_latency` flipped, then SIGHUP), in the first bench container and on the
 //! host, both tasks on one CPU and across CPUs. This VM's speed drifts by more than the effect
 //! between runs seconds apart, much less within a pair: eleven pairs of short runs back to back,
-//! the order alternating, and the median of the pairs' ratios.
+//! the order alternating, and the median of the pairs' ratios. The same pairs with only an
+//! empty program on `sched_switch` (the agent's detached) against nothing attached: the part of
+//! the slowdown that is the tracepoint's dispatch to any program at all.
 
 use super::super::measure::Agent;
+use super::empty_tp::{self, EmptyTp};
 use super::{read_bounded, Inside};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
@@ -18,9 +21,19 @@ const LOOPS_ONE_CPU: u32 = 100_000;
 /// Round trips per run across CPUs: mostly cross-CPU wake-ups and idle exits, ~40 µs here.
 const LOOPS_TWO_CPUS: u32 = 25_000;
 
+/// What a measurement's pairs attach and detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switched {
+    /// The agent's `lxcmon_sched_switch` (through the agent's reload).
+    Agent,
+    /// Only the bench's empty program on `sched_switch`, the agent's detached throughout.
+    Empty,
+}
+
 /// One place and CPU layout: the pairs' slowdowns (attached ÷ detached − 1).
 #[derive(Debug, Clone)]
 pub struct PipeSlowdown {
+    pub switched: Switched,
     pub place: &'static str,
     pub one_cpu: bool,
     pub loops: u32,
@@ -57,10 +70,14 @@ impl PipeSlowdown {
         spread(&self.ratios)
     }
 
-    /// "container, one CPU" and the like.
+    /// "container, one CPU", "empty program on sched_switch, host, two CPUs" and the like.
     pub fn label(&self) -> String {
         format!(
-            "{}, {}",
+            "{}{}, {}",
+            match self.switched {
+                Switched::Agent => "",
+                Switched::Empty => "empty program on sched_switch, ",
+            },
             self.place,
             if self.one_cpu { "one CPU" } else { "two CPUs" }
         )
@@ -74,19 +91,70 @@ pub enum PipeOutcome {
     Skipped(String),
 }
 
-/// Runs the eleven pairs for each place and CPU layout. The agent's scheduler program is
-/// attached on entry (every group on) and is attached again on return, also after an error.
-pub(super) fn measure(agent: &mut Agent, inside: &Inside) -> Result<Vec<PipeSlowdown>> {
-    let result = measure_pairs(agent, inside);
+/// Runs the eleven pairs for each place and CPU layout, the agent's program switched, then
+/// (with `empty_sw`, the BTF id of `btf_trace_sched_switch`) the empty program's pairs. The
+/// agent's scheduler program is attached on entry (every group on) and is attached again on
+/// return, also after an error. Failed empty pairs are said on stderr and left out.
+pub(super) fn measure(
+    agent: &mut Agent,
+    inside: &Inside,
+    empty_sw: Option<u32>,
+) -> Result<Vec<PipeSlowdown>> {
+    let result = measure_pairs(agent, inside, empty_sw);
     let restored = set_attached(agent, true);
     let out = result?;
     restored?;
     Ok(out)
 }
 
-fn measure_pairs(agent: &mut Agent, inside: &Inside) -> Result<Vec<PipeSlowdown>> {
+fn measure_pairs(
+    agent: &mut Agent,
+    inside: &Inside,
+    empty_sw: Option<u32>,
+) -> Result<Vec<PipeSlowdown>> {
     // The state the agent is in, so a pair starting in it needs no reload.
     let mut attached = attached_links()? > 0;
+    let mut out = layouts(Switched::Agent, inside, &mut |on| {
+        if attached != on {
+            set_attached(agent, on)?;
+            attached = on;
+        }
+        Ok(())
+    })?;
+    let Some(btf_id) = empty_sw else {
+        eprintln!("bench: pipe: no empty program on sched_switch (no BTF id for it)");
+        return Ok(out);
+    };
+    if attached {
+        set_attached(agent, false)?;
+    }
+    let mut empty: Option<EmptyTp> = None;
+    let result = layouts(Switched::Empty, inside, &mut |on| {
+        if on && empty.is_none() {
+            empty = Some(EmptyTp::attach(empty_tp::SCHED_SWITCH, btf_id)?);
+        } else if !on {
+            // Dropping the link detaches the program.
+            empty = None;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(rows) => out.extend(rows),
+        Err(e) => {
+            super::super::check_interrupted()?;
+            eprintln!("bench: pipe slowdown of the empty program not measured: {e:#}");
+        }
+    }
+    Ok(out)
+}
+
+/// The pairs for each CPU layout and place, `switch(on)` putting the switched program in the
+/// state wanted before each run (a no-op when it already is).
+fn layouts(
+    switched: Switched,
+    inside: &Inside,
+    switch: &mut dyn FnMut(bool) -> Result<()>,
+) -> Result<Vec<PipeSlowdown>> {
     let mut out = Vec::new();
     for one_cpu in [true, false] {
         let loops = if one_cpu {
@@ -99,14 +167,11 @@ fn measure_pairs(agent: &mut Agent, inside: &Inside) -> Result<Vec<PipeSlowdown>
             for pair in 0..PAIRS {
                 super::super::check_interrupted()?;
                 let mut run = |on: bool| -> Result<f64> {
-                    if attached != on {
-                        set_attached(agent, on)?;
-                        attached = on;
-                    }
+                    switch(on)?;
                     pipe_seconds(inside, place == "container", loops, one_cpu)
                 };
                 // Attached first in even pairs, detached first in odd ones: the state of the
-                // previous run carries over, so only one reload per pair.
+                // previous run carries over, so only one switch per pair.
                 let (on, off) = if pair % 2 == 0 {
                     let on = run(true)?;
                     (on, run(false)?)
@@ -117,6 +182,7 @@ fn measure_pairs(agent: &mut Agent, inside: &Inside) -> Result<Vec<PipeSlowdown>
                 ratios.push(on / off - 1.0);
             }
             let s = PipeSlowdown {
+                switched,
                 place,
                 one_cpu,
                 loops,
@@ -236,6 +302,16 @@ fn count_links(prog_show: &str, link_show: &str, program: &str) -> usize {
 /// The budget the issue sets for the pipe benchmark's slowdown.
 pub const TARGET: &str = "≤ 3 %";
 
+impl PipeSlowdown {
+    /// The budget for the agent's rows; the empty program's rows are its reference.
+    pub fn target(&self) -> &'static str {
+        match self.switched {
+            Switched::Agent => TARGET,
+            Switched::Empty => "(the dispatch alone)",
+        }
+    }
+}
+
 fn pct(v: f64) -> String {
     format!("{:+.1} %", v * 100.0)
 }
@@ -257,7 +333,11 @@ pub fn readme_rows(outcome: Result<&PipeOutcome, &str>) -> Vec<String> {
                             pct(sp.max)
                         )
                     });
-                    format!("| pipe slowdown, {} | {measured} | {TARGET} |", s.label())
+                    format!(
+                        "| pipe slowdown, {} | {measured} | {} |",
+                        s.label(),
+                        s.target()
+                    )
                 })
                 .collect()
         }
@@ -283,7 +363,10 @@ pub fn results_section(per_n: &[(usize, Result<&PipeOutcome, &str>)]) -> String 
          (cross-CPU wake-ups and idle exits). Eleven pairs of runs back to back, attached first \
          in even pairs and detached first in odd ones; slowdown = attached ÷ detached − 1 per \
          pair, the median and the range over the pairs (this VM's speed drifts by 10–20 % \
-         between runs seconds apart, much less within a pair).\n\n\
+         between runs seconds apart, much less within a pair). The rows \"empty program on \
+         sched_switch\": the same pairs with the agent's program detached throughout and the \
+         bench's empty `lxcmon_nop_sw` (`r0 = 0; exit`) attached and detached instead, so the \
+         slowdown of the tracepoint's dispatch to any program, apart from the agent's work.\n\n\
          | N | place, CPUs | round trips per run | median | range | pairs | target |\n\
          |---|---|---|---|---|---|---|\n",
     );
@@ -293,7 +376,7 @@ pub fn results_section(per_n: &[(usize, Result<&PipeOutcome, &str>)]) -> String 
                 for s in m {
                     let Some(sp) = s.spread() else { continue };
                     md += &format!(
-                        "| {n} | {} | {} | {} | {} to {} | {} | {TARGET} |\n",
+                        "| {n} | {} | {} | {} | {} to {} | {} | {} |\n",
                         s.label(),
                         s.loops,
                         pct(sp.median),
@@ -303,7 +386,8 @@ pub fn results_section(per_n: &[(usize, Result<&PipeOutcome, &str>)]) -> String 
                             .iter()
                             .map(|r| pct(*r))
                             .collect::<Vec<_>>()
-                            .join(", ")
+                            .join(", "),
+                        s.target()
                     );
                 }
                 continue;
@@ -372,16 +456,25 @@ mod tests {
     fn sample() -> Vec<PipeSlowdown> {
         vec![
             PipeSlowdown {
+                switched: Switched::Agent,
                 place: "container",
                 one_cpu: true,
                 loops: 100_000,
                 ratios: vec![0.05, -0.01, 0.02],
             },
             PipeSlowdown {
+                switched: Switched::Agent,
                 place: "host",
                 one_cpu: false,
                 loops: 25_000,
                 ratios: vec![0.001, 0.004, 0.125],
+            },
+            PipeSlowdown {
+                switched: Switched::Empty,
+                place: "container",
+                one_cpu: true,
+                loops: 100_000,
+                ratios: vec![0.01, 0.03, 0.02],
             },
         ]
     }
@@ -394,6 +487,7 @@ mod tests {
             [
                 "| pipe slowdown, container, one CPU | +2.0 % (median of 3 pairs, 100000 round trips each; pairs -1.0 % to +5.0 %) | ≤ 3 % |",
                 "| pipe slowdown, host, two CPUs | +0.4 % (median of 3 pairs, 25000 round trips each; pairs +0.1 % to +12.5 %) | ≤ 3 % |",
+                "| pipe slowdown, empty program on sched_switch, container, one CPU | +2.0 % (median of 3 pairs, 100000 round trips each; pairs +1.0 % to +3.0 %) | (the dispatch alone) |",
             ]
         );
         let skipped = readme_rows(Ok(&PipeOutcome::Skipped("no `perf` (a|b)".into())));
@@ -417,6 +511,9 @@ mod tests {
             "| 10 | container, one CPU | 100000 | +2.0 % | -1.0 % to +5.0 % | +5.0 %, -1.0 %, +2.0 % | ≤ 3 % |"
         ));
         assert!(md.contains("| 10 | host, two CPUs | 25000 | +0.4 % | +0.1 % to +12.5 % |"));
+        assert!(md.contains(
+            "| 10 | empty program on sched_switch, container, one CPU | 100000 | +2.0 % | +1.0 % to +3.0 % | +1.0 %, +3.0 %, +2.0 % | (the dispatch alone) |"
+        ));
         assert!(md.contains("| 100 | – | – | not measured: no `perf` | – | – | ≤ 3 % |"));
     }
 }
