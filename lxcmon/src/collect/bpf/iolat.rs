@@ -143,12 +143,10 @@ impl BpfCollector {
         if self.latency.io.mode != LatencyMode::Counting {
             return Ok(());
         }
-        self.latency.io.hists = self
-            .read_slots::<LatencyHist>(MAP_IOLAT_HIST, 2)?
-            .into_iter()
-            .filter_map(|(id, h)| Some((id, [*h.first()?, *h.get(1)?])))
-            .collect();
-        Ok(())
+        let mut hists = std::mem::take(&mut self.latency.io.hists);
+        let read = self.read_slots(MAP_IOLAT_HIST, &mut hists);
+        self.latency.io.hists = hists;
+        read
     }
 
     /// How many bios wait for their request's completion in the kernel side's array (tests:

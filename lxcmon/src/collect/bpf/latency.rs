@@ -56,7 +56,7 @@ pub(crate) struct LatencyState {
     pub(crate) mode: LatencyMode,
     /// `Ok` when the offsets resolved (the programs can run), else why not.
     offsets: Result<(), String>,
-    hists: HashMap<u64, LatencyHist>,
+    hists: HashMap<u64, [LatencyHist; 1]>,
     /// Block I/O latency: whether measured, and each container's (read, write) histograms.
     pub(crate) io: super::iolat::IoLatState,
 }
@@ -124,25 +124,39 @@ impl BpfCollector {
             log.flush();
         }
         if self.latency.mode == LatencyMode::Counting {
-            self.latency.hists = self
-                .read_slots::<LatencyHist>(MAP_RUNQ_HIST, 1)?
-                .into_iter()
-                .filter_map(|(id, h)| Some((id, *h.first()?)))
-                .collect();
+            let mut hists = std::mem::take(&mut self.latency.hists);
+            let read = self.read_slots(MAP_RUNQ_HIST, &mut hists);
+            self.latency.hists = hists;
+            read?;
         }
         self.refresh_io_latency()
     }
 
-    /// Every tracked container's `per_slot` consecutive values of `name` (a per-CPU array
-    /// indexed by `slot * per_slot + i`), CPUs folded: histograms, or the retransmit counter.
-    pub(crate) fn read_slots<T: SlotValue>(
+    /// Every tracked container's `K` consecutive values of `name` (a per-CPU array indexed by
+    /// `slot * K + i`), CPUs folded, into `out` (emptied first, and left empty on an error):
+    /// histograms, or the retransmit counter. `out` is the caller's map of the last cycle, so
+    /// its capacity is reused rather than a map and a vector per container built every cycle.
+    pub(crate) fn read_slots<T: SlotValue, const K: usize>(
         &self,
         name: &'static str,
-        per_slot: u32,
-    ) -> Result<HashMap<u64, Vec<T>>, BpfError> {
-        let mut out = HashMap::new();
+        out: &mut HashMap<u64, [T; K]>,
+    ) -> Result<(), BpfError> {
+        out.clear();
+        let read = self.read_slots_into(name, out);
+        if read.is_err() {
+            out.clear();
+        }
+        read
+    }
+
+    fn read_slots_into<T: SlotValue, const K: usize>(
+        &self,
+        name: &'static str,
+        out: &mut HashMap<u64, [T; K]>,
+    ) -> Result<(), BpfError> {
+        let per_slot = K as u32;
         let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
-            return Ok(out);
+            return Ok(());
         };
         let count = (max_slot + 1) * per_slot;
         let value_size = std::mem::size_of::<T>();
@@ -158,15 +172,13 @@ impl BpfCollector {
         match raw {
             Some(raw) if raw.len() >= per_index * count as usize => {
                 for (id, t) in &self.tracked {
-                    let mut v = Vec::with_capacity(per_slot as usize);
-                    for i in 0..per_slot {
+                    let mut v = [T::default(); K];
+                    for (i, sum) in (0..per_slot).zip(v.iter_mut()) {
                         let base = (t.slot * per_slot + i) as usize * per_index;
-                        let mut sum = T::default();
                         for cpu in 0..self.ncpus {
                             let off = base + cpu * stride;
                             sum.add(&from_bytes(&raw[off..off + value_size]));
                         }
-                        v.push(sum);
                     }
                     out.insert(*id, v);
                 }
@@ -176,28 +188,26 @@ impl BpfCollector {
                 let map: PerCpuArray<&MapData, T> =
                     PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
                 for (id, t) in &self.tracked {
-                    let mut v = Vec::with_capacity(per_slot as usize);
-                    for i in 0..per_slot {
+                    let mut v = [T::default(); K];
+                    for (i, sum) in (0..per_slot).zip(v.iter_mut()) {
                         let per_cpu = map
                             .get(&(t.slot * per_slot + i), 0)
                             .map_err(map_err(name))?;
-                        let mut sum = T::default();
                         for x in per_cpu.iter() {
                             sum.add(x);
                         }
-                        v.push(sum);
                     }
                     out.insert(*id, v);
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A tracked container's run-queue wait histogram as of the last refresh (`None` while
     /// run-queue wait is off).
     pub fn runqueue_hist(&self, cgroup_id: u64) -> Option<LatencyHist> {
-        self.latency.hists.get(&cgroup_id).copied()
+        self.latency.hists.get(&cgroup_id).map(|[h]| *h)
     }
 
     /// Whether the programs' own log (aya-log's ring buffer) is read into the agent's log.

@@ -62,7 +62,7 @@ pub(crate) struct RetransState {
     /// `Ok` when the offsets resolved (the program can run), else why not.
     offsets: Result<(), String>,
     /// Cumulative segments by cgroup id, as of the last refresh.
-    counts: HashMap<u64, u64>,
+    counts: HashMap<u64, [u64; 1]>,
 }
 
 impl RetransState {
@@ -122,19 +122,16 @@ impl BpfCollector {
         if self.retrans.mode != LatencyMode::Counting {
             return Ok(());
         }
-        let counts = self
-            .read_slots::<u64>(MAP_TCP_RETRANS, 1)?
-            .into_iter()
-            .filter_map(|(id, v)| Some((id, *v.first()?)))
-            .collect();
+        let mut counts = std::mem::take(&mut self.retrans.counts);
+        let read = self.read_slots(MAP_TCP_RETRANS, &mut counts);
         self.retrans.counts = counts;
-        Ok(())
+        read
     }
 
     /// A tracked container's retransmitted segments as of the last refresh (`None` while
     /// retransmits are not counted).
     pub fn tcp_retransmitted(&self, cgroup_id: u64) -> Option<u64> {
-        self.retrans.counts.get(&cgroup_id).copied()
+        self.retrans.counts.get(&cgroup_id).map(|[n]| *n)
     }
 }
 
