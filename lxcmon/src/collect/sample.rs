@@ -242,10 +242,16 @@ impl Sampler {
         // Without the watcher's answer, each table polls itself this cycle.
         let signals_ok = self.options.per_mount
             && (self.mount_signals.as_ref()).is_some_and(|s| s.take(&mut self.changed_mounts));
+        // Each state's key goes back with it after the cycle: no id copied per container.
+        let mut keys: Vec<Option<String>> = Vec::with_capacity(discovered.len());
         let mut work: Vec<(&Discovered, Option<ContainerState>)> = discovered
             .iter()
             .map(|d| {
-                let state = self.states.remove(&d.id);
+                let (key, state) = self
+                    .states
+                    .remove_entry(&d.id)
+                    .map_or((None, None), |(k, s)| (Some(k), Some(s)));
+                keys.push(key);
                 let same = |s: &ContainerState| s.rel == d.rel && s.instance == d.instance;
                 (d, state.filter(same))
             })
@@ -297,9 +303,12 @@ impl Sampler {
                     .collect()
             })
         };
-        let mut sampled = Sampled::default();
+        let mut sampled = Sampled {
+            containers: Vec::with_capacity(work.len()),
+            ..Sampled::default()
+        };
         let mut out_of_fds = 0usize;
-        for ((d, state), result) in work.into_iter().zip(results) {
+        for (((d, state), result), key) in work.into_iter().zip(results).zip(keys) {
             match result {
                 Ok(s) => sampled.containers.push(s),
                 Err(SampleError::Gone) => {
@@ -321,7 +330,8 @@ impl Sampler {
                 }
             }
             if let Some(state) = state {
-                self.states.insert(d.id.clone(), state);
+                self.states
+                    .insert(key.unwrap_or_else(|| d.id.clone()), state);
             }
         }
         if out_of_fds > 0 && self.fd_warned.is_none_or(|t| t.elapsed() >= FD_WARN_EVERY) {
