@@ -709,8 +709,9 @@ impl Details<'_> {
     /// against the workload and the disk's own statistics. The programs time the span
     /// `/proc/diskstats` adds up (the request's start to its completion), so when every read
     /// the disk served in the window was 105's, the exported read latency total is the disk's
-    /// read time (it keeps milliseconds: 2 ms of slack, and up to 20 µs per request for the
-    /// completion work between the program and the disk's accounting, on a slow VM).
+    /// read time (it keeps milliseconds: 2 ms of slack), less the completion work between the
+    /// program and the disk's accounting (the bio's end, the waiter's wake-up: 9-29 µs per
+    /// request measured under this matrix's TCG emulation; up to 50 µs allowed).
     fn check_io_latency(&self, report: &mut Report, a: &Bracket, b: &Bracket) {
         let p = format!("details/{VMID}/io_latency");
         let window = self.window(a, b);
@@ -772,7 +773,7 @@ impl Details<'_> {
                 report,
                 &format!("{p}.read.total_seconds-vs-disk"),
                 got_s,
-                disk_s - 20e-6 * disk_n,
+                disk_s - 50e-6 * disk_n,
                 disk_s,
                 slack,
             );
