@@ -139,6 +139,19 @@ fn points(mounts: &[MountUsage]) -> Vec<&str> {
     mounts.iter().map(|m| m.mountpoint.as_str()).collect()
 }
 
+/// The watcher's thread takes the epoll events and files the tokens a moment after the change
+/// (a cycle later, in the agent): after a mount or unmount, wait (bounded) until one arrives.
+fn drain_after_change(signals: &ChangeSignals, tokens: &mut Vec<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        signals.drain(tokens).unwrap();
+        if !tokens.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 #[ignore = "needs root, unshare, nsenter, mkfs.ext4, busybox; run under the lab lock"]
 fn mounts_of_a_directory_backed_container() {
@@ -206,7 +219,7 @@ fn mounts_of_a_directory_backed_container() {
     ]);
     assert!(table.changed().unwrap(), "a mount in the namespace: event");
     assert!(!table.changed().unwrap(), "the poll cleared it");
-    signals.drain(&mut tokens).unwrap();
+    drain_after_change(&signals, &mut tokens);
     assert_eq!(tokens.len(), 1, "the watched table changed");
     let token = tokens.clone();
     signals.drain(&mut tokens).unwrap();
@@ -229,7 +242,7 @@ fn mounts_of_a_directory_backed_container() {
     let sub = got.iter().find(|m| m.mountpoint == "/mnt/sub").unwrap();
     assert!(sub.shared);
     assert_eq!((sub.dev, sub.size_bytes), (got[1].dev, got[1].size_bytes));
-    signals.drain(&mut tokens).unwrap();
+    drain_after_change(&signals, &mut tokens);
     assert_eq!(tokens, token);
     assert_eq!(
         points(&sample(&mut watched, &root, Some(&tokens))),
@@ -237,7 +250,7 @@ fn mounts_of_a_directory_backed_container() {
     );
     ct.exec(&["umount", "/mnt/sub"]);
     assert_eq!(sample(&mut table, &root, None).len(), 2);
-    signals.drain(&mut tokens).unwrap();
+    drain_after_change(&signals, &mut tokens);
     assert_eq!(sample(&mut watched, &root, Some(&tokens)).len(), 2);
 
     // The container's symlink to /etc: its own etc/, never the host's.
