@@ -39,13 +39,17 @@ pub(crate) fn kernel(pid: u32) -> Result<Kernel> {
 
 /// Whether the running kernel has the socket's cgroup pointer the program reads (5.15+).
 pub(crate) fn kernel_counts() -> bool {
+    kernel_at_least(5, 15)
+}
+
+/// Whether the running kernel is `major.minor` or later (`/proc/sys/kernel/osrelease`).
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
     let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut v = rel
         .trim()
         .split(['.', '-'])
         .map(|x| x.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-    (major, minor) >= (5, 15)
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (major, minor)
 }
 
 /// 4 MiB from `from` to `to` over about 1.5 s; 0.3 s in, `to`'s host-side veth goes down for

@@ -3,7 +3,7 @@
 //! histograms, read in one batched map read per cycle.
 //!
 //! A tracked container's bio waits for its request's completion in a fixed array at a hash of
-//! its address (bounded by construction: an entry nothing consumes is overwritten later).
+//! its first sector (bounded by construction: an entry nothing consumes is overwritten later).
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
