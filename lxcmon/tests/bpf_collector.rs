@@ -767,6 +767,80 @@ fn restart_continues_counts_via_pins() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// The program a pinned link runs: its id and (truncated) name.
+fn pinned_program(pin: &Path) -> (u32, String) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let link = PinnedLink::from_pin(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let id = FdLink::from(link).info().expect("link info").program_id();
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .expect("the link's program is loaded");
+    (id, name)
+}
+
+/// After an upgrade the pins may hold another version's programs. A new collector replaces each
+/// pinned attachment whose program is not of its own code (the kernel's tag), and the old
+/// program is gone (nothing counts twice), while an attachment of the same code is adopted as
+/// it is. Another version is stood in for by two pins of the same tracepoint, swapped: each then
+/// runs the other's program.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn pinned_attachments_of_other_code_are_replaced() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("upgrade");
+    let links = pins.0.join("links");
+    let (bytes, latency, sched) = (
+        links.join("block_bio_queue_btf"),
+        links.join("iolat-block_bio_queue"),
+        links.join("sched-sched_switch"),
+    );
+    let c = BpfCollector::load(&pins.opts()).expect("load");
+    for p in [&bytes, &latency, &sched] {
+        assert!(p.exists(), "{} pinned (needs kernel BTF)", p.display());
+    }
+    drop(c);
+    let tmp = links.join("swap");
+    std::fs::rename(&bytes, &tmp).expect("rename");
+    std::fs::rename(&latency, &bytes).expect("rename");
+    std::fs::rename(&tmp, &latency).expect("rename");
+    let (old_bytes, old_bytes_name) = pinned_program(&bytes);
+    let (old_latency, old_latency_name) = pinned_program(&latency);
+    assert_eq!(old_bytes_name, "lxcmon_iolat_bi", "swapped");
+    assert_eq!(old_latency_name, "lxcmon_bio_queu", "swapped");
+    let (old_sched, _) = pinned_program(&sched);
+
+    let _c = BpfCollector::load(&pins.opts()).expect("reload");
+    let (new_bytes, name) = pinned_program(&bytes);
+    assert_eq!(name, "lxcmon_bio_queu", "its own program attached again");
+    let (new_latency, name) = pinned_program(&latency);
+    assert_eq!(name, "lxcmon_iolat_bi", "its own program attached again");
+    assert!(
+        new_bytes != old_latency && new_latency != old_bytes,
+        "new programs"
+    );
+    assert_eq!(
+        pinned_program(&sched).0,
+        old_sched,
+        "the same code is adopted, not attached again"
+    );
+    // Freed once their last link is gone (after an RCU grace period).
+    let loaded = |id: u32| {
+        aya::programs::loaded_programs()
+            .flatten()
+            .any(|p| p.id() == id)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (loaded(old_bytes) || loaded(old_latency)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !loaded(old_bytes) && !loaded(old_latency),
+        "the replaced programs are detached and freed"
+    );
+}
+
 /// Removes a directory tree (and unmounts a mount on it) on drop.
 struct Scratch(PathBuf);
 

@@ -4,7 +4,7 @@
 //! count I/O). The excluded devices are a map the programs consult.
 
 use super::error::{map_err, BpfError, Cause};
-use super::loader::{program_mut, TP_CATEGORY, TP_NAME};
+use super::loader::{loaded, program_mut, TP_CATEGORY, TP_NAME};
 use super::BpfCollector;
 use crate::logging::Chain;
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -85,10 +85,12 @@ impl BpfCollector {
             program: PROG_BIO_QUEUE,
             source,
         })?;
-        if self.links.has(LINK_BIO_CLASSIC) {
+        let me = loaded(&self.ebpf, PROG_BIO_QUEUE);
+        if self.links.holds(LINK_BIO_CLASSIC, me) {
             debug!("keeping the pinned block tracepoint attachment");
             return Ok(());
         }
+        let tp: &mut TracePoint = program_mut(&mut self.ebpf, PROG_BIO_QUEUE)?;
         let attach_err = |source: Cause| BpfError::AttachTracepoint {
             program: PROG_BIO_QUEUE,
             tracepoint: format!("{TP_CATEGORY}/{TP_NAME}"),

@@ -6,7 +6,7 @@ use super::block::IoMode;
 use super::error::BpfError;
 use super::latency::LatencyMode;
 use super::net::{self, SkbSlot};
-use super::pins::{Links, PinLock};
+use super::pins::{Links, Loaded, PinLock};
 use super::{btf, format, iolat, latency, retrans, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use crate::logging::Chain;
 use aya::maps::Map;
@@ -69,7 +69,7 @@ impl BpfCollector {
                 path: dir.clone(),
                 source,
             })?;
-            Links::Pinned(dir)
+            Links::pinned(dir)
         };
 
         let (dev_off, nr_off, rwbs_off) = bio_queue_offsets(tracefs)?;
@@ -216,6 +216,15 @@ where
 }
 
 /// A program of the object, as its type, for loading and attaching.
+/// A loaded program's id and tag; `None` when it is not loaded or its info is unreadable.
+pub(crate) fn loaded(ebpf: &Ebpf, name: &str) -> Option<Loaded> {
+    let info = ebpf.program(name)?.info().ok()?;
+    Some(Loaded {
+        id: info.id(),
+        tag: info.tag(),
+    })
+}
+
 pub(crate) fn program_mut<'a, T>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -251,7 +260,7 @@ impl BpfCollector {
             }
         }
         for &(name, _, link) in set {
-            if self.links.has(link) {
+            if self.links.holds(link, loaded(&self.ebpf, name)) {
                 continue;
             }
             let prog: &mut BtfTracePoint =

@@ -9,7 +9,7 @@
 //! so a packet between the attach and the write is still counted.
 
 use super::error::{BpfError, Cause};
-use super::loader::program_mut;
+use super::loader::{loaded, program_mut};
 use super::{sys, BpfCollector};
 use crate::logging::Chain;
 use aya::maps::Map;
@@ -87,10 +87,12 @@ impl BpfCollector {
     }
 
     /// Whether both network programs are attached to the cgroup.
-    pub(crate) fn skb_attached(&self, cgroup_id: u64) -> bool {
-        DIRECTIONS
-            .iter()
-            .all(|(dir, _)| self.links.has(&link_name(cgroup_id, dir)))
+    pub(crate) fn skb_attached(&mut self, cgroup_id: u64) -> bool {
+        let pair = self.skb_pair();
+        pair.into_iter().zip(DIRECTIONS).all(|(program, (dir, _))| {
+            let me = loaded(&self.ebpf, program);
+            self.links.holds(&link_name(cgroup_id, dir), me)
+        })
     }
 
     /// Attaches the network programs to a container's cgroup (those not attached yet), then
@@ -102,7 +104,7 @@ impl BpfCollector {
         })?;
         for (program, (dir, ty)) in self.skb_pair().into_iter().zip(DIRECTIONS) {
             let name = link_name(cg.id, dir);
-            if self.links.has(&name) {
+            if self.links.holds(&name, loaded(&self.ebpf, program)) {
                 continue;
             }
             let attach_err = |source: Cause| BpfError::AttachCgroup {

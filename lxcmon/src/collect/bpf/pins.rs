@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use tracing::{debug, info};
 
 /// The default pin directory: [`PIN_ROOT`]`/v<PIN_LAYOUT_VERSION>`, so a changed map layout
 /// never reads an old map.
@@ -131,24 +132,77 @@ pub fn cleanup_all(extra: Option<&Path>) -> Result<Vec<PathBuf>, BpfError> {
 /// Where the collector keeps its links.
 #[derive(Debug)]
 pub(crate) enum Links {
-    /// Pinned in this directory: they stay attached when the agent exits.
-    Pinned(PathBuf),
+    /// Pinned in this directory: they stay attached when the agent exits. `tags` caches the
+    /// kernel tag of the programs pinned links point at, by program id.
+    Pinned {
+        dir: PathBuf,
+        tags: HashMap<u32, u64>,
+    },
     /// Held by this process only: detached when it exits.
     Held(HashMap<String, FdLink>),
 }
 
+/// A program this agent loaded, as the kernel knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loaded {
+    pub id: u32,
+    /// The kernel's hash of its instructions (map references masked).
+    pub tag: u64,
+}
+
 impl Links {
-    pub(crate) fn has(&self, name: &str) -> bool {
+    pub(crate) fn pinned(dir: PathBuf) -> Self {
+        Self::Pinned {
+            dir,
+            tags: HashMap::new(),
+        }
+    }
+
+    /// Whether `name` holds a link to `program`'s code: `program` itself, or a program of the
+    /// same instructions an earlier agent loaded (same kernel tag), which goes on counting into
+    /// the same pinned maps. A link to other code (an earlier version's program, after an
+    /// upgrade) does not: the caller attaches `program`, and [`Self::put`] replaces the pin,
+    /// which detaches the old one. Without `program`'s identity (its info unreadable) or the
+    /// old program's tag, an existing link is kept.
+    pub(crate) fn holds(&mut self, name: &str, program: Option<Loaded>) -> bool {
         match self {
-            Self::Pinned(dir) => PinnedLink::from_pin(dir.join(name)).is_ok(),
             Self::Held(held) => held.contains_key(name),
+            Self::Pinned { dir, tags } => {
+                let Ok(link) = PinnedLink::from_pin(dir.join(name)) else {
+                    return false;
+                };
+                let (Some(me), Ok(info)) = (program, FdLink::from(link).info()) else {
+                    return true;
+                };
+                let old = info.program_id();
+                if old == me.id {
+                    return true;
+                }
+                let tag = match tags.get(&old) {
+                    Some(&t) => t,
+                    None => match super::sys::program_tag(old) {
+                        Ok(t) => *tags.entry(old).or_insert(t),
+                        Err(e) => {
+                            debug!(link = name, program_id = old, error = %e, "cannot read the pinned link's program: keeping it");
+                            return true;
+                        }
+                    },
+                };
+                if tag != me.tag {
+                    info!(
+                        link = name,
+                        "replacing a pinned attachment of another version's program"
+                    );
+                }
+                tag == me.tag
+            }
         }
     }
 
     /// Keeps `link` under `name` (replacing a stale pin file).
     pub(crate) fn put(&mut self, name: &str, link: FdLink) -> Result<(), Cause> {
         match self {
-            Self::Pinned(dir) => {
+            Self::Pinned { dir, .. } => {
                 let path = dir.join(name);
                 let _ = std::fs::remove_file(&path);
                 link.pin(&path).map(drop).map_err(Cause::from)
@@ -164,7 +218,7 @@ impl Links {
     /// not an error.
     pub(crate) fn remove(&mut self, name: &str) -> Result<(), BpfError> {
         match self {
-            Self::Pinned(dir) => {
+            Self::Pinned { dir, .. } => {
                 let path = dir.join(name);
                 match PinnedLink::from_pin(&path) {
                     Ok(link) => link.unpin().map(drop).map_err(|e| BpfError::Pin {

@@ -94,6 +94,8 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 #[repr(C)]
@@ -148,6 +150,55 @@ struct MapCreateAttr {
     value_size: u32,
     max_entries: u32,
     map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_prog_info`: all the kernel needs to copy for the tag.
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfoHead {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+}
+
+/// The tag of the loaded program `id` (aya reads a program's info only through a descriptor it
+/// opened itself or by walking every program on the host). The kernel's tag is a hash of the
+/// instructions with map references masked: equal for the same code however often it is loaded.
+/// `ENOENT` when no program has that id any more.
+pub fn program_tag(id: u32) -> io::Result<u64> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut get = GetIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf_syscall(BPF_PROG_GET_FD_BY_ID, &mut get)?;
+    // SAFETY: a new descriptor the kernel just returned, owned here only.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut head = ProgInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<ProgInfoHead>() as u32,
+        info: &mut head as *mut ProgInfoHead as u64,
+    };
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // As aya's `ProgramInfo::tag`: the kernel's byte array read big-endian.
+    Ok(u64::from_be_bytes(head.tag))
 }
 
 #[repr(C)]
