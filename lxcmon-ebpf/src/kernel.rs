@@ -2,7 +2,7 @@
 //! walk from a cgroup to the tracked container whose subtree holds it (scheduler and TCP
 //! programs).
 
-use crate::LXCMON_TRACKED;
+use crate::tracked_slot;
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
 use lxcmon_common::{
@@ -92,9 +92,8 @@ pub(crate) fn cgroup_slot(o: KnOffsets, cgrp: *const u8, level: u32, mask: u64) 
         }
         if mask & (1u64 << l) != 0 {
             let id: u64 = load(kn, o.kn_id);
-            // SAFETY: map values are plain integers; the pointer is valid for this run.
-            if let Some(t) = unsafe { LXCMON_TRACKED.get(&id) } {
-                return Some(t.slot);
+            if let Some(slot) = tracked_slot(id) {
+                return Some(slot);
             }
         }
         // No tracked level above this one: not a tracked container's cgroup.

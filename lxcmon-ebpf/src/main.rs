@@ -40,12 +40,16 @@ use aya_ebpf::{
 };
 use kernel::load;
 use lxcmon_common::{
-    Counters, KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32,
-    MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL,
+    slot_index_match, slot_index_pos, Counters, KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE,
+    FOLIO_NR_PAGES_U32, MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL, SLOT_INDEX_SHARED,
+    SLOT_INDEX_SIZE,
 };
 
 #[map]
-pub(crate) static LXCMON_TRACKED: HashMap<u64, TrackedCgroup> = HashMap::pinned(MAX_CONTAINERS, 0);
+static LXCMON_TRACKED: HashMap<u64, TrackedCgroup> = HashMap::pinned(MAX_CONTAINERS, 0);
+
+#[map]
+static LXCMON_SLOT_INDEX: Array<u64> = Array::pinned(SLOT_INDEX_SIZE, 0);
 
 #[map]
 static LXCMON_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
@@ -100,10 +104,25 @@ const REQ_OP_WRITE: u32 = 1;
 const PAGE_MAPPING_FLAGS: u64 = 3;
 const SECTOR_BYTES: u64 = 512;
 
+/// The slot of the tracked container whose cgroup id is `id`: its entry in the direct-mapped
+/// index, the tracked hash only when the entry is shared (see `MAP_SLOT_INDEX`).
+#[inline(always)]
+pub(crate) fn tracked_slot(id: u64) -> Option<u32> {
+    let entry = *LXCMON_SLOT_INDEX.get(slot_index_pos(id))?;
+    if let Some(slot) = slot_index_match(entry, id) {
+        return Some(slot);
+    }
+    if entry & SLOT_INDEX_SHARED == 0 {
+        return None;
+    }
+    // SAFETY: map values are plain integers; the pointer is valid for this run.
+    unsafe { LXCMON_TRACKED.get(&id) }.map(|t| t.slot)
+}
+
 /// The counter slot of the tracked container a cgroup belongs to, if any. `ancestor(level)`
 /// returns the id of the cgroup's ancestor at `level` (itself at its own level, 0 below it).
 /// Only the levels where some container is tracked are tried, deepest first, starting at the
-/// deepest of them: one hash lookup per tracked level, none for a cgroup above them all.
+/// deepest of them: one index lookup per tracked level, none for a cgroup above them all.
 #[inline(always)]
 pub(crate) fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
     let mask = *LXCMON_LEVELS.get(0)? & ((1u64 << MAX_TRACKED_LEVEL) - 1);
@@ -116,9 +135,8 @@ pub(crate) fn slot_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
         if mask & (1u64 << level) != 0 {
             let anc = ancestor(level as i32);
             if anc != 0 {
-                // SAFETY: map values are plain integers; the pointer is valid for this run.
-                if let Some(t) = unsafe { LXCMON_TRACKED.get(&anc) } {
-                    return Some(t.slot);
+                if let Some(slot) = tracked_slot(anc) {
+                    return Some(slot);
                 }
             }
         }

@@ -669,6 +669,91 @@ fn direct_io_case(count_dirtied: bool) {
     );
 }
 
+/// The programs find a container through its entry in the direct-mapped slot index: an entry
+/// marked shared (another tracked id at its position) sends them to the tracked map, an entry
+/// without the container loses its I/O (so the index is what they read), and tracking again or
+/// a restart writes the entry as the tracked set has it.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn slot_index_entries_found_shared_fall_back_and_are_rewritten() {
+    use lxcmon_common::{slot_index_entry, SLOT_INDEX_SIZE};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("index");
+    let cg = TestCgroup::new("index");
+    let scratch = Scratch::new("index");
+    let file = scratch.0.join("data");
+    let mib = 8u64;
+    let truth = mib * 1024 * 1024;
+    let write = || {
+        run(Command::new("timeout").args([
+            "120",
+            "bash",
+            "-c",
+            &format!(
+                "{}exec dd if=/dev/zero of={} bs=1M count={mib} oflag=direct conv=notrunc status=none",
+                cg.enter(),
+                file.display()
+            ),
+        ]));
+    };
+    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    let id = c.track(&cg.dir).expect("track");
+    let slot = c.slot(id).expect("slot");
+    let own = slot_index_entry(id, slot, false);
+    assert_eq!(
+        c.slot_index_raw(id).expect("index"),
+        own,
+        "tracking writes the entry"
+    );
+
+    let mut written = counters(&mut c, id).io_write;
+    write();
+    let now = counters(&mut c, id).io_write;
+    assert_within("io_write through the index", now - written, truth, 5);
+    written = now;
+
+    // Another id holds the position, marked shared: found in the tracked map.
+    let other = id + u64::from(SLOT_INDEX_SIZE);
+    let other_slot = (slot + 1) % 64;
+    c.overwrite_slot_index(id, slot_index_entry(other, other_slot, true))
+        .expect("overwrite");
+    write();
+    let now = counters(&mut c, id).io_write;
+    assert_within("io_write through a shared entry", now - written, truth, 5);
+    written = now;
+
+    // The same without the shared mark: the programs do not find the container.
+    c.overwrite_slot_index(id, slot_index_entry(other, other_slot, false))
+        .expect("overwrite");
+    write();
+    assert_eq!(
+        counters(&mut c, id).io_write,
+        written,
+        "an index entry of another id, not shared, hides the container"
+    );
+    c.track(&cg.dir).expect("track again");
+    assert_eq!(
+        c.slot_index_raw(id).expect("index"),
+        slot_index_entry(other, other_slot, false),
+        "tracking a tracked container again keeps its state"
+    );
+
+    // A restart rewrites every entry from the tracked map.
+    drop(c);
+    let mut c = BpfCollector::load(&pins.opts()).expect("reload");
+    assert_eq!(c.slot_index_raw(id).expect("index"), own, "restored entry");
+    write();
+    let now = counters(&mut c, id).io_write;
+    assert_within("io_write after the restart", now - written, truth, 5);
+
+    c.untrack(id).expect("untrack");
+    assert_eq!(
+        c.slot_index_raw(id).expect("index"),
+        0,
+        "untrack clears the entry"
+    );
+}
+
 fn bpftool_cgroup_progs(dir: &Path) -> String {
     run(Command::new("bpftool").args(["cgroup", "show"]).arg(dir))
 }

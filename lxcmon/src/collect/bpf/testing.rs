@@ -34,4 +34,23 @@ impl BpfCollector {
             }
         })
     }
+
+    /// The raw entry of the direct-mapped slot index at a cgroup id's position (tests only).
+    #[doc(hidden)]
+    pub fn slot_index_raw(&mut self, cgroup_id: u64) -> Result<u64, BpfError> {
+        let pos = lxcmon_common::slot_index_pos(cgroup_id);
+        self.slot_index()?
+            .get(&pos, 0)
+            .map_err(super::error::map_err(lxcmon_common::MAP_SLOT_INDEX))
+    }
+
+    /// Overwrites the entry at a cgroup id's position (tests only: proves the programs read
+    /// the index, and the tracked map for a shared entry). Tracking or a restart writes it again.
+    #[doc(hidden)]
+    pub fn overwrite_slot_index(&mut self, cgroup_id: u64, raw: u64) -> Result<(), BpfError> {
+        let pos = lxcmon_common::slot_index_pos(cgroup_id);
+        self.slot_index()?
+            .set(pos, raw, 0)
+            .map_err(super::error::map_err(lxcmon_common::MAP_SLOT_INDEX))
+    }
 }

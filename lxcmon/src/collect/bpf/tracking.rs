@@ -5,7 +5,9 @@ use super::error::{map_err, BpfError};
 use super::{sys, BpfCollector, Counters};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lxcmon_common::{
-    TrackedCgroup, MAP_COUNTERS, MAP_TRACKED, MAP_TRACKED_LEVELS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
+    slot_index_entry, slot_index_holds, slot_index_pos, TrackedCgroup, MAP_COUNTERS,
+    MAP_SLOT_INDEX, MAP_TRACKED, MAP_TRACKED_LEVELS, MAX_CONTAINERS, MAX_TRACKED_LEVEL,
+    SLOT_INDEX_SHARED, SLOT_INDEX_SIZE,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::AsFd;
@@ -30,7 +32,48 @@ impl BpfCollector {
             self.store_skb_slot(*id, t.slot + 1);
         }
         self.tracked.extend(entries);
-        self.write_levels()
+        self.write_levels()?;
+        // The index as the tracked set has it, every entry: an adopted one may hold entries an
+        // earlier agent had no time to clear, a new one (first start of this version) none.
+        let mut at: HashMap<u32, Vec<(u64, u32)>> = HashMap::new();
+        for (id, t) in &self.tracked {
+            at.entry(slot_index_pos(*id))
+                .or_default()
+                .push((*id, t.slot));
+        }
+        let want: HashMap<u32, u64> = at
+            .into_iter()
+            .map(|(pos, here)| (pos, index_entry(here)))
+            .collect();
+        let mut index = self.slot_index()?;
+        for pos in 0..SLOT_INDEX_SIZE {
+            let value = want.get(&pos).copied().unwrap_or(0);
+            if index.get(&pos, 0).map_err(map_err(MAP_SLOT_INDEX))? != value {
+                index.set(pos, value, 0).map_err(map_err(MAP_SLOT_INDEX))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn slot_index(&mut self) -> Result<Array<&mut MapData, u64>, BpfError> {
+        Array::try_from(self.map_mut(MAP_SLOT_INDEX)?).map_err(map_err(MAP_SLOT_INDEX))
+    }
+
+    /// Writes the index entry of `id`'s position as the tracked set now has it: after an id
+    /// was added to the tracked map, before one is removed from it, so the programs never
+    /// miss a tracked id.
+    fn write_index(&mut self, id: u64) -> Result<(), BpfError> {
+        let pos = slot_index_pos(id);
+        let value = index_entry(
+            self.tracked
+                .iter()
+                .filter(|(id, _)| slot_index_pos(**id) == pos)
+                .map(|(id, t)| (*id, t.slot))
+                .collect(),
+        );
+        self.slot_index()?
+            .set(pos, value, 0)
+            .map_err(map_err(MAP_SLOT_INDEX))
     }
 
     fn write_levels(&mut self) -> Result<(), BpfError> {
@@ -122,6 +165,7 @@ impl BpfCollector {
             .insert(cg.id, entry, 0)
             .map_err(map_err(MAP_TRACKED))?;
         self.tracked.insert(cg.id, entry);
+        self.write_index(cg.id)?;
         self.write_levels()?;
         if self.network {
             if let Err(e) = self.attach_skb(&cg, entry.slot) {
@@ -137,11 +181,12 @@ impl BpfCollector {
     /// unknown id is not an error.
     pub fn untrack(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         let detached = self.detach_skb(cgroup_id);
+        self.tracked.remove(&cgroup_id);
+        self.write_index(cgroup_id)?;
         let removed = match self.tracked_map()?.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(MAP_TRACKED)(e)),
         };
-        self.tracked.remove(&cgroup_id);
         self.values.remove(&cgroup_id);
         self.write_levels()?;
         detached.and(removed)
@@ -228,6 +273,18 @@ impl BpfCollector {
     }
 }
 
+/// The index entry of one position for the tracked ids (and slots) there: the smallest id it
+/// can hold, marked shared when another id maps there too; 0 for none.
+fn index_entry(mut here: Vec<(u64, u32)>) -> u64 {
+    here.sort_unstable();
+    let shared = here.len() > 1;
+    match here.iter().find(|(id, _)| slot_index_holds(*id)) {
+        Some(&(id, slot)) => slot_index_entry(id, slot, shared),
+        None if here.is_empty() => 0,
+        None => SLOT_INDEX_SHARED,
+    }
+}
+
 fn counters_from_bytes(b: &[u8]) -> Counters {
     let word = |i: usize| {
         let mut w = [0u8; 8];
@@ -241,5 +298,34 @@ fn counters_from_bytes(b: &[u8]) -> Counters {
         net_tx: word(1),
         io_read: word(2),
         io_write: word(3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lxcmon_common::slot_index_match;
+
+    #[test]
+    fn index_entries_hold_the_smallest_id_and_mark_the_shared() {
+        let n = u64::from(SLOT_INDEX_SIZE);
+        assert_eq!(index_entry(vec![]), 0);
+        let one = index_entry(vec![(7, 3)]);
+        assert_eq!(slot_index_match(one, 7), Some(3));
+        assert_eq!(one & SLOT_INDEX_SHARED, 0);
+        // Two ids at one position: the smaller one is held, whatever the order; both ids
+        // reach the tracked map through the shared mark.
+        for here in [vec![(7 + n, 4), (7, 3)], vec![(7, 3), (7 + n, 4)]] {
+            let e = index_entry(here);
+            assert_eq!(slot_index_match(e, 7), Some(3));
+            assert_eq!(slot_index_match(e, 7 + n), None);
+            assert_ne!(e & SLOT_INDEX_SHARED, 0);
+        }
+        // An id the entry cannot hold: shared only, so the programs look it up in the map.
+        let big = (1u64 << 51) | 7;
+        assert_eq!(index_entry(vec![(big, 1)]), SLOT_INDEX_SHARED);
+        let e = index_entry(vec![(big, 1), (7, 3)]);
+        assert_eq!(slot_index_match(e, 7), Some(3));
+        assert_ne!(e & SLOT_INDEX_SHARED, 0);
     }
 }
