@@ -180,7 +180,7 @@ impl Report<'_> {
                                 Ok(cost) => {
                                     // The empty programs' figures are in the column.
                                     for c in cost.progs.iter().filter(|c| {
-                                        c.events >= 100 && !bpfcost::is_empty_program(&c.program)
+                                        c.events >= 1000 && !bpfcost::is_empty_program(&c.program)
                                     }) {
                                         let (empty, own) = own_cells(c.own(&cost.progs), " ns");
                                         bpf_lines.push(format!(

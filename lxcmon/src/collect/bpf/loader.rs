@@ -215,7 +215,6 @@ where
         })
 }
 
-/// A program of the object, as its type, for loading and attaching.
 /// A loaded program's id and tag; `None` when it is not loaded or its info is unreadable.
 pub(crate) fn loaded(ebpf: &Ebpf, name: &str) -> Option<Loaded> {
     let info = ebpf.program(name)?.info().ok()?;
@@ -225,6 +224,7 @@ pub(crate) fn loaded(ebpf: &Ebpf, name: &str) -> Option<Loaded> {
     })
 }
 
+/// A program of the object, as its type, for loading and attaching.
 pub(crate) fn program_mut<'a, T>(
     ebpf: &'a mut Ebpf,
     name: &'static str,

@@ -45,7 +45,7 @@ impl BpfCollector {
     }
 
     /// Overwrites the entry at a cgroup id's position (tests only: proves the programs read
-    /// the index, and the tracked map for a shared entry). Tracking or a restart writes it again.
+    /// the index, and the tracked map for a shared entry). A restart writes it again.
     #[doc(hidden)]
     pub fn overwrite_slot_index(&mut self, cgroup_id: u64, raw: u64) -> Result<(), BpfError> {
         let pos = lxcmon_common::slot_index_pos(cgroup_id);
