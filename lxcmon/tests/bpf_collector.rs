@@ -852,6 +852,64 @@ fn restart_continues_counts_via_pins() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// A pinned map of another layout than the agent's (a layout change shipped without a new
+/// layout version) is not reused: the collector starts its pins afresh, with the map as its
+/// object defines it, and counts. Reused, the programs would be refused (their accesses do not
+/// fit the smaller value).
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn pinned_map_of_another_layout_starts_the_pins_afresh() {
+    use aya::maps::MapInfo;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("layout");
+    let cg = TestCgroup::new("layout");
+    let mut c = BpfCollector::load(&pins.opts()).expect("load");
+    let id = c.track(&cg.dir).expect("track");
+    drop(c);
+    let counters_pin = pins.0.join("LXCMON_COUNTERS");
+    let value_size = MapInfo::from_pin(&counters_pin)
+        .expect("pinned")
+        .value_size();
+    assert_eq!(value_size as usize, std::mem::size_of::<Counters>());
+    std::fs::remove_file(&counters_pin).expect("unpin");
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&counters_pin)
+        .args("type percpu_array key 4 value 8 entries 16 name LXCMON_COUNTERS".split(' ')));
+    assert_eq!(
+        MapInfo::from_pin(&counters_pin)
+            .expect("pinned")
+            .value_size(),
+        8
+    );
+
+    let mut c = BpfCollector::load(&pins.opts()).expect("loads beside a map of another layout");
+    assert_eq!(
+        MapInfo::from_pin(&counters_pin)
+            .expect("pinned")
+            .value_size(),
+        value_size,
+        "the map as the object defines it"
+    );
+    assert!(
+        c.tracked_ids().next().is_none(),
+        "started afresh: nothing restored from the old pins"
+    );
+    assert_eq!(c.track(&cg.dir).expect("track"), id);
+    let scratch = Scratch::new("layout");
+    run(Command::new("timeout").args([
+        "120",
+        "bash",
+        "-c",
+        &format!(
+            "{}exec dd if=/dev/zero of={} bs=1M count=4 oflag=direct status=none",
+            cg.enter(),
+            scratch.0.join("data").display()
+        ),
+    ]));
+    assert_within("io_write", counters(&mut c, id).io_write, 4 << 20, 5);
+}
+
 /// The program a pinned link runs: its id and (truncated) name.
 fn pinned_program(pin: &Path) -> (u32, String) {
     use aya::programs::links::{FdLink, PinnedLink};

@@ -21,7 +21,7 @@ use lxcmon_common::{
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The BPF object built by `cargo xtask build-ebpf`; `build.rs` checks that it matches the
 /// sources and gives its path.
@@ -59,6 +59,7 @@ impl BpfCollector {
             })?;
             (None, dir)
         } else {
+            drop_stale_pins(&opts.pin_dir)?;
             (Some(PinLock::acquire(&opts.pin_dir)?), opts.pin_dir.clone())
         };
         let links = if opts.ephemeral {
@@ -213,6 +214,53 @@ where
             program: name,
             source,
         })
+}
+
+/// Starts the pin directory afresh when a map pinned there is not defined as this object
+/// defines it (a layout changed without a new `PIN_LAYOUT_VERSION`): aya would reuse it as it
+/// is, and the programs would be refused or the agent would misread it. The containers are then
+/// tracked anew from the file readers' counts, as on a first start.
+fn drop_stale_pins(pin_dir: &Path) -> Result<(), BpfError> {
+    let stale = stale_pinned_maps(OBJECT, pin_dir);
+    if stale.is_empty() {
+        return Ok(());
+    }
+    warn!(
+        pin_dir = %pin_dir.display(),
+        maps = %stale.join("; "),
+        "pinned BPF maps of another layout: starting the pins afresh (counts go on from the file readers')"
+    );
+    super::pins::cleanup_pinned(pin_dir).map(drop)
+}
+
+/// The maps pinned in `map_dir` whose key size, value size or entry count differ from the
+/// object's definition, each described. An object that does not parse is the loader's to
+/// report: nothing here.
+fn stale_pinned_maps(object: &[u8], map_dir: &Path) -> Vec<String> {
+    let Ok(obj) = aya_obj::Object::parse(object) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<String> = obj
+        .maps
+        .iter()
+        .filter(|(name, def)| {
+            matches!(def.pinning(), aya_obj::maps::PinningType::ByName)
+                || name.as_str() == MAP_BPF_LOG
+        })
+        .filter_map(|(name, def)| {
+            let info = aya::maps::MapInfo::from_pin(map_dir.join(name)).ok()?;
+            let pinned = (info.key_size(), info.value_size(), info.max_entries());
+            let ours = (def.key_size(), def.value_size(), def.max_entries());
+            (pinned != ours).then(|| {
+                format!(
+                    "{name} (pinned: key {} B, value {} B, {} entries; this agent's: key {} B, value {} B, {} entries)",
+                    pinned.0, pinned.1, pinned.2, ours.0, ours.1, ours.2
+                )
+            })
+        })
+        .collect();
+    stale.sort();
+    stale
 }
 
 /// A loaded program's id and tag; `None` when it is not loaded or its info is unreadable.
