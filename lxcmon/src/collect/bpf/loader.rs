@@ -243,9 +243,12 @@ fn stale_pinned_maps(object: &[u8], map_dir: &Path) -> Vec<String> {
     let mut stale: Vec<String> = obj
         .maps
         .iter()
+        // The slot storage is left out: a map of another kind there makes the kernel refuse
+        // the programs that read it, and the walk-only pair counts instead (its own fallback).
         .filter(|(name, def)| {
-            matches!(def.pinning(), aya_obj::maps::PinningType::ByName)
-                || name.as_str() == MAP_BPF_LOG
+            (matches!(def.pinning(), aya_obj::maps::PinningType::ByName)
+                || name.as_str() == MAP_BPF_LOG)
+                && name.as_str() != MAP_SKB_SLOT
         })
         .filter_map(|(name, def)| {
             let info = aya::maps::MapInfo::from_pin(map_dir.join(name)).ok()?;
