@@ -99,6 +99,16 @@ impl TestCgroup {
     fn enter(&self) -> String {
         format!("echo $$ > {}/cgroup.procs && ", self.leaf.display())
     }
+
+    /// Runs a bash script in the nested leaf cgroup (at most two minutes).
+    fn sh(&self, script: &str) {
+        run(Command::new("timeout").args([
+            "120",
+            "bash",
+            "-c",
+            &format!("{}{script}", self.enter()),
+        ]));
+    }
 }
 
 impl Drop for TestCgroup {
@@ -629,14 +639,7 @@ fn direct_io_case(count_dirtied: bool) {
     let id = c.track(&cg.dir).expect("track");
     let mib = 32u64;
     let truth = mib * 1024 * 1024;
-    let dd = |args: &str| {
-        run(Command::new("timeout").args([
-            "120",
-            "bash",
-            "-c",
-            &format!("{}exec dd {args} bs=1M status=none", cg.enter()),
-        ]));
-    };
+    let dd = |args: &str| cg.sh(&format!("exec dd {args} bs=1M status=none"));
     dd(&format!(
         "if=/dev/zero of={} count={mib} oflag=direct conv=fsync",
         file.display()
@@ -685,16 +688,10 @@ fn slot_index_entries_found_shared_fall_back_and_are_rewritten() {
     let mib = 8u64;
     let truth = mib * 1024 * 1024;
     let write = || {
-        run(Command::new("timeout").args([
-            "120",
-            "bash",
-            "-c",
-            &format!(
-                "{}exec dd if=/dev/zero of={} bs=1M count={mib} oflag=direct conv=notrunc status=none",
-                cg.enter(),
-                file.display()
-            ),
-        ]));
+        cg.sh(&format!(
+            "exec dd if=/dev/zero of={} bs=1M count={mib} oflag=direct conv=notrunc status=none",
+            file.display()
+        ))
     };
     let mut c = BpfCollector::load(&pins.opts()).expect("load");
     let id = c.track(&cg.dir).expect("track");
@@ -897,16 +894,10 @@ fn pinned_map_of_another_layout_starts_the_pins_afresh() {
     );
     assert_eq!(c.track(&cg.dir).expect("track"), id);
     let scratch = Scratch::new("layout");
-    run(Command::new("timeout").args([
-        "120",
-        "bash",
-        "-c",
-        &format!(
-            "{}exec dd if=/dev/zero of={} bs=1M count=4 oflag=direct status=none",
-            cg.enter(),
-            scratch.0.join("data").display()
-        ),
-    ]));
+    cg.sh(&format!(
+        "exec dd if=/dev/zero of={} bs=1M count=4 oflag=direct status=none",
+        scratch.0.join("data").display()
+    ));
     assert_within("io_write", counters(&mut c, id).io_write, 4 << 20, 5);
 }
 
@@ -1021,14 +1012,7 @@ fn buffered_writes_counted_once_when_dirtied() {
     let id = c.track(&cg.dir).expect("track");
     let mib = 32u64;
     let truth = mib * 1024 * 1024;
-    let sh = |script: &str| {
-        run(Command::new("timeout").args([
-            "120",
-            "bash",
-            "-c",
-            &format!("{}{script}", cg.enter()),
-        ]));
-    };
+    let sh = |script: &str| cg.sh(script);
 
     // The container writes and fsyncs itself.
     sh(&format!(
