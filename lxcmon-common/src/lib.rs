@@ -82,6 +82,23 @@ pub const fn slot_index_match(entry: u64, id: u64) -> Option<u32> {
 
 /// `HashMap<u32 kernel dev_t, u8>`: block devices whose I/O is not counted.
 pub const MAP_EXCLUDED_DEVS: &str = "LXCMON_EXCLDEV";
+/// `Array<u64>` of [`EXCLDEV_INDEX_SIZE`] entries: the excluded devices direct-mapped by
+/// [`excldev_pos`], so a counted bio's device is checked with one array load instead of a hash
+/// lookup. An entry is 0, or [`EXCLDEV_PRESENT`] with one excluded `dev_t` in its low 32 bits,
+/// plus [`EXCLDEV_SHARED`] when another excluded device maps there too (then the programs ask
+/// [`MAP_EXCLUDED_DEVS`], which always holds all).
+pub const MAP_EXCLDEV_INDEX: &str = "LXCMON_EXCLDEV_INDEX";
+pub const EXCLDEV_INDEX_SIZE: u32 = 1024;
+pub const EXCLDEV_PRESENT: u64 = 1 << 32;
+pub const EXCLDEV_SHARED: u64 = 1 << 33;
+const _: () = assert!(EXCLDEV_INDEX_SIZE.is_power_of_two());
+
+/// The entry of [`MAP_EXCLDEV_INDEX`] a kernel `dev_t` (major << 20 | minor) maps to: a
+/// device's minors (partitions, loop and dm numbers) land on consecutive entries.
+#[inline(always)]
+pub const fn excldev_pos(dev: u32) -> u32 {
+    (dev >> 20).wrapping_mul(31).wrapping_add(dev & 0xf_ffff) & (EXCLDEV_INDEX_SIZE - 1)
+}
 
 /// `BPF_MAP_TYPE_CGROUP_STORAGE` keyed by the cgroup id alone (Linux 5.9+: one value per
 /// cgroup, shared by its ingress and egress attachments): the attached container's counter

@@ -40,9 +40,9 @@ use aya_ebpf::{
 };
 use kernel::load;
 use lxcmon_common::{
-    slot_index_match, slot_index_pos, Counters, KernelOffsets, TrackedCgroup, FOLIO_NR_ORDER_BYTE,
-    FOLIO_NR_PAGES_U32, MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL, SLOT_INDEX_SHARED,
-    SLOT_INDEX_SIZE,
+    excldev_pos, slot_index_match, slot_index_pos, Counters, KernelOffsets, TrackedCgroup,
+    EXCLDEV_INDEX_SIZE, EXCLDEV_PRESENT, EXCLDEV_SHARED, FOLIO_NR_ORDER_BYTE, FOLIO_NR_PAGES_U32,
+    MAX_CONTAINERS, MAX_EXCLUDED_DEVICES, MAX_TRACKED_LEVEL, SLOT_INDEX_SHARED, SLOT_INDEX_SIZE,
 };
 
 #[map]
@@ -59,6 +59,23 @@ pub(crate) static LXCMON_LEVELS: Array<u64> = Array::pinned(1, 0);
 
 #[map]
 static LXCMON_EXCLDEV: HashMap<u32, u8> = HashMap::pinned(MAX_EXCLUDED_DEVICES, 0);
+
+#[map]
+static LXCMON_EXCLDEV_INDEX: Array<u64> = Array::pinned(EXCLDEV_INDEX_SIZE, 0);
+
+/// Whether block I/O on `dev` is not counted: its entry in the direct-mapped index, the hash
+/// only for an entry shared by several excluded devices (see `MAP_EXCLDEV_INDEX`).
+#[inline(always)]
+fn excluded(dev: u32) -> bool {
+    let Some(&entry) = LXCMON_EXCLDEV_INDEX.get(excldev_pos(dev)) else {
+        return false;
+    };
+    if entry & EXCLDEV_PRESENT != 0 && entry as u32 == dev {
+        return true;
+    }
+    // SAFETY: plain lookup.
+    entry & EXCLDEV_SHARED != 0 && unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some()
+}
 
 /// Byte offsets in the `block/block_bio_queue` record, from its tracefs `format` file.
 #[no_mangle]
@@ -271,8 +288,7 @@ pub fn lxcmon_block_bio_queue(ctx: TracePointContext) -> u32 {
     let Ok(dev) = (unsafe { ctx.read_at::<u32>(LXCMON_BIO_DEV_OFF.load() as usize) }) else {
         return 0;
     };
-    // SAFETY: plain lookup.
-    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+    if excluded(dev) {
         return 0;
     }
     let Ok(nr_sector) = (unsafe { ctx.read_at::<u32>(LXCMON_BIO_NR_SECTOR_OFF.load() as usize) })
@@ -353,8 +369,7 @@ pub fn lxcmon_dirty_folio(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let dev: u32 = load(sb, k.sb_dev);
-    // SAFETY: plain lookup.
-    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+    if excluded(dev) {
         return 0;
     }
     let flags: u64 = load(folio, k.folio_flags);
@@ -386,8 +401,7 @@ pub fn lxcmon_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
     let bio: *const u8 = ctx.arg(0);
     let bdev: *const u8 = load(bio, k.bio_bdev);
     let dev: u32 = load(bdev, k.bdev_dev);
-    // SAFETY: plain lookup.
-    if unsafe { LXCMON_EXCLDEV.get(&dev) }.is_some() {
+    if excluded(dev) {
         return 0;
     }
     let size: u32 = load(bio, k.bio_size);

@@ -7,10 +7,13 @@ use super::error::{map_err, BpfError, Cause};
 use super::loader::{loaded, program_mut, TP_CATEGORY, TP_NAME};
 use super::BpfCollector;
 use crate::logging::Chain;
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::TracePoint;
-use lxcmon_common::{MAP_EXCLUDED_DEVS, PROG_BIO_QUEUE, PROG_BIO_QUEUE_BTF, PROG_DIRTY_FOLIO};
+use lxcmon_common::{
+    excldev_pos, EXCLDEV_INDEX_SIZE, EXCLDEV_PRESENT, EXCLDEV_SHARED, MAP_EXCLDEV_INDEX,
+    MAP_EXCLUDED_DEVS, PROG_BIO_QUEUE, PROG_BIO_QUEUE_BTF, PROG_DIRTY_FOLIO,
+};
 use tracing::debug;
 
 const TP_DIRTY: &str = "writeback_dirty_folio";
@@ -106,18 +109,88 @@ impl BpfCollector {
         self.links.put(LINK_BIO_CLASSIC, fd).map_err(attach_err)
     }
 
-    /// Replaces the excluded-device set.
+    /// Replaces the excluded-device set: new devices into the hash, then every index entry as
+    /// the new set has it (an adopted index may be of another set, a new one empty), then the
+    /// devices no longer excluded out of the hash, so the programs never miss an excluded one.
     pub fn set_excluded_devices(&mut self, devs: &[u32]) -> Result<(), BpfError> {
         let mut map: BpfHashMap<&mut MapData, u32, u8> =
             BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_DEVS)?)
                 .map_err(map_err(MAP_EXCLUDED_DEVS))?;
         let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-        for k in old.iter().filter(|k| !devs.contains(k)) {
-            map.remove(k).map_err(map_err(MAP_EXCLUDED_DEVS))?;
-        }
         for d in devs {
             map.insert(d, 1, 0).map_err(map_err(MAP_EXCLUDED_DEVS))?;
         }
+        let want = excldev_index(devs);
+        let mut index: Array<&mut MapData, u64> = Array::try_from(self.map_mut(MAP_EXCLDEV_INDEX)?)
+            .map_err(map_err(MAP_EXCLDEV_INDEX))?;
+        for (pos, value) in (0..EXCLDEV_INDEX_SIZE).zip(want) {
+            if index.get(&pos, 0).map_err(map_err(MAP_EXCLDEV_INDEX))? != value {
+                index
+                    .set(pos, value, 0)
+                    .map_err(map_err(MAP_EXCLDEV_INDEX))?;
+            }
+        }
+        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_DEVS)?)
+                .map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        for k in old.iter().filter(|k| !devs.contains(k)) {
+            map.remove(k).map_err(map_err(MAP_EXCLUDED_DEVS))?;
+        }
         Ok(())
+    }
+}
+
+/// Every entry of the excluded-device index for the set `devs` (see `MAP_EXCLDEV_INDEX`).
+fn excldev_index(devs: &[u32]) -> Vec<u64> {
+    let mut index = vec![0u64; EXCLDEV_INDEX_SIZE as usize];
+    let mut sorted = devs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for dev in sorted {
+        let e = &mut index[excldev_pos(dev) as usize];
+        *e = match *e {
+            0 => EXCLDEV_PRESENT | u64::from(dev),
+            held => held | EXCLDEV_SHARED,
+        };
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the programs conclude from an entry, as `excluded` in the BPF object does; `hash`
+    /// stands for the full set they ask for a shared entry.
+    fn excluded(index: &[u64], hash: &[u32], dev: u32) -> bool {
+        let e = index[excldev_pos(dev) as usize];
+        (e & EXCLDEV_PRESENT != 0 && e as u32 == dev)
+            || (e & EXCLDEV_SHARED != 0 && hash.contains(&dev))
+    }
+
+    #[test]
+    fn the_excluded_device_index_answers_as_the_set() {
+        let dev = |major: u32, minor: u32| (major << 20) | minor;
+        // loop0-7, dm-0-2, and a device placed on loop1's entry (a shared entry).
+        let mut set: Vec<u32> = (0..8).map(|m| dev(7, m)).collect();
+        set.extend((0..3).map(|m| dev(253, m)));
+        let colliding = (0..4096)
+            .map(|m| dev(8, m))
+            .find(|d| excldev_pos(*d) == excldev_pos(dev(7, 1)))
+            .expect("some minor of major 8 shares loop1's entry");
+        set.push(colliding);
+        let index = excldev_index(&set);
+        assert_ne!(index[excldev_pos(dev(7, 1)) as usize] & EXCLDEV_SHARED, 0);
+        for major in [7, 8, 253, 259] {
+            for minor in 0..2048 {
+                let d = dev(major, minor);
+                assert_eq!(
+                    excluded(&index, &set, d),
+                    set.contains(&d),
+                    "{major}:{minor}"
+                );
+            }
+        }
+        assert!(excldev_index(&[]).iter().all(|e| *e == 0));
     }
 }
