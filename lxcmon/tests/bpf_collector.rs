@@ -1176,6 +1176,90 @@ fn file_sample(id: &str, fresh: bool, net: u64, io: u64) -> ContainerSample {
     }
 }
 
+/// A block device that appears while the agent runs (a new loop device; on Proxmox a new LVM
+/// volume) is excluded once the devices are listed again, within `DEVICES_TTL` (5 s): its
+/// direct writes are not counted, as the file readers skip its `io.stat` line; writes to the
+/// file system are counted as before.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn a_block_device_that_appears_later_is_excluded() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pins = PinDir::new("newdev");
+    let cg = TestCgroup::new("newdev");
+    let scratch = Scratch::new("newdev");
+    let discovered = vec![Discovered {
+        id: "ct".into(),
+        name: "ct".into(),
+        rel: cg
+            .dir
+            .strip_prefix(V2_ROOT)
+            .expect("below v2")
+            .to_path_buf(),
+        flavor: Flavor::Lxc,
+        runtime: Runtime::Lxc,
+        project: None,
+        instance: 1,
+    }];
+    let bpf = BpfCollector::load(&pins.opts()).expect("load");
+    let mut k = KernelCounters::new(bpf, V2_ROOT.into(), true);
+    k.reconfigure(&MonitoringConfig {
+        excluded_devices: vec!["loop".into()],
+        ..MonitoringConfig::default()
+    });
+    // The device appears after the agent listed the devices: a loop device number the host
+    // has none of, added through /dev/loop-control (LOOP_CTL_ADD), then removed.
+    let n = (64..1024)
+        .find(|n| !Path::new(&format!("/sys/block/loop{n}")).exists())
+        .expect("a free loop number");
+    let loop_ctl = |request: u32| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import fcntl, os; fcntl.ioctl(os.open('/dev/loop-control', os.O_RDWR), {request}, {n})"
+            ))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    struct Remove<F: Fn()>(F);
+    impl<F: Fn()> Drop for Remove<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let loopdev = format!("/dev/loop{n}");
+    assert!(loop_ctl(0x4C80), "LOOP_CTL_ADD {n}");
+    let _remove = Remove(|| {
+        quiet(Command::new("losetup").args(["-d", &loopdev]));
+        loop_ctl(0x4C81); // LOOP_CTL_REMOVE
+    });
+    let image = scratch.0.join("disk.img");
+    std::fs::write(&image, vec![0u8; 16 << 20]).expect("image");
+    run(Command::new("losetup").arg(&loopdev).arg(&image));
+    std::thread::sleep(Duration::from_millis(5200));
+    let mut samples = vec![file_sample("ct", true, 0, 0)];
+    k.apply(&discovered, &mut samples).expect("apply");
+    let written = |k: &mut KernelCounters| {
+        let mut samples = vec![file_sample("ct", false, 0, 0)];
+        k.apply(&discovered, &mut samples).expect("apply");
+        samples[0].cgroup.io.write
+    };
+    let before = written(&mut k);
+    cg.sh(&format!(
+        "exec dd if=/dev/zero of={loopdev} bs=1M count=8 oflag=direct status=none"
+    ));
+    assert_eq!(written(&mut k), before, "{loopdev}: excluded once listed");
+    cg.sh(&format!(
+        "exec dd if=/dev/zero of={} bs=1M count=8 oflag=direct status=none",
+        scratch.0.join("data").display()
+    ));
+    assert_within(
+        "io_write to the file system",
+        written(&mut k) - before,
+        8 << 20,
+        5,
+    );
+}
+
 /// BPF failures are per container: a container the programs cannot count (its cgroup nested
 /// deeper than the programs walk) keeps its file readers' bytes, cycle after cycle, and is
 /// named for the sampler to read from files; the other container stays on BPF, its counts

@@ -16,6 +16,7 @@ use crate::readers::sysfs::DeviceFilter;
 use rustix::thread::CapabilitySet;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Why the BPF collector cannot run at all.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,18 @@ pub struct KernelCounters {
     retrans: HashMap<String, MonotonicCount>,
 
     latency: HashMap<String, Latency>,
+    /// `excluded_devices` (`None` until a configuration gives it), the `dev_t`s the programs
+    /// skip, and when the block devices were last listed: a device that appears later (a new
+    /// loop device or LVM volume) is excluded within [`DEVICES_TTL`], as the file readers
+    /// exclude it from its first `io.stat` line.
+    excluded_prefixes: Option<Vec<String>>,
+    excluded_set: Vec<u32>,
+    devices_listed: Option<Instant>,
 }
+
+/// How often the block devices are listed again for the excluded set (a `/sys/dev/block`
+/// directory read; a new device's name is resolved once).
+const DEVICES_TTL: Duration = Duration::from_secs(5);
 
 /// Without these the kernel refuses the programs, and libraries then report confusing
 /// follow-on errors: say plainly what is missing instead.
@@ -241,7 +253,11 @@ impl KernelCounters {
         };
         let bpf = BpfCollector::load(&opts)?;
         Self::release_freed_heap();
-        Ok(Self::new(bpf, unified, m.enable_network))
+        let mut k = Self::new(bpf, unified, m.enable_network);
+        k.excluded_prefixes = Some(m.excluded_devices.clone());
+        k.excluded_set = opts.excluded_devices;
+        k.devices_listed = Some(Instant::now());
+        Ok(k)
     }
 
     /// Wraps a loaded collector; container cgroups are below `unified` (the v2 mount).
@@ -257,6 +273,9 @@ impl KernelCounters {
             io_latency: HashMap::new(),
             retrans: HashMap::new(),
             latency: HashMap::new(),
+            excluded_prefixes: None,
+            excluded_set: Vec::new(),
+            devices_listed: None,
         }
     }
 
@@ -335,9 +354,36 @@ impl KernelCounters {
             self.retrans.clear();
             self.log_tcp_retransmits();
         }
-        let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), &m.excluded_devices));
-        if let Err(e) = self.bpf.set_excluded_devices(&devs) {
-            tracing::warn!(error = %Chain(&e), "cannot update the excluded devices of the BPF programs");
+        self.excluded_prefixes = Some(m.excluded_devices.clone());
+        self.refresh_excluded(true);
+    }
+
+    /// Lists the block devices again (at most every [`DEVICES_TTL`] unless `force`) and hands
+    /// the programs the excluded set when it changed (or when forced: a reload).
+    fn refresh_excluded(&mut self, force: bool) {
+        let Some(prefixes) = &self.excluded_prefixes else {
+            return;
+        };
+        if !force
+            && self
+                .devices_listed
+                .is_some_and(|t| t.elapsed() < DEVICES_TTL)
+        {
+            return;
+        }
+        self.devices_listed = Some(Instant::now());
+        let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), prefixes));
+        if !force && devs == self.excluded_set {
+            return;
+        }
+        match self.bpf.set_excluded_devices(&devs) {
+            Ok(()) => {
+                tracing::debug!(devices = devs.len(), "excluded block devices updated");
+                self.excluded_set = devs;
+            }
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e), "cannot update the excluded devices of the BPF programs")
+            }
         }
     }
 
@@ -352,6 +398,7 @@ impl KernelCounters {
         discovered: &[Discovered],
         samples: &mut Vec<ContainerSample>,
     ) -> Result<(), BpfError> {
+        self.refresh_excluded(false);
         let by_id: HashMap<&str, &Discovered> =
             discovered.iter().map(|d| (d.id.as_str(), d)).collect();
         let mut dropped = HashSet::new();
