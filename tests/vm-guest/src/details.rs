@@ -2,11 +2,11 @@
 //! as a daemon at a short interval while the guest puts known load on the containers, and the
 //! exported cycles are compared with the physics of that load and with the kernel's own files.
 //!
-//! - 103 (busy loop under `cpu.max 50000 100000`, from the layout), in a window of its own
-//!   with a CPU to spare: every period is throttled (the loop always wants more than its
-//!   quota, so not half of them), throttled time is half the wall time, and CPU pressure grows
-//!   by at least that time (a throttled task is runnable but not running; with other tasks on
-//!   its CPU it also waits behind them, and then it is throttled less).
+//! - 103 (busy loop under `cpu.max 50000 100000`, from the layout, pinned to CPU 0 here), in a
+//!   window of its own with a CPU to spare: every period is throttled (the loop always wants
+//!   more than its quota, so not half of them), throttled time is half the wall time, and CPU
+//!   pressure grows by at least that time (a throttled task is runnable but not running; with
+//!   other tasks on its CPU it also waits behind them, and then it is throttled less).
 //! - 105 (`ct-echo`, made here): one CPU (`cpuset.cpus`), `memory.max` 64 MiB without swap,
 //!   its root a directory of the guest's disk (a directory-backed storage: shared), `mp0` an
 //!   ext4 image on a loop device mounted in its mount namespace only and named in
@@ -348,6 +348,18 @@ fn sh_out(argv: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Keeps these tasks on CPU 0 (for as long as they live).
+fn pin_to_first_cpu(pids: &[u32]) -> Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(0);
+    for &pid in pids {
+        let p = rustix::process::Pid::from_raw(pid as i32).context("pid 0")?;
+        rustix::thread::sched_setaffinity(Some(p), &set)
+            .with_context(|| format!("pinning {pid} to CPU 0"))?;
+    }
+    Ok(())
+}
+
 /// The major:minor's kernel name (`vda`, `loop0`).
 fn dev_name(majmin: &str) -> String {
     std::fs::read_link(format!("/sys/dev/block/{majmin}"))
@@ -491,7 +503,14 @@ impl Details<'_> {
         step("baseline cycle");
 
         // First window: 103's loop under its quota (running all along) with a CPU to spare,
-        // so that it gets its quota at once: throttled for the rest of each period.
+        // so that it gets its quota at once: throttled for the rest of each period. Pinned to
+        // the first CPU (105's loops get the last): a cgroup's PSI is the per-CPU stall times
+        // weighted by each CPU's non-idle time (`collect_percpu_times`), so a lone task that
+        // moves between CPUs shows less "some" than its own `run_delay` (f² + (1−f)² of it
+        // for a split f; 0.79 seen under TCG), and the kernel check below would measure the
+        // guest's migrations, not the stall.
+        pin_to_first_cpu(&agent::cgroup_procs("lxc/103/ns/system.slice/spin")?)?;
+        std::thread::sleep(Duration::from_millis(200));
         let a = self.bracket(agent)?;
         std::thread::sleep(Duration::from_secs_f64(WINDOW));
         let b = self.bracket(agent)?;
