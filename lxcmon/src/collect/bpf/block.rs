@@ -7,7 +7,7 @@ use super::error::{map_err, BpfError, Cause};
 use super::loader::{loaded, program_mut, TP_CATEGORY, TP_NAME};
 use super::BpfCollector;
 use crate::logging::Chain;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::TracePoint;
 use lxcmon_common::{
@@ -120,16 +120,7 @@ impl BpfCollector {
         for d in devs {
             map.insert(d, 1, 0).map_err(map_err(MAP_EXCLUDED_DEVS))?;
         }
-        let want = excldev_index(devs);
-        let mut index: Array<&mut MapData, u64> = Array::try_from(self.map_mut(MAP_EXCLDEV_INDEX)?)
-            .map_err(map_err(MAP_EXCLDEV_INDEX))?;
-        for (pos, value) in (0..EXCLDEV_INDEX_SIZE).zip(want) {
-            if index.get(&pos, 0).map_err(map_err(MAP_EXCLDEV_INDEX))? != value {
-                index
-                    .set(pos, value, 0)
-                    .map_err(map_err(MAP_EXCLDEV_INDEX))?;
-            }
-        }
+        self.sync_array(MAP_EXCLDEV_INDEX, &excldev_index(devs))?;
         let mut map: BpfHashMap<&mut MapData, u32, u8> =
             BpfHashMap::try_from(self.map_mut(MAP_EXCLUDED_DEVS)?)
                 .map_err(map_err(MAP_EXCLUDED_DEVS))?;

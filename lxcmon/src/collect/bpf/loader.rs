@@ -3,13 +3,13 @@
 //! directory locked, earlier pins reused.
 
 use super::block::IoMode;
-use super::error::BpfError;
+use super::error::{map_err, BpfError};
 use super::latency::LatencyMode;
 use super::net::{self, SkbSlot};
 use super::pins::{Links, Loaded, PinLock};
 use super::{btf, format, iolat, latency, retrans, sys, BpfCollector, BpfOptions, BPF_FS, TRACEFS};
 use crate::logging::Chain;
-use aya::maps::Map;
+use aya::maps::{Array, Map, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use aya::programs::{Program, ProgramError};
@@ -20,6 +20,7 @@ use lxcmon_common::{
     GLOBAL_SCHED_OFFSETS, GLOBAL_TCP_OFFSETS, MAP_BPF_LOG, MAP_SKB_SLOT,
 };
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
@@ -199,6 +200,34 @@ impl BpfCollector {
 
     pub(crate) fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, BpfError> {
         self.ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))
+    }
+
+    /// Makes the `u64` array map `name` hold `want` (element i at key i): reads the current
+    /// entries in one batched lookup (a plain array reads as a per-CPU one of one CPU; one
+    /// lookup per entry where the kernel refuses batches) and writes only what differs, so a
+    /// direct-mapped index is rewritten without a window where a kept entry reads 0.
+    pub(crate) fn sync_array(&mut self, name: &'static str, want: &[u64]) -> Result<(), BpfError> {
+        let count = u32::try_from(want.len()).unwrap_or(u32::MAX);
+        let batch = match self.map(name)? {
+            Map::Array(data) => sys::percpu_array_lookup_batch(data.fd().as_fd(), count, 8, 1).ok(),
+            _ => None,
+        };
+        let current = |pos: usize| -> Option<u64> {
+            let b = batch.as_ref()?.get(pos * 8..pos * 8 + 8)?;
+            Some(u64::from_ne_bytes(b.try_into().ok()?))
+        };
+        let mut array: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (pos, &value) in (0u32..count).zip(want) {
+            let now = match current(pos as usize) {
+                Some(v) => v,
+                None => array.get(&pos, 0).map_err(map_err(name))?,
+            };
+            if now != value {
+                array.set(pos, value, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
     }
 }
 

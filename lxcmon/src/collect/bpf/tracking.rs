@@ -41,36 +41,13 @@ impl BpfCollector {
                 .or_default()
                 .push((*id, t.slot));
         }
-        let want: HashMap<u32, u64> = at
-            .into_iter()
-            .map(|(pos, here)| (pos, index_entry(here)))
-            .collect();
-        // The current entries in one batched read (a plain array reads as a per-CPU one of one
-        // CPU); one lookup per entry where the kernel refuses batches.
-        let batch = match self.map(MAP_SLOT_INDEX)? {
-            Map::Array(data) => {
-                sys::percpu_array_lookup_batch(data.fd().as_fd(), SLOT_INDEX_SIZE, 8, 1).ok()
-            }
-            _ => None,
-        };
-        let current = |pos: u32| -> Option<u64> {
-            let b = batch
-                .as_ref()?
-                .get(pos as usize * 8..pos as usize * 8 + 8)?;
-            Some(u64::from_ne_bytes(b.try_into().ok()?))
-        };
-        let mut index = self.slot_index()?;
-        for pos in 0..SLOT_INDEX_SIZE {
-            let value = want.get(&pos).copied().unwrap_or(0);
-            let now = match current(pos) {
-                Some(v) => v,
-                None => index.get(&pos, 0).map_err(map_err(MAP_SLOT_INDEX))?,
-            };
-            if now != value {
-                index.set(pos, value, 0).map_err(map_err(MAP_SLOT_INDEX))?;
+        let mut want = vec![0u64; SLOT_INDEX_SIZE as usize];
+        for (pos, here) in at {
+            if let Some(e) = want.get_mut(pos as usize) {
+                *e = index_entry(here);
             }
         }
-        Ok(())
+        self.sync_array(MAP_SLOT_INDEX, &want)
     }
 
     pub(crate) fn slot_index(&mut self) -> Result<Array<&mut MapData, u64>, BpfError> {
