@@ -61,11 +61,12 @@ pub struct KernelCounters {
     retrans: HashMap<String, MonotonicCount>,
 
     latency: HashMap<String, Latency>,
-    /// `excluded_devices` (`None` until a configuration gives it), the `dev_t`s the programs
-    /// skip, and when the block devices were last listed: a device that appears later (a new
-    /// loop device or LVM volume) is excluded within [`DEVICES_TTL`], as the file readers
-    /// exclude it from its first `io.stat` line.
-    excluded_prefixes: Option<Vec<String>>,
+    /// `excluded_devices` as a filter (`None` until a configuration gives it; kept across
+    /// listings for its per-device name cache), the `dev_t`s the programs skip, and when the
+    /// block devices were last listed: a device that appears later (a new loop device or LVM
+    /// volume) is excluded within [`DEVICES_TTL`], as the file readers exclude it from its
+    /// first `io.stat` line.
+    excluded_filter: Option<DeviceFilter>,
     excluded_set: Vec<u32>,
     devices_listed: Option<Instant>,
 }
@@ -241,8 +242,9 @@ impl KernelCounters {
         }
         check_capabilities()?;
         let unified = layout.unified.clone().ok_or(Unavailable::NoUnified)?;
+        let filter = DeviceFilter::new(root, &m.excluded_devices);
         let opts = BpfOptions {
-            excluded_devices: excluded_dev_ts(&DeviceFilter::new(root, &m.excluded_devices)),
+            excluded_devices: excluded_dev_ts(&filter),
             pin_dir: pin_dir(m),
             ephemeral: purpose == Purpose::Once,
             network: m.enable_network,
@@ -254,7 +256,7 @@ impl KernelCounters {
         let bpf = BpfCollector::load(&opts)?;
         Self::release_freed_heap();
         let mut k = Self::new(bpf, unified, m.enable_network);
-        k.excluded_prefixes = Some(m.excluded_devices.clone());
+        k.excluded_filter = Some(filter);
         k.excluded_set = opts.excluded_devices;
         k.devices_listed = Some(Instant::now());
         Ok(k)
@@ -273,7 +275,7 @@ impl KernelCounters {
             io_latency: HashMap::new(),
             retrans: HashMap::new(),
             latency: HashMap::new(),
-            excluded_prefixes: None,
+            excluded_filter: None,
             excluded_set: Vec::new(),
             devices_listed: None,
         }
@@ -354,14 +356,14 @@ impl KernelCounters {
             self.retrans.clear();
             self.log_tcp_retransmits();
         }
-        self.excluded_prefixes = Some(m.excluded_devices.clone());
+        self.excluded_filter = Some(DeviceFilter::new(Path::new("/"), &m.excluded_devices));
         self.refresh_excluded(true);
     }
 
     /// Lists the block devices again (at most every [`DEVICES_TTL`] unless `force`) and hands
     /// the programs the excluded set when it changed (or when forced: a reload).
     fn refresh_excluded(&mut self, force: bool) {
-        let Some(prefixes) = &self.excluded_prefixes else {
+        let Some(filter) = &self.excluded_filter else {
             return;
         };
         if !force
@@ -372,7 +374,7 @@ impl KernelCounters {
             return;
         }
         self.devices_listed = Some(Instant::now());
-        let devs = excluded_dev_ts(&DeviceFilter::new(Path::new("/"), prefixes));
+        let devs = excluded_dev_ts(filter);
         if !force && devs == self.excluded_set {
             return;
         }
