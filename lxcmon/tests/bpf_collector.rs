@@ -674,8 +674,8 @@ fn direct_io_case(count_dirtied: bool) {
 
 /// The programs find a container through its entry in the direct-mapped slot index: an entry
 /// marked shared (another tracked id at its position) sends them to the tracked map, an entry
-/// without the container loses its I/O (so the index is what they read), and tracking again or
-/// a restart writes the entry as the tracked set has it.
+/// without the container loses its I/O (so the index is what they read), tracking an already
+/// tracked container leaves the entry alone, and a restart writes it as the tracked set has it.
 #[test]
 #[ignore = "needs root and BPF: run by cargo xtask test"]
 fn slot_index_entries_found_shared_fall_back_and_are_rewritten() {
