@@ -26,6 +26,8 @@ const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Bytes per load step (network and each kind of write).
 const LOAD_BYTES: u64 = 64 << 20;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Runs of each load step (see `prog_costs`).
+const STEP_REPEATS: usize = 5;
 
 /// `bpf_stats_enabled` set to `value` for as long as this lives; the old value is put back on
 /// drop.
@@ -256,22 +258,37 @@ fn prog_costs(
     };
     let _empty_tps = empty_tp::attach_all(btf_ids);
     let mut costs = Vec::new();
+    // Each step runs STEP_REPEATS times; a program's figure is the median of its per-run
+    // figures (one run of a step moved by up to ±60 % on this VM, the whole machine's speed
+    // drifting between minutes), its events the median count.
     let mut step = |name: &'static str, run: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-        super::check_interrupted()?;
-        let before = snapshot()?;
-        run().with_context(|| format!("BPF load step '{name}'"))?;
-        for (program, after) in snapshot()? {
-            let b = before.get(&program).copied().unwrap_or_default();
-            let events = after.run_cnt.saturating_sub(b.run_cnt);
-            if events > 0 {
-                let ns = after.run_time_ns.saturating_sub(b.run_time_ns);
-                costs.push(ProgCost {
-                    step: name,
-                    program,
-                    events,
-                    ns_per_event: ns as f64 / events as f64,
-                });
+        let mut per: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for _ in 0..STEP_REPEATS {
+            super::check_interrupted()?;
+            let before = snapshot()?;
+            run().with_context(|| format!("BPF load step '{name}'"))?;
+            for (program, after) in snapshot()? {
+                let b = before.get(&program).copied().unwrap_or_default();
+                let events = after.run_cnt.saturating_sub(b.run_cnt);
+                if events > 0 {
+                    let ns = after.run_time_ns.saturating_sub(b.run_time_ns);
+                    let e = per.entry(program).or_default();
+                    e.0.push(events as f64);
+                    e.1.push(ns as f64 / events as f64);
+                }
             }
+        }
+        for (program, (events, ns)) in per {
+            // A program seen in fewer runs than the others (stray packets): its missing runs
+            // count as none.
+            let mut events = events;
+            events.resize(STEP_REPEATS, 0.0);
+            costs.push(ProgCost {
+                step: name,
+                program,
+                events: super::measure::median(events).round() as u64,
+                ns_per_event: super::measure::median(ns),
+            });
         }
         Ok(())
     };

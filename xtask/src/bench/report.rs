@@ -279,7 +279,7 @@ impl Report<'_> {
         if !bpf_lines.is_empty() {
             let _ = writeln!(
             md,
-            "\n| BPF program (N = {largest}) | load step | runs | kernel time per run | empty program, same hook and step | own (run − empty) | target (own) |\n|---|---|---|---|---|---|---|"
+            "\n| BPF program (N = {largest}) | load step (5 runs each) | runs per step run | kernel time per run (median) | empty program, same hook and step | own (run − empty) | target (own) |\n|---|---|---|---|---|---|---|"
         );
             for l in bpf_lines {
                 let _ = writeln!(md, "{l}");
@@ -503,7 +503,8 @@ impl Report<'_> {
         "`kernel.bpf_stats_enabled=1` while the agent (BPF collector) tracks the fleet; `bpftool prog show` \
          run_time_ns / run_cnt before and after each bounded load step, in the cgroups and network namespace \
          of the first bench container or on the host (whose I/O the tracepoint programs also see and must \
-         skip). Events = program runs (packets for cgroup_skb, bios for block_bio_queue, dirtied folios for \
+         skip). Each step runs five times; a figure is the median of its five (events: the median count per \
+         run). Events = program runs (packets for cgroup_skb, bios for block_bio_queue, dirtied folios for \
          writeback_dirty_folio); other activity on the machine during a step is counted too. \
          Beside the agent's, the bench attaches programs that do nothing (`r0 = 0; exit`, \
          hand-assembled): `lxcmon_empty` (cgroup_skb, on the container's cgroup), \
