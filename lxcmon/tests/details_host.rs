@@ -86,7 +86,7 @@ fn details_on_the_real_kernel() {
     .unwrap();
 
     let devices = DeviceFilter::new(Path::new("/"), &["loop".into(), "zram".into()]);
-    let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::ALL).unwrap();
+    let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::ALL, false).unwrap();
     let mut scratch = Scratch::default();
     let before = reader.sample(&devices, true, &mut scratch).unwrap();
     println!("before: {:#?}\n{:#?}", before.details, before.limits);

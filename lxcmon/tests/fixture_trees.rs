@@ -653,7 +653,7 @@ fn unwritable_log_file_falls_back_to_stderr() {
 /// per container open, so it raises the soft limit to the hard one itself.
 #[test]
 fn more_containers_than_the_soft_open_file_limit_allows() {
-    let (out, stderr) = once_under_ulimit("ulimit -Sn 64", 60);
+    let (out, stderr) = once_under_ulimit("ulimit -Sn 64", 60, false);
     assert!(out.status.success(), "{stderr}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 60, "{stderr}");
@@ -664,7 +664,7 @@ fn more_containers_than_the_soft_open_file_limit_allows() {
 /// each, a cycle of hours), and the log says why once, not once per container.
 #[test]
 fn past_the_hard_open_file_limit_containers_are_left_out_with_one_warning() {
-    let (out, stderr) = once_under_ulimit("ulimit -Sn 64 && ulimit -Hn 64", 60);
+    let (out, stderr) = once_under_ulimit("ulimit -Sn 64 && ulimit -Hn 64", 60, false);
     assert!(out.status.success(), "{:?}\n{stderr}", out.status);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = v.as_array().unwrap().len();
@@ -678,8 +678,40 @@ fn past_the_hard_open_file_limit_containers_are_left_out_with_one_warning() {
     assert!(!stderr.contains("retrying"), "{stderr}");
 }
 
-/// The agent's `--once` over `n` containers, started under `limits` (a shell `ulimit` line).
-fn once_under_ulimit(limits: &str, n: u32) -> (std::process::Output, String) {
+/// Where holding every file does not fit the limit but holding all but the rarely read ones
+/// does, the agent lets go of those (the limits, the child cgroups' process lists) and reads
+/// every container, with the same figures: its limits included, and the processes of its
+/// child cgroup.
+#[test]
+fn short_of_descriptors_the_rarely_read_files_are_let_go_and_every_container_is_read() {
+    // Per container 15 files held (8 per cycle, 6 limits, a child's cgroup.procs), 8 let go.
+    let n = 40;
+    let (out, stderr) = once_under_ulimit("ulimit -Sn 400 && ulimit -Hn 400", n, true);
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = v.as_array().unwrap();
+    assert_eq!(records.len(), n as usize, "{stderr}");
+    for r in records {
+        assert_eq!(r["memory_limit"], 512.0, "{r}");
+        assert_eq!(r["cpu_cores_allowed"], 0.5, "{r}");
+        assert_eq!(r["process_count"], 2, "the child cgroup's process too: {r}");
+        assert_eq!(r["limits"]["pids_max"], 77, "{r}");
+    }
+    assert_eq!(stderr.matches("descriptors short").count(), 1, "{stderr}");
+    assert!(!stderr.contains("open file limit reached"), "{stderr}");
+    // With room for everything nothing is let go.
+    let (out, stderr) = once_under_ulimit("ulimit -Sn 4000", n, true);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("descriptors short"), "{stderr}");
+}
+
+/// The agent's `--once` over `n` containers, started under `limits` (a shell `ulimit` line);
+/// with `limits_and_child`, each has every v2 limit file and a child cgroup with a process.
+fn once_under_ulimit(
+    limits: &str,
+    n: u32,
+    limits_and_child: bool,
+) -> (std::process::Output, String) {
     let t = Tree::new(V2);
     t.file("sys/fs/cgroup/cgroup.controllers", "cpu io memory pids\n");
     for i in 0..n {
@@ -689,11 +721,24 @@ fn once_under_ulimit(limits: &str, n: u32) -> (std::process::Output, String) {
         t.file(&format!("{c}/memory.current"), &format!("{}\n", 8 * MIB));
         t.file(&format!("{c}/memory.stat"), "file 0\n");
         t.file(&format!("{c}/memory.swap.current"), "0\n");
-        t.file(&format!("{c}/memory.max"), "max\n");
         t.file(&format!("{c}/io.stat"), "");
         t.file(&format!("{c}/pids.current"), "1\n");
         t.file(&format!("{c}/cgroup.procs"), &format!("{pid}\n"));
         t.process(pid, &format!("{pid}\t1"), Some((1, 1)));
+        if limits_and_child {
+            t.file(&format!("{c}/memory.max"), &format!("{}\n", 512 * MIB));
+            t.file(&format!("{c}/memory.swap.max"), "0\n");
+            t.file(&format!("{c}/memory.high"), "max\n");
+            t.file(&format!("{c}/cpu.max"), "50000 100000\n");
+            t.file(&format!("{c}/cpuset.cpus.effective"), "0-1\n");
+            t.file(&format!("{c}/pids.max"), "77\n");
+            t.file(
+                &format!("{c}/ns/cgroup.procs"),
+                &format!("{}\n", pid + 1000),
+            );
+        } else {
+            t.file(&format!("{c}/memory.max"), "max\n");
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg.yaml");

@@ -61,7 +61,7 @@ fn v1_process_count_follows_every_read_at_a_short_interval() {
         lab.dirs.push(dir);
     }
     let procs = pids_root.join(&rel).join("cgroup.procs");
-    let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::NONE).unwrap();
+    let mut reader = CgroupReader::open(&layout, &rel, None, DetailOptions::NONE, false).unwrap();
     let mut scratch = lxcmon::readers::cgroup::Scratch::default();
     let mut read = || {
         reader

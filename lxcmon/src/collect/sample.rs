@@ -166,6 +166,9 @@ pub struct Sampler {
     changed_mounts: Vec<u64>,
     /// When the open file limit was last reported (at most every [`FD_WARN_EVERY`]).
     fd_warned: Option<std::time::Instant>,
+    /// The open file limit was reached once: the files read rarely (limits) and the child
+    /// cgroups' process lists are opened for each read from then on, not held.
+    lean: bool,
 }
 
 /// How often running out of file descriptors is logged while it lasts.
@@ -193,6 +196,7 @@ impl Sampler {
             mount_signals,
             changed_mounts: Vec::new(),
             fd_warned: None,
+            lean: false,
         }
     }
 
@@ -270,8 +274,9 @@ impl Sampler {
             files_for: &self.files_for,
             mount_signals: self.mount_signals.as_ref(),
             changed_mounts: signals_ok.then_some(&self.changed_mounts[..]),
+            lean: self.lean,
         };
-        let results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
+        let mut results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
             let mut scratch = Scratch::default();
             work.iter_mut()
                 .map(|(d, state)| ctx.sample_with_retry(d, state, &mut scratch))
@@ -303,6 +308,34 @@ impl Sampler {
                     .collect()
             })
         };
+        let short = |r: &Result<ContainerSample, SampleError>| {
+            matches!(r, Err(SampleError::NoDescriptors(_)))
+        };
+        if !ctx.lean && results.iter().any(short) {
+            // Out of descriptors: every reader lets go of its rarely read files, and the
+            // containers that did not fit are tried again, now opened that way.
+            let freed: usize = (work.iter_mut())
+                .filter_map(|(_, st)| st.as_mut()?.files.as_mut())
+                .map(|f| f.cgroup.release_rare())
+                .sum();
+            let ctx = Ctx { lean: true, ..ctx };
+            let mut scratch = Scratch::default();
+            let mut retried = 0usize;
+            for ((d, state), result) in work.iter_mut().zip(results.iter_mut()) {
+                if short(result) {
+                    retried += 1;
+                    *result = ctx.sample_with_retry(d, state, &mut scratch);
+                }
+            }
+            let still = results.iter().filter(|r| short(r)).count();
+            tracing::warn!(
+                freed,
+                retried,
+                still_short = still,
+                "descriptors short: the limit files and the child cgroups' process lists are now opened for each read instead of held (about 4 µs per open); raise LimitNOFILE to hold them again"
+            );
+            self.lean = true;
+        }
         let mut sampled = Sampled {
             containers: Vec::with_capacity(work.len()),
             ..Sampled::default()
@@ -358,6 +391,8 @@ struct Ctx<'a> {
     files_for: &'a HashSet<String>,
     mount_signals: Option<&'a ChangeSignals>,
     changed_mounts: Option<&'a [u64]>,
+    /// Open the rarely read files for each read (see `Sampler::lean`).
+    lean: bool,
 }
 
 impl Ctx<'_> {
@@ -501,6 +536,7 @@ impl Ctx<'_> {
             &d.rel,
             self.watcher.cloned(),
             self.options.details,
+            self.lean,
         )
         .map_err(SampleError::from_read)?;
         if let Some(primary) = self.layout.primary() {

@@ -67,16 +67,22 @@ impl ReadError {
     }
 }
 
+/// A kernel file, normally held open. One read rarely (a limit) can instead be opened for
+/// each read where descriptors are short ([`Self::open_optional_as`], [`Self::release`]).
 #[derive(Debug)]
 pub struct KFile {
     path: PathBuf,
-    file: File,
+    /// `None`: opened afresh for each read, holding no descriptor in between.
+    file: Option<File>,
 }
 
 impl KFile {
     pub fn open(path: PathBuf) -> Result<Self, ReadError> {
         match File::open(&path) {
-            Ok(file) => Ok(Self { path, file }),
+            Ok(file) => Ok(Self {
+                path,
+                file: Some(file),
+            }),
             Err(e) => Err(ReadError::io(&path, e)),
         }
     }
@@ -84,11 +90,32 @@ impl KFile {
     /// Opens the file if it exists; `None` when the kernel does not provide it here
     /// (a controller that is not enabled, swap accounting that is off).
     pub fn open_optional(path: PathBuf) -> Result<Option<Self>, ReadError> {
-        match File::open(&path) {
-            Ok(file) => Ok(Some(Self { path, file })),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Self::open_optional_as(path, true)
+    }
+
+    /// As [`Self::open_optional`], holding the descriptor only if `hold`; otherwise the file
+    /// is only checked to exist now and opened for each read.
+    pub fn open_optional_as(path: PathBuf, hold: bool) -> Result<Option<Self>, ReadError> {
+        if hold {
+            return match File::open(&path) {
+                Ok(file) => Ok(Some(Self {
+                    path,
+                    file: Some(file),
+                })),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(ReadError::io(&path, e)),
+            };
+        }
+        match path.try_exists() {
+            Ok(true) => Ok(Some(Self { path, file: None })),
+            Ok(false) => Ok(None),
             Err(e) => Err(ReadError::io(&path, e)),
         }
+    }
+
+    /// Closes the descriptor; later reads open the file afresh. Whether one was held.
+    pub fn release(&mut self) -> bool {
+        self.file.take().is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -98,8 +125,20 @@ impl KFile {
     /// Reads the whole file into `buf`. Kernel seq files return everything that fits in one
     /// call, so a read that does not fill the buffer is complete; a full one grows and retries.
     pub fn read<'a>(&self, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
-        read_whole(&self.file, &self.path, buf)
+        match &self.file {
+            Some(file) => read_whole(file, &self.path, buf),
+            None => read_path(&self.path, buf),
+        }
     }
+}
+
+/// Closes the descriptors of these files (see [`KFile::release`]); how many were held.
+pub fn release_all<'a>(files: impl IntoIterator<Item = &'a mut Option<KFile>>) -> usize {
+    files
+        .into_iter()
+        .flatten()
+        .map(|f| usize::from(f.release()))
+        .sum()
 }
 
 /// Opens, reads whole and closes `path`: for kernel files whose held descriptor would serve
@@ -218,6 +257,32 @@ mod tests {
             !err.to_string().contains("os error"),
             "cause not in the message: {err}"
         );
+    }
+
+    #[test]
+    fn an_unheld_file_is_read_afresh_and_a_released_one_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.max");
+        std::fs::write(&path, "1\n").unwrap();
+        let unheld = KFile::open_optional_as(path.clone(), false)
+            .unwrap()
+            .unwrap();
+        let mut held = KFile::open_optional_as(path.clone(), true)
+            .unwrap()
+            .unwrap();
+        let mut buf = Vec::new();
+        std::fs::write(dir.path().join("new"), "2\n").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert_eq!(unheld.read_u64(&mut buf).unwrap(), 2);
+        assert_eq!(held.read_u64(&mut buf).unwrap(), 1, "the held inode");
+        assert!(held.release());
+        assert!(!held.release(), "nothing left to release");
+        assert_eq!(held.read_u64(&mut buf).unwrap(), 2);
+        assert!(KFile::open_optional_as(dir.path().join("nope"), false)
+            .unwrap()
+            .is_none());
+        std::fs::remove_file(&path).unwrap();
+        assert!(unheld.read(&mut buf).unwrap_err().is_gone());
     }
 
     #[test]

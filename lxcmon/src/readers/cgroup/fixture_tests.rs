@@ -57,10 +57,19 @@ impl Fixture {
         }
     }
 
+    /// One sample, the same whether the rare files are held, opened for each read (`lean`),
+    /// or let go after a first sample (descriptors found short while running).
     fn read(&self, layout: &Layout, options: DetailOptions, io_totals: bool) -> CgroupSample {
-        let mut r = CgroupReader::open(layout, Path::new(REL), None, options).unwrap();
-        r.sample(&self.devices, io_totals, &mut Scratch::default())
-            .unwrap()
+        let open = |lean| CgroupReader::open(layout, Path::new(REL), None, options, lean).unwrap();
+        let mut scratch = Scratch::default();
+        let mut sample = |r: &mut CgroupReader| r.sample(&self.devices, io_totals, &mut scratch);
+        let held = sample(&mut open(false)).unwrap();
+        assert_eq!(sample(&mut open(true)).unwrap(), held, "lean");
+        let mut released = open(false);
+        sample(&mut released).unwrap();
+        released.release_rare();
+        assert_eq!(sample(&mut released).unwrap(), held, "released");
+        held
     }
 
     fn psi(&self, hierarchy: &str) {
@@ -289,8 +298,14 @@ fn v2_old_kernel_unlimited_and_absent() {
     let s = f.read(&f.v2_layout(), DetailOptions::ALL, true);
     assert_eq!(s.details, Details::default());
     f.file("unified", "pids.max", "");
-    let mut r =
-        CgroupReader::open(&f.v2_layout(), Path::new(REL), None, DetailOptions::ALL).unwrap();
+    let mut r = CgroupReader::open(
+        &f.v2_layout(),
+        Path::new(REL),
+        None,
+        DetailOptions::ALL,
+        false,
+    )
+    .unwrap();
     assert!(r.sample(&f.devices, true, &mut Scratch::default()).is_err());
 }
 
@@ -355,8 +370,14 @@ fn switched_off_details_read_nothing() {
     // Switched on later (a reload): the files are opened, and read.
     std::fs::remove_dir(f.path("unified").join(REL).join("cpu.pressure")).unwrap();
     f.file("unified", "cpu.pressure", "some total=9\n");
-    let mut r =
-        CgroupReader::open(&f.v2_layout(), Path::new(REL), None, DetailOptions::NONE).unwrap();
+    let mut r = CgroupReader::open(
+        &f.v2_layout(),
+        Path::new(REL),
+        None,
+        DetailOptions::NONE,
+        false,
+    )
+    .unwrap();
     let mut scratch = Scratch::default();
     r.sample(&f.devices, false, &mut scratch).unwrap();
     let on = DetailOptions {

@@ -171,6 +171,9 @@ struct Dir {
 pub struct Subtree {
     top: PathBuf,
     pid_list: PidList,
+    /// Descriptors are short: the children's `cgroup.procs` are opened for each read (the
+    /// top one stays held where the hierarchy allows).
+    lean: bool,
     dirs: Vec<Dir>,
     watched: Option<Watched>,
     walks: u64,
@@ -197,6 +200,7 @@ impl Subtree {
         Self {
             top,
             pid_list,
+            lean: false,
             dirs: Vec::new(),
             watched: watcher.map(|watcher| Watched {
                 watcher,
@@ -206,6 +210,25 @@ impl Subtree {
             }),
             walks: 0,
         }
+    }
+
+    /// Opens the children's `cgroup.procs` for each read when `lean` (see [`Self::lean`]).
+    pub fn lean(mut self, lean: bool) -> Self {
+        self.lean = lean;
+        self
+    }
+
+    /// From now on the children's `cgroup.procs` are opened for each read; closes the held
+    /// ones and says how many.
+    pub fn release_children(&mut self) -> usize {
+        self.lean = true;
+        let mut closed = 0;
+        for dir in self.dirs.iter_mut().skip(1) {
+            if let Procs::Held(f) = &mut dir.procs {
+                closed += usize::from(f.release());
+            }
+        }
+        closed
     }
 
     /// How many times the subtree was walked (listed and its files opened).
@@ -330,7 +353,16 @@ impl Subtree {
                 let children = std::fs::read_dir(&path).map_err(|e| ReadError::io(&path, e))?;
                 let procs_path = path.join("cgroup.procs");
                 let procs = match self.pid_list {
-                    PidList::Held => Procs::Held(KFile::open(procs_path)?),
+                    PidList::Held if top || !self.lean => Procs::Held(KFile::open(procs_path)?),
+                    PidList::Held => match KFile::open_optional_as(procs_path.clone(), false)? {
+                        Some(f) => Procs::Held(f),
+                        None => {
+                            return Err(ReadError::io(
+                                &procs_path,
+                                std::io::ErrorKind::NotFound.into(),
+                            ))
+                        }
+                    },
                     // Checked now so a removed child is skipped here as with a held file.
                     PidList::Reopen => match procs_path.try_exists() {
                         Ok(true) => Procs::Reopen(procs_path),
@@ -403,6 +435,43 @@ mod tests {
         assert_eq!(sorted(pids.clone()), vec![100, 300, 400]);
         std::fs::remove_dir_all(&top).unwrap();
         assert!(s.pids(&mut buf, &mut pids).unwrap_err().is_gone());
+    }
+
+    /// Lean (descriptors short), or let go of later: a child's `cgroup.procs` is opened for
+    /// each read, so a new file under its name is seen; the top one stays held.
+    #[test]
+    fn lean_children_are_read_afresh_the_top_stays_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("c");
+        std::fs::create_dir_all(top.join("ns")).unwrap();
+        std::fs::write(top.join("cgroup.procs"), "1\n").unwrap();
+        std::fs::write(top.join("ns/cgroup.procs"), "2\n").unwrap();
+        let replace = |rel: &str, text: &str| {
+            std::fs::write(dir.path().join("new"), text).unwrap();
+            std::fs::rename(dir.path().join("new"), top.join(rel)).unwrap();
+        };
+        let (mut buf, mut pids) = (Vec::new(), Vec::new());
+        // A watcher: a file renamed into a directory is not a reason to walk again (without
+        // one, the directory's new mtime would be), so held files stay held.
+        let w = Arc::new(Watcher::new().unwrap());
+        let mut lean = Subtree::new(top.clone(), PidList::Held, Some(w.clone())).lean(true);
+        let mut kept = Subtree::new(top.clone(), PidList::Held, Some(w.clone()));
+        lean.pids(&mut buf, &mut pids).unwrap();
+        kept.pids(&mut buf, &mut pids).unwrap();
+        replace("ns/cgroup.procs", "3\n");
+        lean.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!(pids, vec![1, 3]);
+        kept.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!(pids, vec![1, 2], "a held child keeps its inode");
+        assert_eq!(kept.release_children(), 1);
+        kept.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!(pids, vec![1, 3]);
+        replace("cgroup.procs", "4\n");
+        lean.pids(&mut buf, &mut pids).unwrap();
+        w.drain();
+        lean.pids(&mut buf, &mut pids).unwrap();
+        assert_eq!(pids, vec![1, 3], "the top stays held");
+        assert_eq!(lean.walks(), 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::details::{
 };
 use super::subtree::{PidList, Subtree, Watcher};
 use super::{read_io, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
-use crate::readers::kfile::{keyed_value, keyed_values, parse_u64_or_max, KFile, ReadError};
+use crate::readers::kfile::{self, keyed_value, keyed_values, parse_u64_or_max, KFile, ReadError};
 use crate::readers::parse::{cpu_list_len, parse_dev};
 use crate::readers::sysfs::DeviceFilter;
 use std::path::PathBuf;
@@ -27,9 +27,13 @@ pub struct Reader {
     swap_current: Option<KFile>,
     io_stat: Option<KFile>,
     details: DetailFiles,
+    /// Descriptors are short: the limit files are opened for each read (see
+    /// [`Self::release_rare`]).
+    lean: bool,
 }
 
-/// The limit files, read at most every [`super::LIMITS_TTL`].
+/// The limit files, read at most every [`super::LIMITS_TTL`]; held, or opened for each read
+/// where descriptors are short.
 #[derive(Debug)]
 struct LimitFiles {
     memory_max: Option<KFile>,
@@ -81,14 +85,18 @@ impl DetailFiles {
 pub(super) const CONTROLLERS: [&str; 3] = ["memory", "io", "pids"];
 
 impl Reader {
+    /// `lean`: descriptors are short, the limit files and the subtree's child `cgroup.procs`
+    /// are opened for each read.
     pub fn open(
         dir: PathBuf,
         watcher: Option<Arc<Watcher>>,
         options: DetailOptions,
+        lean: bool,
     ) -> Result<Self, ReadError> {
         let opt = |name: &str| KFile::open_optional(dir.join(name));
+        let limit = |name: &str| KFile::open_optional_as(dir.join(name), !lean);
         let extra = |name: &str| match options.memory_details {
-            true => KFile::open_optional(dir.join(name)),
+            true => limit(name),
             false => Ok(None),
         };
         Ok(Self {
@@ -98,20 +106,36 @@ impl Reader {
             swap_current: opt("memory.swap.current")?,
             io_stat: opt("io.stat")?,
             limit_files: LimitFiles {
-                memory_max: opt("memory.max")?,
-                swap_max: opt("memory.swap.max")?,
-                cpu_max: opt("cpu.max")?,
-                cpuset: opt("cpuset.cpus.effective")?,
+                memory_max: limit("memory.max")?,
+                swap_max: limit("memory.swap.max")?,
+                cpu_max: limit("cpu.max")?,
+                cpuset: limit("cpuset.cpus.effective")?,
                 memory_high: extra("memory.high")?,
                 pids_max: extra("pids.max")?,
             },
             details: DetailFiles::open(&dir, options)?,
             shared: SharedFiles::new(
                 opt("pids.current")?,
-                Subtree::new(dir.clone(), PidList::Held, watcher),
+                Subtree::new(dir.clone(), PidList::Held, watcher).lean(lean),
             ),
             dir,
+            lean,
         })
+    }
+
+    /// Descriptors are short: the limit files and the subtree's child `cgroup.procs` are
+    /// opened for each read from now on. How many descriptors that closed.
+    pub(super) fn release_rare(&mut self) -> usize {
+        self.lean = true;
+        let l = &mut self.limit_files;
+        kfile::release_all([
+            &mut l.memory_max,
+            &mut l.swap_max,
+            &mut l.cpu_max,
+            &mut l.cpuset,
+            &mut l.memory_high,
+            &mut l.pids_max,
+        ]) + self.shared.subtree.release_children()
     }
 
     pub(super) fn set_details(&mut self, options: DetailOptions) -> Result<(), ReadError> {
@@ -120,7 +144,7 @@ impl Reader {
         }
         self.details = DetailFiles::open(&self.dir, options)?;
         let extra = |name: &str| match options.memory_details {
-            true => KFile::open_optional(self.dir.join(name)),
+            true => KFile::open_optional_as(self.dir.join(name), !self.lean),
             false => Ok(None),
         };
         self.limit_files.memory_high = extra("memory.high")?;
