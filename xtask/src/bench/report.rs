@@ -157,9 +157,10 @@ impl Report<'_> {
                     let ebpf = r.collector == "ebpf";
                     let _ = writeln!(
                     md,
-                    "| {} | {} | {per:.1} µs | {} | {:.1} µs ({:.0} syscalls) | {} | {} | {sc:.1} | {wall:.1} ms | {rss:.1} MiB | {} |",
+                    "| {} | {} | {per:.1} µs{} | {} | {:.1} µs ({:.0} syscalls) | {} | {} | {sc:.1} | {wall:.1} ms | {rss:.1} MiB | {} |",
                     r.collector,
                     r.n,
+                    if r.runs.iter().any(|s| s.lean) { " (short of descriptors: limits and child cgroups' process lists opened for each read)" } else { "" },
                     if r.n == largest { if ebpf { "≤ 12 µs" } else { "≤ 20 µs" } } else { "" },
                     r.floor.per_container_us,
                     r.floor.syscalls_per_container,
