@@ -318,6 +318,18 @@ impl Agent {
 
     /// Skips `warm` cycles, then observes `k` cycles.
     pub fn observe(&mut self, warm: usize, k: usize, interval: f64) -> Result<RunStats> {
+        self.observe_with(warm, k, interval, || Ok(()))
+    }
+
+    /// As [`Self::observe`], calling `between` after each observed cycle (while the agent
+    /// waits for its next one).
+    pub fn observe_with(
+        &mut self,
+        warm: usize,
+        k: usize,
+        interval: f64,
+        mut between: impl FnMut() -> Result<()>,
+    ) -> Result<RunStats> {
         let timeout = Duration::from_secs_f64(interval * 3.0 + 30.0);
         for _ in 0..warm {
             self.next_cycle(timeout)?;
@@ -335,6 +347,9 @@ impl Agent {
                 found,
             });
             last = now;
+            // The agent's CPU while this runs (its export, a late thread) counts in its next
+            // cycle's figure, as without it.
+            between()?;
         }
         stats.stat_cpu_s = stat_cpu(self.pid)? - stat0;
         stats.window_s = t0.elapsed().as_secs_f64();
@@ -479,7 +494,7 @@ pub struct FloorResult {
     /// A tight loop over the fleet: hot caches, the kernel's cost alone.
     pub per_container_us: f64,
     /// One pass over the fleet per interval, as the agent reads: caches as cold as the
-    /// agent finds them. Filled by [`Floor::run_paced`].
+    /// agent finds them, between the agent's cycles ([`Floor::pass_us`]).
     pub paced_us: Option<f64>,
     pub syscalls_per_container: f64,
     /// CPU per container per cycle for each kind of file (one pread each; "fstatvfs root").
@@ -585,20 +600,17 @@ impl Floor {
         Ok(())
     }
 
-    /// The per-cycle files read once per `interval`, `passes` times: CPU per container per
-    /// pass (median), what the agent's cycle costs at best when it reads the same files.
-    pub fn run_paced(&self, passes: usize, interval: std::time::Duration) -> Result<f64> {
+    /// One pass over the fleet's per-cycle files: CPU per container, µs. Made half an
+    /// interval after each of the agent's cycles ([`Agent::observe_with`]), so the floor and
+    /// the agent are measured in the same minutes (this VM's speed drifts by tens of per cent
+    /// between runs minutes apart) and the floor finds the caches as cold as the agent does.
+    pub fn pass_us(&self) -> Result<f64> {
         let n = self.roots.len().max(1);
         let mut buf = vec![0u8; 4096];
         let per_cycle = self.per_cycle();
-        let mut samples = Vec::with_capacity(passes);
-        for _ in 0..passes {
-            std::thread::sleep(interval);
-            let t0 = thread_cpu_ns();
-            self.pass(&per_cycle, &mut buf)?;
-            samples.push(thread_cpu_ns().saturating_sub(t0) as f64 / 1e3 / n as f64);
-        }
-        Ok(median(samples))
+        let t0 = thread_cpu_ns();
+        self.pass(&per_cycle, &mut buf)?;
+        Ok(thread_cpu_ns().saturating_sub(t0) as f64 / 1e3 / n as f64)
     }
 
     pub fn run(&self, rounds: usize) -> Result<FloorResult> {
