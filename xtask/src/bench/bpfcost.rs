@@ -28,6 +28,8 @@ const LOAD_BYTES: u64 = 64 << 20;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs of each load step (see `prog_costs`).
 const STEP_REPEATS: usize = 5;
+/// Direct writers at once in the step with several requests in flight.
+const PARALLEL_WRITERS: u64 = 4;
 
 /// `bpf_stats_enabled` set to `value` for as long as this lives; the old value is put back on
 /// drop.
@@ -308,6 +310,25 @@ fn prog_costs(
     step("container: 64 MiB direct writes, 4 KiB each", &mut || {
         inside.run(&direct)
     })?;
+    // The same bytes from four writers at once: requests in flight together, so completions
+    // follow one another rather than each waking a CPU that sat idle waiting for it.
+    let parallel = (0..PARALLEL_WRITERS)
+        .map(|i| {
+            format!(
+                "{bb} dd if=/dev/zero of={file_s}.{i} bs=4k count={} oflag=direct &",
+                (LOAD_BYTES >> 12) / PARALLEL_WRITERS
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        + " wait";
+    step(
+        "container: 64 MiB direct writes, 4 KiB each, four writers at once",
+        &mut || inside.run(&[bb.as_str(), "sh", "-c", &parallel]),
+    )?;
+    for i in 0..PARALLEL_WRITERS {
+        let _ = std::fs::remove_file(format!("{file_s}.{i}"));
+    }
     step(
         "container: 64 MiB buffered writes, 4 KiB each, + sync",
         &mut || inside.run(&[bb.as_str(), "sh", "-c", &buffered]),
