@@ -6,7 +6,7 @@
 //! each cycle checks the mtime of every known directory instead; the kernel's timestamps are
 //! coarse (a jiffy), so a directory modified within the last second is re-walked anyway.
 
-use crate::readers::kfile::{self, KFile, ReadError};
+use crate::readers::kfile::{KFile, ReadError};
 use rustix::fs::inotify;
 use std::collections::HashMap;
 use std::fs::File;
@@ -145,23 +145,10 @@ pub enum PidList {
 }
 
 #[derive(Debug)]
-enum Procs {
-    Held(KFile),
-    Reopen(PathBuf),
-}
-
-impl Procs {
-    fn read<'a>(&self, buf: &'a mut Vec<u8>) -> Result<&'a str, ReadError> {
-        match self {
-            Self::Held(f) => f.read(buf),
-            Self::Reopen(path) => kfile::read_path(path, buf),
-        }
-    }
-}
-
-#[derive(Debug)]
 struct Dir {
-    procs: Procs,
+    /// Its `cgroup.procs`: held, or opened for each read (v1's cached pid lists, and children
+    /// where descriptors are short).
+    procs: KFile,
     /// Without a watcher: the directory, held open to check its mtime each cycle (`fstat`
     /// reads the inode's current times, nothing cached per open file).
     stamp: Option<(File, (i64, i64))>,
@@ -224,9 +211,7 @@ impl Subtree {
         self.lean = true;
         let mut closed = 0;
         for dir in self.dirs.iter_mut().skip(1) {
-            if let Procs::Held(f) = &mut dir.procs {
-                closed += usize::from(f.release());
-            }
+            closed += usize::from(dir.procs.release());
         }
         closed
     }
@@ -352,29 +337,12 @@ impl Subtree {
                 // Listed after the watch or the stamp: a child created meanwhile is seen.
                 let children = std::fs::read_dir(&path).map_err(|e| ReadError::io(&path, e))?;
                 let procs_path = path.join("cgroup.procs");
-                let procs = match self.pid_list {
-                    PidList::Held if top || !self.lean => Procs::Held(KFile::open(procs_path)?),
-                    PidList::Held => match KFile::open_optional_as(procs_path.clone(), false)? {
-                        Some(f) => Procs::Held(f),
-                        None => {
-                            return Err(ReadError::io(
-                                &procs_path,
-                                std::io::ErrorKind::NotFound.into(),
-                            ))
-                        }
-                    },
-                    // Checked now so a removed child is skipped here as with a held file.
-                    PidList::Reopen => match procs_path.try_exists() {
-                        Ok(true) => Procs::Reopen(procs_path),
-                        Ok(false) => {
-                            return Err(ReadError::io(
-                                &procs_path,
-                                std::io::ErrorKind::NotFound.into(),
-                            ))
-                        }
-                        Err(e) => return Err(ReadError::io(&procs_path, e)),
-                    },
-                };
+                // Checked now (a held one by opening it) so a removed child is skipped here.
+                let hold = self.pid_list == PidList::Held && (top || !self.lean);
+                let procs =
+                    KFile::open_optional_as(procs_path.clone(), hold)?.ok_or_else(|| {
+                        ReadError::io(&procs_path, std::io::ErrorKind::NotFound.into())
+                    })?;
                 Ok((stamp, children, procs))
             });
             let (stamp, children, procs) = match opened {
