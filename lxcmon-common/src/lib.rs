@@ -405,9 +405,16 @@ pub struct TcpOffsets {
     pub err_arg: u32,
     /// `sock` `sk_cgrp_data.cgroup`: the socket's cgroup v2 (Linux 5.15+).
     pub sk_cgrp: u32,
-    /// `sk_buff` `cb` + `tcp_skb_cb` `tcp_gso_segs`: `tcp_skb_pcount(skb)`, the segments the
-    /// kernel adds to `RetransSegs`.
+    /// `sk_buff` `cb` + `tcp_skb_cb` `tcp_gso_segs`: `tcp_skb_pcount(skb)`, the segments of
+    /// a socket's first retransmit the program sees.
     pub skb_segs: u32,
+    /// `tcp_sock` `total_retrans`: the socket's own sum of what the kernel added to
+    /// `RetransSegs`; its growth between two calls is what the later one counts.
+    pub tp_total_retrans: u32,
+    /// `sock` `__sk_common.skc_addrpair` and `skc_portpair`: the connection, so a socket
+    /// freed and another made at the same address is not taken for the same one.
+    pub sk_addrpair: u32,
+    pub sk_portpair: u32,
     /// `cgroup`: `level`, `kn`; `kernfs_node`: `__parent` (or `parent`), `id`.
     pub cgrp_level: u32,
     pub cgrp_kn: u32,

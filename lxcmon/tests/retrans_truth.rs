@@ -4,8 +4,11 @@
 //! segments on the container's host-side veth (this kernel has no netem). Over the same
 //! window the container's counter must grow by what the kernel added to `RetransSegs` in the
 //! container's network namespace (`/proc/<init>/net/snmp`), less at most the segments whose
-//! retransmit the stack failed to send after counting them (`TCPRetransFail`, which the
-//! program skips); a container without loss and the host's own retransmits add nothing.
+//! retransmit the stack failed to send after counting them (`TCPRetransFail`: the program
+//! takes those in at the socket's next call, so only a socket's last ones can be missing); a
+//! container without loss and the host's own retransmits add nothing. The lossy transfer is
+//! repeated: counting each skb's segments at the tracepoint fell short here in about one
+//! transfer in twenty, so one proves little.
 //! Switched off, the figure is absent and the program never runs. The daemon exports it in
 //! `records` and `/metrics` over several cycles, and a reload switches it off.
 //!
@@ -26,6 +29,9 @@ use std::time::Duration;
 /// retransmits, a few seconds on the lab's bridge.
 const LOSS_PERCENT: u8 = 10;
 const BYTES: u64 = 16 << 20;
+/// Lossy transfers, each a new connection: a shortfall that shows in one run of twenty shows
+/// in one of four here.
+const LOSSY_ROUNDS: usize = 5;
 /// The program's name as bpftool shows it (15 characters).
 const PROG: &str = "lxcmon_tcp_";
 
@@ -85,7 +91,8 @@ fn runs(from: &BTreeMap<String, Runs>, to: &BTreeMap<String, Runs>) -> (u64, f64
 }
 
 /// The counted growth must be the kernel's `RetransSegs` growth, less at most the segments the
-/// stack counted and then failed to send (`TCPRetransFail`: the program skips `err != 0`).
+/// stack counted and then failed to send (`TCPRetransFail`: a socket's last ones can be
+/// missing).
 fn assert_matches(what: &str, counted: u64, k0: &TcpCounters, k1: &TcpCounters) {
     let segs = k1.retrans_segs - k0.retrans_segs;
     let failed = k1.retrans_fail - k0.retrans_fail;
@@ -129,9 +136,11 @@ fn retransmits_match_the_containers_retranssegs() {
             Direction::FromContainer,
         )
         .expect("loss on the veth");
-        lossy
-            .transfer_container_to_host(BYTES, 47311)
-            .expect("lossy transfer");
+        for _ in 0..LOSSY_ROUNDS {
+            lossy
+                .transfer_container_to_host(BYTES, 47311)
+                .expect("lossy transfer");
+        }
         clean
             .transfer_container_to_host(BYTES, 47312)
             .expect("clean transfer");

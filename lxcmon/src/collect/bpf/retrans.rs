@@ -45,6 +45,9 @@ pub(crate) fn tcp_offsets(btf: &Btf, tracefs: &Path) -> Result<TcpOffsets, Strin
         err_arg: u32::from(err_arg),
         sk_cgrp,
         skb_segs: m("sk_buff", "cb")? + m("tcp_skb_cb", "tcp_gso_segs")?,
+        tp_total_retrans: m("tcp_sock", "total_retrans")?,
+        sk_addrpair: m("sock", "__sk_common.skc_addrpair")?,
+        sk_portpair: m("sock", "__sk_common.skc_portpair")?,
         cgrp_level: m("cgroup", "level")?,
         cgrp_kn: m("cgroup", "kn")?,
         // `__parent` since 6.15, `parent` before.
@@ -156,5 +159,9 @@ mod tests {
         assert_eq!(o.enabled, 1);
         assert_eq!(o.err_arg == 1, text.contains(" err;"));
         assert!(o.sk_cgrp > 0 && o.skb_segs > 0 && o.cgrp_kn > 0 && o.kn_id > 0);
+        // `total_retrans` is past `struct sock` (the program reads it with a checked read);
+        // the connection's ports follow its addresses in `sock_common`.
+        assert!(o.tp_total_retrans >= btf.struct_size("sock").expect("struct sock"));
+        assert!(o.sk_portpair > o.sk_addrpair);
     }
 }
