@@ -385,9 +385,30 @@ pub struct BlkLatOffsets {
 /// TCP retransmits: a per-CPU array of `u64` by [`TrackedCgroup::slot`], segments the
 /// container's sockets retransmitted.
 pub const MAP_TCP_RETRANS: &str = "LXCMON_RETRANS";
-/// `tp_btf/tcp_retransmit_skb`: adds the retransmitted skb's segments to the socket's
-/// container.
+/// `tp_btf/tcp_retransmit_skb`: adds the growth of the socket's `total_retrans` (the
+/// segments it added to `RetransSegs`) to the socket's container.
 pub const PROG_TCP_RETRANS: &str = "lxcmon_tcp_retransmit";
+/// An LRU hash by socket address: a tracked container's socket's `total_retrans` at its last
+/// retransmit, and its connection.
+pub const MAP_TCP_SEEN: &str = "LXCMON_RETRANS_SEEN";
+/// A value of [`MAP_TCP_SEEN`]: the socket's `total_retrans` at its last retransmit, and its
+/// connection (`skc_portpair`, `skc_addrpair`), so a socket made later at the same address is
+/// known as another one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSeen {
+    pub total: u32,
+    pub ports: u32,
+    pub addrs: u64,
+}
+
+/// Sockets [`MAP_TCP_SEEN`] has room for: the least recently retransmitting go first (their
+/// next retransmit counts its own segments).
+pub const TCP_SEEN_SOCKETS: u32 = 16384;
+
+/// `tp_btf/tcp_destroy_sock`: lets go of a socket's entry in [`MAP_TCP_SEEN`] when the socket
+/// goes (named apart from `lxcmon_tcp_*`, the programs that count).
+pub const PROG_TCP_DESTROY: &str = "lxcmon_sk_destroy";
 /// `tp_btf/tcp_retransmit_synack`: adds 1 to the listening socket's container per SYN-ACK sent
 /// again (the kernel's `RetransSegs` counts those too).
 pub const PROG_TCP_SYNACK: &str = "lxcmon_tcp_synack";
@@ -439,6 +460,8 @@ unsafe impl aya::Pod for IoStart {}
 unsafe impl aya::Pod for BlkLatOffsets {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for TcpOffsets {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for TcpSeen {}
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,8 @@
 //!
 //! It counts what the kernel adds to `RetransSegs` (`/proc/net/snmp`), taken from the socket's
 //! own running sum of it, `tcp_sock.total_retrans`: each call counts the sum's growth since
-//! the socket's last call (kept per socket in an LRU map). Counting the skb instead,
+//! the socket's last call (kept per socket in an LRU map, the entry removed when the socket
+//! is destroyed). Counting the skb instead,
 //! `tcp_skb_pcount(skb)` as the tracepoint sees it, fell short in about one run in twenty of
 //! the loss test on 6.18: at one call the sum had grown by more than the skb's segments
 //! (29 against 7, 8 against 7, 2 against 1), with `err` 0 and no run skipped. The sum also
@@ -33,28 +34,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
     Global,
 };
-use lxcmon_common::{TcpOffsets, MAX_CONTAINERS, MAX_TRACKED_LEVEL};
+use lxcmon_common::{TcpOffsets, TcpSeen, MAX_CONTAINERS, MAX_TRACKED_LEVEL, TCP_SEEN_SOCKETS};
 
 #[map]
 static LXCMON_RETRANS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_CONTAINERS, 0);
 
-/// Sockets of tracked containers whose retransmits were seen: room for this many at once;
-/// the least recently retransmitting go first (and count their next call's segments).
-const RETRANS_SOCKETS: u32 = 16384;
-
-/// A socket's `total_retrans` at its last call, and its connection (a socket made later at
-/// the same address is another one).
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct SeenSocket {
-    total: u32,
-    ports: u32,
-    addrs: u64,
-}
-
 #[map]
-static LXCMON_RETRANS_SEEN: LruHashMap<u64, SeenSocket> =
-    LruHashMap::with_max_entries(RETRANS_SOCKETS, 0);
+static LXCMON_RETRANS_SEEN: LruHashMap<u64, TcpSeen> =
+    LruHashMap::with_max_entries(TCP_SEEN_SOCKETS, 0);
 
 #[no_mangle]
 static LXCMON_TCP_OFF: Global<TcpOffsets> = Global::new(TcpOffsets {
@@ -136,7 +123,8 @@ pub fn lxcmon_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
     if let Some(seen) = LXCMON_RETRANS_SEEN.get_ptr_mut(key) {
         // SAFETY: a map value valid for this run; one socket's calls hold its lock.
         let seen = unsafe { &mut *seen };
-        if seen.ports == ports && seen.addrs == addrs {
+        // A sum below the one kept is another socket's (one made at a freed one's address).
+        if seen.ports == ports && seen.addrs == addrs && total >= seen.total {
             add(slot, u64::from(total.wrapping_sub(seen.total)));
             seen.total = total;
             return 0;
@@ -147,12 +135,25 @@ pub fn lxcmon_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
         let segs: u16 = load(skb, o.skb_segs);
         add(slot, u64::from(segs.max(1)));
     }
-    let seen = SeenSocket {
+    let seen = TcpSeen {
         total,
         ports,
         addrs,
     };
     let _ = LXCMON_RETRANS_SEEN.insert(key, seen, 0);
+    0
+}
+
+/// `tcp_destroy_sock(sk)`: a TCP socket goes; its entry, if it had one, goes with it (the LRU
+/// bound is for sockets that never close). One lookup for every other socket.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn lxcmon_sk_destroy(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let key = sk as u64;
+    // SAFETY: only the presence is read.
+    if unsafe { LXCMON_RETRANS_SEEN.get(key) }.is_some() {
+        let _ = LXCMON_RETRANS_SEEN.remove(key);
+    }
     0
 }
 

@@ -9,7 +9,8 @@
 //! container without loss and the host's own retransmits add nothing. The lossy transfer is
 //! repeated: counting each skb's segments at the tracepoint fell short here in about one
 //! transfer in twenty, so one proves little.
-//! Switched off, the figure is absent and the program never runs. The daemon exports it in
+//! The programs' per-socket sums are let go when the sockets close (none kept after the
+//! transfers). Switched off, the figure is absent and the program never runs. The daemon exports it in
 //! `records` and `/metrics` over several cycles, and a reload switches it off.
 //!
 //! Root, lxc, busybox-static, nft, bpftool, and the BPF object (`cargo xtask build-ebpf`):
@@ -34,6 +35,8 @@ const BYTES: u64 = 16 << 20;
 const LOSSY_ROUNDS: usize = 5;
 /// The program's name as bpftool shows it (15 characters).
 const PROG: &str = "lxcmon_tcp_";
+/// The program that lets go of a closed socket's sum.
+const DESTROY: &str = "lxcmon_sk_destr";
 
 fn load(tcp_retransmits: bool) -> BpfCollector {
     BpfCollector::load(&BpfOptions {
@@ -103,6 +106,20 @@ fn assert_matches(what: &str, counted: u64, k0: &TcpCounters, k1: &TcpCounters) 
     );
 }
 
+/// The per-socket sums the program keeps are let go when the sockets close: after the
+/// transfers none is left (the connections close within a second; waited for up to 3 s).
+fn no_socket_kept(bpf: &BpfCollector) {
+    let mut kept = usize::MAX;
+    for _ in 0..30 {
+        kept = bpf.tcp_sockets_seen().expect("the sockets map");
+        if kept == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{kept} sockets' sums kept after every connection closed");
+}
+
 #[test]
 #[ignore = "root: real LXC containers, nftables and BPF programs"]
 fn retransmits_match_the_containers_retranssegs() {
@@ -127,6 +144,7 @@ fn retransmits_match_the_containers_retranssegs() {
     let (b0, k0) = settled(&mut bpf, &ids, &pids);
     let host0 = tcp_counters(None).unwrap();
     let p0 = prog_stats(PROG).unwrap();
+    let d0 = prog_stats(DESTROY).unwrap();
     let dropped = {
         let loss = Loss::new(
             &veth,
@@ -151,6 +169,8 @@ fn retransmits_match_the_containers_retranssegs() {
     let host1 = tcp_counters(None).unwrap();
     let p1 = prog_stats(PROG).unwrap();
     let (calls, ns, misses) = runs(&p0, &p1);
+    let (gone, gone_ns, _) = runs(&d0, &prog_stats(DESTROY).unwrap());
+    eprintln!("sockets destroyed on the host meanwhile: {gone}, {gone_ns:.0} ns/run (stats clock included)");
     let counted = [b1[0] - b0[0], b1[1] - b0[1]];
     let host_segs = host1.retrans_segs - host0.retrans_segs;
     eprintln!(
@@ -172,6 +192,7 @@ fn retransmits_match_the_containers_retranssegs() {
     );
     assert_matches("lossy", counted[0], &k0[0], &k1[0]);
     assert_matches("clean", counted[1], &k0[1], &k1[1]);
+    no_socket_kept(&bpf);
     // Segments, not calls: a packet dropped on the veth is a whole TSO skb of several
     // segments, and retransmitting it is one call for several segments (the kernel adds
     // `tcp_skb_pcount` to RetransSegs). A program counting calls would fall short of
@@ -227,6 +248,7 @@ fn retransmits_match_the_containers_retranssegs() {
     );
     assert_matches("lossy (receiving)", b2[0] - b1[0], &k1[0], &k2[0]);
     assert_matches("clean (idle)", b2[1] - b1[1], &k1[1], &k2[1]);
+    no_socket_kept(&bpf);
     for id in ids {
         bpf.untrack(id).expect("untrack");
     }

@@ -1,6 +1,7 @@
-//! TCP retransmits: the `tp_btf/tcp_retransmit_skb` and `tcp_retransmit_synack` programs, the
-//! socket and cgroup offsets they read from the kernel's BTF, and the per-container segment counters, read for every
-//! container in one batched map read per cycle.
+//! TCP retransmits: the `tp_btf/tcp_retransmit_skb` and `tcp_retransmit_synack` programs (and
+//! `tcp_destroy_sock`, which lets go of a closed socket's last sum), the socket and cgroup
+//! offsets they read from the kernel's BTF, and the per-container segment counters, read for
+//! every container in one batched map read per cycle.
 
 use super::btf::Btf;
 use super::error::{map_err, BpfError};
@@ -8,12 +9,15 @@ use super::latency::LatencyMode;
 use super::loader::TpBtf;
 use super::{format, BpfCollector};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use lxcmon_common::{TcpOffsets, MAP_TCP_RETRANS, PROG_TCP_RETRANS, PROG_TCP_SYNACK};
+use lxcmon_common::{
+    TcpOffsets, TcpSeen, MAP_TCP_RETRANS, MAP_TCP_SEEN, PROG_TCP_DESTROY, PROG_TCP_RETRANS,
+    PROG_TCP_SYNACK,
+};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// The programs, their tracepoints and link names.
-const PROGRAMS: [TpBtf<'static>; 2] = [
+const PROGRAMS: [TpBtf<'static>; 3] = [
     (
         PROG_TCP_RETRANS,
         "tcp_retransmit_skb",
@@ -24,6 +28,7 @@ const PROGRAMS: [TpBtf<'static>; 2] = [
         "tcp_retransmit_synack",
         "tcp-tcp_retransmit_synack",
     ),
+    (PROG_TCP_DESTROY, "tcp_destroy_sock", "tcp-tcp_destroy_sock"),
 ];
 
 /// The offsets the program needs, from the kernel's BTF, and whether the tracepoint passes
@@ -129,6 +134,13 @@ impl BpfCollector {
         let read = self.read_slots(MAP_TCP_RETRANS, &mut counts);
         self.retrans.counts = counts;
         read
+    }
+
+    /// How many sockets' sums the kernel side keeps (tests: none once the sockets are closed).
+    pub fn tcp_sockets_seen(&self) -> Result<usize, BpfError> {
+        let map: aya::maps::HashMap<&MapData, u64, TcpSeen> =
+            aya::maps::HashMap::try_from(self.map(MAP_TCP_SEEN)?).map_err(map_err(MAP_TCP_SEEN))?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     /// A tracked container's retransmitted segments as of the last refresh (`None` while
