@@ -506,11 +506,12 @@ impl Report<'_> {
          of the first bench container or on the host (whose I/O the tracepoint programs also see and must \
          skip). Each step runs five times; a figure is the median of its five (events: the median count per \
          run). Events = program runs (packets for cgroup_skb, bios for block_bio_queue, dirtied folios for \
-         writeback_dirty_folio); other activity on the machine during a step is counted too. \
+         writeback_dirty_folio, sockets closed for tcp_destroy_sock); other activity on the machine during a step is counted too. \
          Beside the agent's, the bench attaches programs that do nothing (`r0 = 0; exit`, \
          hand-assembled): `lxcmon_empty` (cgroup_skb, on the container's cgroup), \
-         `lxcmon_nop_bioq`, `lxcmon_nop_rqc`, `lxcmon_nop_dirt`, `lxcmon_nop_sw` (tp_btf on \
-         block_bio_queue, block_rq_complete, writeback_dirty_folio, sched_switch). Their time \
+         `lxcmon_nop_bioq`, `lxcmon_nop_rqc`, `lxcmon_nop_dirt`, `lxcmon_nop_sw`, \
+         `lxcmon_nop_tcpd` (tp_btf on block_bio_queue, block_rq_complete, writeback_dirty_folio, \
+         sched_switch, tcp_destroy_sock). Their time \
          per event is each hook's floor in that step: the stats clock and a program's entry, \
          cache-cold where a whole I/O runs between two events. Own = measured − the empty \
          program on the same hook in the same step (unknown when that one has no figure); the \

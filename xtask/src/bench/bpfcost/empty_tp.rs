@@ -31,8 +31,18 @@ pub const SCHED_SWITCH: Hook = Hook {
     tracepoint: "sched_switch",
     program: "lxcmon_nop_sw",
 };
+pub const TCP_DESTROY: Hook = Hook {
+    tracepoint: "tcp_destroy_sock",
+    program: "lxcmon_nop_tcpd",
+};
 /// Every tracepoint an agent program of the BPF-cost table runs on.
-pub const HOOKS: [Hook; 4] = [BIO_QUEUE, RQ_COMPLETE, DIRTY_FOLIO, SCHED_SWITCH];
+pub const HOOKS: [Hook; 5] = [
+    BIO_QUEUE,
+    RQ_COMPLETE,
+    DIRTY_FOLIO,
+    SCHED_SWITCH,
+    TCP_DESTROY,
+];
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
