@@ -13,10 +13,10 @@
 //! It counts what the kernel adds to `RetransSegs` (`/proc/net/snmp`), taken from the socket's
 //! own running sum of it, `tcp_sock.total_retrans`: each call counts the sum's growth since
 //! the socket's last call (kept per socket in an LRU map, the entry removed when the socket
-//! is destroyed). Counting the skb instead,
-//! `tcp_skb_pcount(skb)` as the tracepoint sees it, fell short in about one run in twenty of
-//! the loss test on 6.18: at one call the sum had grown by more than the skb's segments
-//! (29 against 7, 8 against 7, 2 against 1), with `err` 0 and no run skipped. The sum also
+//! is destroyed). Counting the skb instead, `tcp_skb_pcount(skb)` as the tracepoint sees it,
+//! fell short in about one run in twenty of the loss test on 6.18: at one call the sum had
+//! grown by more than the skb's segments (29 against 7, 8 against 7, 2 against 1), with `err`
+//! 0 and no run skipped. The sum also
 //! takes in a retransmit the stack counted and then failed to send (`TCPRetransFail`), on
 //! every kernel: it is in `RetransSegs` too. A socket's first call (or its first after the
 //! LRU let it go) counts its skb's segments, when sent. A SYN-ACK a listening socket sends

@@ -8,10 +8,10 @@
 //! takes those in at the socket's next call, so only a socket's last ones can be missing); a
 //! container without loss and the host's own retransmits add nothing. The lossy transfer is
 //! repeated: counting each skb's segments at the tracepoint fell short here in about one
-//! transfer in twenty, so one proves little.
-//! The programs' per-socket sums are let go when the sockets close (none kept after the
-//! transfers). Switched off, the figure is absent and the program never runs. The daemon exports it in
-//! `records` and `/metrics` over several cycles, and a reload switches it off.
+//! transfer in twenty, so one proves little. The programs' per-socket sums are let go when
+//! the sockets close (none kept after the transfers). Switched off, the figure is absent and
+//! the program never runs. The daemon exports it in `records` and `/metrics` over several
+//! cycles, and a reload switches it off.
 //!
 //! Root, lxc, busybox-static, nft, bpftool, and the BPF object (`cargo xtask build-ebpf`):
 //! `flock /tmp/lxcmon-root.lock cargo test -p lxcmon --features ebpf --test retrans_truth -- --ignored --test-threads=1 --nocapture`
