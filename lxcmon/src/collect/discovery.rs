@@ -12,11 +12,18 @@
 //! name a container of project `p2` `p2_peer3` (an instance name cannot contain `_`): its id
 //! stays `p2_peer3` (unique across projects), its name is `peer3`, its project `p2`.
 //!
+//! LXC names a container's cgroup `lxc.payload.<name>-1` (`-2`, …) when `<name>`'s is taken:
+//! left behind, empty, by a container whose monitor was killed, or held by another runtime's
+//! container of the same name. Such a container is exported under its own name, which its
+//! monitor process carries (`[lxc monitor] <lxcpath> <name>`), and the empty cgroup it shadows
+//! is no container; when the name is held by a running container, the cgroup's name stays
+//! the id (two containers cannot share one).
+//!
 //! A cgroup name that is not valid UTF-8 (LXC accepts any bytes but `/`) is still a running
 //! container: it is exported under an id with each invalid byte written `\xNN` (one warning
 //! per container), and read through its real path.
 
-use crate::readers::kfile;
+use crate::readers::{kfile, procfs};
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -83,6 +90,8 @@ pub struct Discovery {
     idents: HashMap<String, Identity>,
     /// Containers already warned about for a non-UTF-8 cgroup name.
     warned: HashSet<String>,
+    /// Cgroup names already logged for a monitor's claim to another name.
+    claims_logged: HashSet<String>,
 }
 
 impl Discovery {
@@ -93,6 +102,7 @@ impl Discovery {
             hierarchy: hierarchy.to_path_buf(),
             idents: HashMap::new(),
             warned: HashSet::new(),
+            claims_logged: HashSet::new(),
         }
     }
 
@@ -135,11 +145,11 @@ impl Discovery {
                 }
             }
         }
-        found.sort_by(|a, b| id_order(&a.0, &b.0));
-        let ids: std::collections::HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
+        let ids: HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
         self.idents.retain(|id, _| ids.contains(id.as_str()));
         self.warned.retain(|id| ids.contains(id.as_str()));
-        Ok(found
+        self.claims_logged.retain(|id| ids.contains(id.as_str()));
+        let mut list: Vec<Discovered> = found
             .into_iter()
             .map(|(id, rel, flavor, instance)| {
                 let ident = match self.idents.get(&id) {
@@ -160,7 +170,104 @@ impl Discovery {
                     instance,
                 }
             })
-            .collect())
+            .collect();
+        self.settle_claims(&mut list);
+        list.sort_by(|a, b| id_order(&a.id, &b.id));
+        Ok(list)
+    }
+
+    /// Gives each container whose monitor names it otherwise than its cgroup (see the
+    /// module's doc) that name as its id, unless a running container holds it: an empty
+    /// cgroup that holds it is left out, as no container.
+    fn settle_claims(&mut self, list: &mut Vec<Discovered>) {
+        let claims: Vec<(usize, &str)> = (list.iter().enumerate())
+            .filter_map(|(i, d)| Some((i, self.idents.get(&d.id)?.claim.as_deref()?)))
+            .collect();
+        if claims.is_empty() {
+            return;
+        }
+        let mut renamed = Vec::new();
+        let mut shadowed = HashSet::new();
+        for &(i, claim) in &claims {
+            let rival = claims.iter().filter(|(_, c)| *c == claim).count() > 1;
+            let holder = list.iter().position(|d| d.id == claim);
+            let stale = holder.filter(|&h| self.walk(&list[h].rel) == Walk::Empty);
+            let (cgroup, holder_rel) = (&list[i].rel, holder.map(|h| &list[h].rel));
+            if rival || (holder.is_some() && stale.is_none()) {
+                if self.claims_logged.insert(list[i].id.clone()) {
+                    tracing::warn!(
+                        container = claim,
+                        cgroup = %cgroup.display(),
+                        "two running containers are named alike: this one is exported under its cgroup's name"
+                    );
+                }
+                continue;
+            }
+            if self.claims_logged.insert(list[i].id.clone()) {
+                tracing::info!(
+                    container = claim,
+                    cgroup = %cgroup.display(),
+                    left_over = ?holder_rel.map(|r| r.display()),
+                    "LXC gave this container a suffixed cgroup name (its own was taken by an empty cgroup left over from an earlier run): exported under its own name"
+                );
+            }
+            shadowed.extend(stale);
+            renamed.push((i, claim.to_string()));
+        }
+        for (i, claim) in renamed {
+            list[i].id = claim;
+        }
+        let mut i = 0;
+        list.retain(|_| {
+            i += 1;
+            !shadowed.contains(&(i - 1))
+        });
+    }
+
+    /// A process of the cgroup `rel` or of one below it, looked for breadth first in at
+    /// most [`MAX_WALK`] directories.
+    fn walk(&self, rel: &Path) -> Walk {
+        let mut dirs = std::collections::VecDeque::from([self.hierarchy.join(rel)]);
+        let mut seen = 0;
+        while let Some(dir) = dirs.pop_front() {
+            seen += 1;
+            if seen > MAX_WALK {
+                return Walk::TooBig;
+            }
+            if let Ok(procs) = kfile::read_to_string(&dir.join("cgroup.procs")) {
+                if let Some(pid) = procs.split_whitespace().find_map(|p| p.parse().ok()) {
+                    return Walk::Found(pid);
+                }
+            }
+            let children = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+            dirs.extend(
+                children
+                    .filter(|c| c.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|c| c.path()),
+            );
+        }
+        Walk::Empty
+    }
+
+    /// The lxcpath and name the LXC monitor of the container in `rel` gives it: the
+    /// monitor is the parent of the container's init, an ancestor of each of its processes.
+    fn monitor_of(&self, rel: &Path) -> Option<(Vec<u8>, Vec<u8>)> {
+        let Walk::Found(mut pid) = self.walk(rel) else {
+            return None;
+        };
+        for _ in 0..MAX_ANCESTORS {
+            let proc = kfile::under(&self.root, &format!("/proc/{pid}"));
+            if let Ok(cmdline) = std::fs::read(proc.join("cmdline")) {
+                if let Some((path, name)) = procfs::parse_lxc_monitor(&cmdline) {
+                    return Some((path.to_vec(), name.to_vec()));
+                }
+            }
+            pid = procfs::parse_ppid(&kfile::read_to_string(&proc.join("stat")).ok()?)?;
+            if pid <= 1 {
+                return None;
+            }
+        }
+        None
     }
 
     /// The container id of a cgroup name; invalid UTF-8 is escaped (warned once).
@@ -181,13 +288,54 @@ impl Discovery {
     }
 
     /// Name, runtime and project of a container that just appeared (or restarted): Proxmox
-    /// from its config, Incus/LXD from their instance directory, else plain LXC.
+    /// from its config, Incus/LXD from their instance directory, else plain LXC. A suffixed
+    /// cgroup name (`<name>-<n>`) is checked against the container's monitor.
     fn identify(&self, id: &str, rel: &Path, flavor: Flavor, instance: u64) -> Identity {
+        // The cgroup's own name (raw bytes: `id` may be escaped), without `lxc.payload.`.
+        let cgroup_name = rel.file_name().map(OsStr::as_bytes).unwrap_or_default();
+        let cgroup_name = cgroup_name
+            .strip_prefix(b"lxc.payload.")
+            .unwrap_or(cgroup_name);
+        let monitor = (flavor == Flavor::Lxc && lxc_suffixed(cgroup_name))
+            .then(|| self.monitor_of(rel))
+            .flatten()
+            .filter(|(_, name)| name.as_slice() != cgroup_name);
+        let Some((lxcpath, raw)) = monitor else {
+            return self.identify_as(id, cgroup_name, flavor, instance, None);
+        };
+        let claim = escape_invalid(&raw).0;
+        let flavor = if self.pve_conf(&claim).exists() {
+            Flavor::Proxmox
+        } else {
+            Flavor::Lxc
+        };
+        // The monitor's lxcpath tells the runtime: the daemons' own, else plain LXC.
+        let lxcpath = Path::new(OsStr::from_bytes(&lxcpath));
+        let runtime = INSTANCE_DIRS
+            .iter()
+            .find(|(dir, _)| Path::new(dir) == lxcpath)
+            .map_or(Runtime::Lxc, |&(_, r)| r);
+        let id = claim.clone();
+        self.identify_as(&id, &raw, flavor, instance, Some((claim, runtime)))
+    }
+
+    /// [`Self::identify`] for the container whose id is `id` and cgroup name (without the
+    /// prefix) `raw`; `claim` when its monitor gave the id, with the runtime its lxcpath is.
+    fn identify_as(
+        &self,
+        id: &str,
+        raw: &[u8],
+        flavor: Flavor,
+        instance: u64,
+        claim: Option<(String, Runtime)>,
+    ) -> Identity {
+        let (claim, known_runtime) = claim.map_or((None, None), |(c, r)| (Some(c), Some(r)));
         let plain = |runtime| Identity {
             instance,
             name: id.to_string(),
             runtime,
             project: None,
+            claim: claim.clone(),
         };
         if flavor == Flavor::Proxmox {
             let name = std::fs::read_to_string(self.pve_conf(id))
@@ -199,28 +347,25 @@ impl Discovery {
                 ..plain(Runtime::Proxmox)
             };
         }
-        // The cgroup's own name (raw bytes: `id` may be escaped), without `lxc.payload.`.
-        let Some(raw) = rel.file_name().map(OsStr::as_bytes) else {
-            return plain(Runtime::Lxc);
-        };
-        let raw = OsStr::from_bytes(raw.strip_prefix(b"lxc.payload.").unwrap_or(raw));
-        let Some(runtime) = INSTANCE_DIRS
-            .iter()
-            .find(|(dir, _)| {
-                // Not followed: Incus's entry is a symlink into its storage pool, whose
-                // path is the daemon's and need not resolve under `root`.
-                std::fs::symlink_metadata(kfile::under(&self.root, dir).join(raw)).is_ok()
-            })
-            .map(|&(_, runtime)| runtime)
-        else {
+        let raw = OsStr::from_bytes(raw);
+        let runtime = known_runtime.or_else(|| {
+            INSTANCE_DIRS
+                .iter()
+                .find(|(dir, _)| {
+                    // Not followed: Incus's entry is a symlink into its storage pool, whose
+                    // path is the daemon's and need not resolve under `root`.
+                    std::fs::symlink_metadata(kfile::under(&self.root, dir).join(raw)).is_ok()
+                })
+                .map(|&(_, runtime)| runtime)
+        });
+        let Some(runtime) = runtime else {
             return plain(Runtime::Lxc);
         };
         match id.split_once('_') {
             Some((project, name)) if !project.is_empty() && !name.is_empty() => Identity {
-                instance,
                 name: name.to_string(),
-                runtime,
                 project: Some(project.to_string()),
+                ..plain(runtime)
             },
             _ => plain(runtime),
         }
@@ -242,6 +387,34 @@ struct Identity {
     name: String,
     runtime: Runtime,
     project: Option<String>,
+    /// The id its monitor gives it, where that is not its cgroup's name.
+    claim: Option<String>,
+}
+
+/// What [`Discovery::walk`] found in a cgroup's subtree.
+#[derive(Debug, PartialEq, Eq)]
+enum Walk {
+    Found(u32),
+    Empty,
+    /// Too many directories to tell: taken as holding processes.
+    TooBig,
+}
+
+/// Directories [`Discovery::walk`] looks through: a left-behind cgroup is small, a running
+/// container's first process is found in the first few.
+const MAX_WALK: usize = 256;
+/// How far up from a container's process its monitor is looked for (init's parent).
+const MAX_ANCESTORS: usize = 64;
+
+/// Whether a cgroup name ends as LXC's suffix for a taken name does (`-<digits>`).
+fn lxc_suffixed(name: &[u8]) -> bool {
+    match name.iter().rposition(|&b| b == b'-') {
+        Some(dash) => {
+            let digits = &name[dash + 1..];
+            dash > 0 && !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
+        }
+        None => false,
+    }
 }
 
 /// The `hostname:` of the current configuration (snapshot sections `[name]` come after it).
@@ -547,6 +720,181 @@ mod tests {
             idents(&d.scan().unwrap()),
             vec![("p_x", "x", Runtime::Incus, Some("p"))]
         );
+    }
+
+    /// Gives the fixture host a process `pid` with parent `ppid` and command line `cmdline`.
+    fn process(root: &Path, pid: u32, ppid: u32, cmdline: &str) {
+        let dir = root.join(format!("proc/{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stat =
+            format!("{pid} (x y) S {ppid} {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 9");
+        std::fs::write(dir.join("stat"), stat).unwrap();
+        std::fs::write(dir.join("cmdline"), cmdline.replace(' ', "\0") + "\0").unwrap();
+    }
+
+    /// A container's processes: its init `pid` (in `cgroup`, below the hierarchy `h`), a
+    /// child of the LXC monitor `pid - 1` of `lxcpath` and `name`.
+    fn lxc_container(root: &Path, h: &Path, cgroup: &str, pid: u32, lxcpath: &str, name: &str) {
+        std::fs::create_dir_all(h.join(cgroup)).unwrap();
+        std::fs::write(h.join(cgroup).join("cgroup.procs"), format!("{pid}\n")).unwrap();
+        process(root, pid, pid - 1, "/sbin/init");
+        let dir = root.join(format!("proc/{}", pid - 1));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("stat"), format!("{} (lxc-start) S 1 0", pid - 1)).unwrap();
+        // liblxc's title: spaces, not NULs, between its words.
+        let title = format!("[lxc monitor] {lxcpath} {name}\0");
+        std::fs::write(dir.join("cmdline"), title).unwrap();
+    }
+
+    fn ids_and_cgroups(found: &[Discovered]) -> Vec<(&str, &str, Runtime, &str)> {
+        found
+            .iter()
+            .map(|d| {
+                (
+                    d.id.as_str(),
+                    d.name.as_str(),
+                    d.runtime,
+                    d.rel.to_str().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn suffixed_cgroup_takes_its_monitors_name_and_the_empty_one_is_left_out() {
+        let (dir, h) = host(&["lxc.payload.web", "lxc.monitor.web"], &[]);
+        std::fs::write(h.join("lxc.payload.web/cgroup.procs"), "").unwrap();
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.web-1",
+            301,
+            "/var/lib/lxc",
+            "web",
+        );
+        // Named so by its owner: the monitor agrees, nothing changes.
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.db-2",
+            401,
+            "/var/lib/lxc",
+            "db-2",
+        );
+        // A process deeper in the tree leads to the same monitor (init is its ancestor).
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.sys-1/init.scope",
+            501,
+            "/var/lib/lxc",
+            "sys",
+        );
+        process(dir.path(), 502, 501, "/usr/sbin/sshd -D");
+        std::fs::write(h.join("lxc.payload.sys-1/init.scope/cgroup.procs"), "").unwrap();
+        std::fs::create_dir_all(h.join("lxc.payload.sys-1/system.slice")).unwrap();
+        std::fs::write(
+            h.join("lxc.payload.sys-1/system.slice/cgroup.procs"),
+            "502\n",
+        )
+        .unwrap();
+        let mut d = Discovery::new(dir.path(), &h);
+        let want = vec![
+            ("db-2", "db-2", Runtime::Lxc, "lxc.payload.db-2"),
+            ("sys", "sys", Runtime::Lxc, "lxc.payload.sys-1"),
+            ("web", "web", Runtime::Lxc, "lxc.payload.web-1"),
+        ];
+        assert_eq!(ids_and_cgroups(&d.scan().unwrap()), want);
+        assert_eq!(
+            ids_and_cgroups(&d.scan().unwrap()),
+            want,
+            "and so every cycle"
+        );
+        // The leftover removed, nothing changes.
+        std::fs::remove_dir_all(h.join("lxc.payload.web")).unwrap();
+        assert_eq!(ids_and_cgroups(&d.scan().unwrap()), want);
+    }
+
+    #[test]
+    fn a_running_container_keeps_its_name_and_the_other_its_cgroups() {
+        let (dir, h) = host(&[], &["var/lib/incus/containers/web"]);
+        // Incus's web runs in lxc.payload.web; plain LXC's web had to take web-1.
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.web",
+            201,
+            "/var/lib/incus/containers",
+            "web",
+        );
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.web-1",
+            301,
+            "/var/lib/lxc",
+            "web",
+        );
+        // Two claims to one name: neither takes it.
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.db-1",
+            401,
+            "/var/lib/lxc",
+            "db",
+        );
+        lxc_container(
+            dir.path(),
+            &h,
+            "lxc.payload.db-2",
+            501,
+            "/var/lib/lxc2",
+            "db",
+        );
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        assert_eq!(
+            ids_and_cgroups(&found),
+            vec![
+                ("db-1", "db", Runtime::Lxc, "lxc.payload.db-1"),
+                ("db-2", "db", Runtime::Lxc, "lxc.payload.db-2"),
+                ("web", "web", Runtime::Incus, "lxc.payload.web"),
+                ("web-1", "web", Runtime::Lxc, "lxc.payload.web-1"),
+            ]
+        );
+    }
+
+    #[test]
+    fn monitors_name_gives_the_runtime_project_and_proxmox_config() {
+        let (dir, h) = host(&["lxc/100", "lxc.payload.p2_c1"], &[]);
+        std::fs::write(h.join("lxc/100/cgroup.procs"), "").unwrap();
+        std::fs::write(h.join("lxc.payload.p2_c1/cgroup.procs"), "").unwrap();
+        let pve = dir.path().join("etc/pve/lxc");
+        std::fs::create_dir_all(&pve).unwrap();
+        std::fs::write(pve.join("100.conf"), "hostname: web\n").unwrap();
+        lxc_container(dir.path(), &h, "lxc/100-1/ns", 301, "/var/lib/lxc", "100");
+        std::fs::write(h.join("lxc/100-1/cgroup.procs"), "").unwrap();
+        let incus = "/var/lib/incus/containers";
+        lxc_container(dir.path(), &h, "lxc.payload.p2_c1-1", 401, incus, "p2_c1");
+        // No process to follow (a fixture without /proc, or one that exited): as it is.
+        mkdirs(&h, &["lxc.payload.gone-1"]);
+        let found = Discovery::new(dir.path(), &h).scan().unwrap();
+        assert_eq!(
+            idents(&found),
+            vec![
+                ("100", "web", Runtime::Proxmox, None),
+                ("gone-1", "gone-1", Runtime::Lxc, None),
+                ("p2_c1", "c1", Runtime::Incus, Some("p2")),
+            ]
+        );
+        assert_eq!(found[0].rel, PathBuf::from("lxc/100-1"));
+    }
+
+    #[test]
+    fn lxc_suffix() {
+        assert!(lxc_suffixed(b"web-1") && lxc_suffixed(b"a-b-12"));
+        assert!(!lxc_suffixed(b"web") && !lxc_suffixed(b"web-") && !lxc_suffixed(b"-1"));
+        assert!(!lxc_suffixed(b"web-1a") && !lxc_suffixed(b"100"));
     }
 
     #[test]

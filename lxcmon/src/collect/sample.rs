@@ -106,6 +106,10 @@ pub enum SampleError {
     Read(#[from] ReadError),
     #[error("the cgroup was replaced while its files were opened")]
     Replaced,
+    /// The cgroup holds no process: left behind by a container whose monitor was killed, or
+    /// a container between its cgroup's creation and its init. Skipped; its files stay open.
+    #[error("the cgroup holds no process")]
+    Empty,
     #[error("the worker reading this container panicked")]
     WorkerPanicked,
     /// The open file limit is reached: not retried (see [`ReadError::is_out_of_descriptors`]).
@@ -352,6 +356,10 @@ impl Sampler {
                     tracing::debug!(container = %d.id, "restarted while read, skipped");
                     sampled.skipped += 1;
                 }
+                Err(SampleError::Empty) => {
+                    tracing::debug!(container = %d.id, "no process in its cgroup, skipped");
+                    sampled.skipped += 1;
+                }
                 Err(SampleError::NoDescriptors(e)) => {
                     tracing::debug!(container = %d.id, error = %Chain(&e), "no descriptor left");
                     out_of_fds += 1;
@@ -407,6 +415,7 @@ impl Ctx<'_> {
             let had_state = state.as_ref().is_some_and(|s| s.files.is_some());
             match self.sample_one(d, state, scratch) {
                 Ok(s) => return Ok(s),
+                Err(SampleError::Empty) => return Err(SampleError::Empty),
                 Err(e) => {
                     // Whatever failed, the open files may be stale: open them again from
                     // the paths (the instance's network totals stay).
@@ -415,7 +424,9 @@ impl Ctx<'_> {
                     }
                     match e {
                         SampleError::Gone if had_state => continue,
-                        SampleError::Gone | SampleError::Replaced => return Err(e),
+                        SampleError::Gone | SampleError::Replaced | SampleError::Empty => {
+                            return Err(e)
+                        }
                         SampleError::WorkerPanicked | SampleError::NoDescriptors(_) => {
                             return Err(e)
                         }
@@ -461,6 +472,9 @@ impl Ctx<'_> {
             .cgroup
             .sample(self.devices, io, scratch)
             .map_err(SampleError::from_read)?;
+        if cgroup.processes == 0 {
+            return Err(SampleError::Empty);
+        }
         if !self.options.swap {
             cgroup.swap_bytes = 0;
         }
@@ -577,7 +591,7 @@ mod tests {
         let cg = dir.path().join("lxc.payload.a");
         std::fs::create_dir(&cg).unwrap();
         std::fs::write(cg.join("cpu.stat"), "usage_usec 1\n").unwrap();
-        std::fs::write(cg.join("cgroup.procs"), "").unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "4242\n").unwrap();
         let layout = Layout {
             unified: Some(dir.path().to_path_buf()),
             unified_has_controllers: true,
@@ -613,5 +627,15 @@ mod tests {
         assert_eq!(live.containers.len(), 1);
         assert_eq!(live.containers[0].instance, ino);
         assert_eq!(live.containers[0].cgroup.cpu_usage_ns, 1000);
+
+        // Its processes gone, the cgroup left behind is no container; one that is started in
+        // it again is read.
+        std::fs::write(cg.join("cgroup.procs"), "").unwrap();
+        let empty = sampler.sample(&[found(ino)]);
+        assert_eq!((empty.containers.len(), empty.skipped), (0, 1));
+        std::fs::write(cg.join("cgroup.procs"), "4243\n").unwrap();
+        let again = sampler.sample(&[found(ino)]);
+        assert_eq!(again.containers.len(), 1);
+        assert_eq!(again.containers[0].cgroup.processes, 1);
     }
 }

@@ -226,6 +226,22 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The parent's pid, from a `/proc/<pid>/stat`.
+pub fn parse_ppid(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The lxcpath and name of the container an LXC monitor runs, from the monitor's
+/// `/proc/<pid>/cmdline`: liblxc retitles it `[lxc monitor] <lxcpath> <name>`.
+pub fn parse_lxc_monitor(cmdline: &[u8]) -> Option<(&[u8], &[u8])> {
+    let title = cmdline.strip_prefix(b"[lxc monitor] ")?;
+    let title = title.split(|&b| b == 0).next()?;
+    let space = title.iter().position(|&b| b == b' ')?;
+    let (path, name) = (&title[..space], &title[space + 1..]);
+    (!path.is_empty() && !name.is_empty()).then_some((path, name))
+}
+
 /// Clock ticks (`USER_HZ`) as a duration.
 pub fn ticks(n: u64) -> Duration {
     let hz = rustix::param::clock_ticks_per_second().max(1);
@@ -404,6 +420,20 @@ veth-with-long-name: 10 20 30 40 50 60 70 80 90 100 110 120 130 140 150 160
             "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 10\n";
         assert_eq!(parse_start_ticks(stat), Some(12345));
         assert_eq!(parse_start_ticks("4242 (x) S 1\n"), None);
+    }
+
+    #[test]
+    fn parent_and_lxc_monitor_title() {
+        let stat = "14253 (init (x) y) S 14252 14253 14253 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 5";
+        assert_eq!(parse_ppid(stat), Some(14252));
+        assert_eq!(parse_ppid("garbage"), None);
+        let title = b"[lxc monitor] /var/lib/lxc web\0";
+        assert_eq!(
+            parse_lxc_monitor(title),
+            Some((&b"/var/lib/lxc"[..], &b"web"[..]))
+        );
+        assert_eq!(parse_lxc_monitor(b"/sbin/init\0"), None);
+        assert_eq!(parse_lxc_monitor(b"[lxc monitor] /var/lib/lxc\0"), None);
         assert_eq!(
             parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"),
             Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
