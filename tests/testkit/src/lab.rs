@@ -133,6 +133,9 @@ pub struct Container {
     /// The host's address on the lab's bridge.
     pub host_ip: Ipv4Addr,
     rootfs: PathBuf,
+    /// Its cgroups' name without `lxc.payload.`: the container's name, or LXC's `<name>-<n>`
+    /// where a cgroup of that name was there already.
+    cgroup: String,
     /// LXC's directory of containers it belongs to (`-P` of the lxc tools): the lab's, or
     /// Incus's `/var/lib/incus/containers`, whose containers liblxc runs as well.
     lxcpath: PathBuf,
@@ -191,6 +194,31 @@ pub(crate) fn v1_io_counting_on() -> Result<()> {
         }
         fs::write(rules_path, format!("{dev} 0\n"))
             .with_context(|| format!("writing {dev} 0 to {}", rules_path.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes the cgroups of containers named `prefix…` that an earlier run left behind (its
+/// containers killed with their monitors): LXC would name the next container of such a name
+/// `<name>-1`.
+fn remove_leftover_cgroups(prefix: &str) -> Result<()> {
+    let ours = |name: &str| {
+        ["lxc.payload.", "lxc.monitor."]
+            .iter()
+            .any(|p| name.strip_prefix(p).is_some_and(|n| n.starts_with(prefix)))
+    };
+    let mut tops = Vec::new();
+    for h in crate::ct::hierarchies()? {
+        for e in fs::read_dir(&h.mount).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && ours(&e.file_name().to_string_lossy()) {
+                tops.push(e.path());
+            }
+        }
+    }
+    if !tops.is_empty() {
+        eprintln!("testkit: removing leftover cgroups {tops:?}");
+        crate::ct::remove_subtrees(&tops, Duration::from_secs(10))
+            .context("removing the cgroups an earlier run left behind")?;
     }
     Ok(())
 }
@@ -273,6 +301,7 @@ impl Lab {
                 destroy(&name);
             }
         }
+        remove_leftover_cgroups(site.prefix)?;
         remove_bridge(site.bridge);
 
         let layout = CgroupLayout::detect()?;
@@ -377,17 +406,23 @@ impl Lab {
         fs::copy(&self.memhog, &hog).with_context(|| format!("copying to {}", hog.display()))?;
 
         run_ok(lxc("lxc-start").args(["-n", &name]), CMD_TIMEOUT)?;
-        let c = Container {
-            name,
+        let mut c = Container {
             ip,
             layout: self.layout,
             host_ip,
             rootfs,
+            cgroup: name.clone(),
             lxcpath: self.lxcpath.clone(),
+            name,
         };
         let ready = poll(Duration::from_secs(20), || {
-            if c.init_pid().is_err() {
+            let Ok(pid) = c.init_pid() else {
                 return Ok(None);
+            };
+            // Where LXC put it, read from its init (one line of /proc/<pid>/cgroup).
+            let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if let Some(cg) = crate::workload::container_of(&text, c.layout) {
+                c.cgroup = cg.to_owned();
             }
             let out = run_timeout(&mut c.attach_cmd("ip -4 addr show eth0"), CMD_TIMEOUT)?;
             Ok(out.stdout.contains(&format!("{ip}/24")).then_some(()))
@@ -568,18 +603,24 @@ impl Container {
         lxcpath: PathBuf,
     ) -> Result<Self> {
         Ok(Self {
-            name,
             ip,
             layout: CgroupLayout::detect()?,
             host_ip,
             rootfs,
+            cgroup: name.clone(),
             lxcpath,
+            name,
         })
+    }
+
+    /// Its cgroups' name without `lxc.payload.` (see the field).
+    pub fn cgroup_name(&self) -> &str {
+        &self.cgroup
     }
 
     /// The container's cgroup directory for a v1 controller (ignored on v2).
     pub fn cgroup_dir(&self, controller: &str) -> PathBuf {
-        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.name);
+        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.cgroup);
         match self.layout {
             CgroupLayout::V1 => Path::new("/sys/fs/cgroup").join(controller).join(leaf),
             CgroupLayout::V2 => Path::new("/sys/fs/cgroup").join(leaf),
@@ -589,7 +630,7 @@ impl Container {
     /// The container's directory in the cgroup v2 tree (`unified/` on a hybrid host), where
     /// the BPF programs are attached and PSI is read.
     pub fn unified_dir(&self) -> PathBuf {
-        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.name);
+        let leaf = crate::ct::Flavor::Lxc.cgroup(&self.cgroup);
         match self.layout {
             CgroupLayout::V1 => Path::new("/sys/fs/cgroup/unified").join(leaf),
             CgroupLayout::V2 => Path::new("/sys/fs/cgroup").join(leaf),

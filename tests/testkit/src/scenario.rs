@@ -394,7 +394,7 @@ fn sample_truth(layout: CgroupLayout, cs: &[Container]) -> TruthSample {
     let procs = workload::processes_by_container(layout).unwrap_or_default();
     let mut per = HashMap::new();
     for c in cs {
-        let p = procs.get(&c.name).copied().unwrap_or(0);
+        let p = procs.get(c.cgroup_name()).copied().unwrap_or(0);
         per.insert(
             c.name.clone(),
             (p, workload::memory_bytes(c).ok(), workload::cpu_ns(c).ok()),
@@ -661,7 +661,7 @@ impl Run {
     pub fn live_processes(&self, c: &Container) -> Result<u64> {
         let read = || -> Result<u64> {
             Ok(workload::processes_by_container(c.layout)?
-                .get(&c.name)
+                .get(c.cgroup_name())
                 .copied()
                 .unwrap_or(0))
         };
@@ -801,7 +801,7 @@ impl Run {
         restart()?;
         let start_done = unix_now();
         let processes = workload::processes_by_container(c.layout)?
-            .get(&c.name)
+            .get(c.cgroup_name())
             .copied()
             .unwrap_or(0);
         let started = then()?;

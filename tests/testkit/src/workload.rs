@@ -28,7 +28,7 @@ pub fn unix_now() -> f64 {
 
 /// The container a process belongs to (`lxcmon-t-a` for `/lxc.payload.lxcmon-t-a/...`), from
 /// the line of `/proc/<pid>/cgroup` of the hierarchy the process count comes from.
-fn container_of(cgroup_text: &str, layout: CgroupLayout) -> Option<&str> {
+pub(crate) fn container_of(cgroup_text: &str, layout: CgroupLayout) -> Option<&str> {
     let path = cgroup_text.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
         let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
@@ -150,7 +150,7 @@ pub fn pids_matching(c: &Container, needle: &str) -> Result<Vec<u32>> {
         ) else {
             continue;
         };
-        if container_of(&cg, c.layout) != Some(c.name.as_str()) || !alive(pid) {
+        if container_of(&cg, c.layout) != Some(c.cgroup_name()) || !alive(pid) {
             continue;
         }
         if String::from_utf8_lossy(&cmd).contains(needle) {
@@ -233,7 +233,7 @@ pub struct Nested {
 /// The container's directories in every mounted hierarchy (v1 controllers, named hierarchies
 /// and the v2 tree of a hybrid host; just the one on pure v2).
 fn container_dirs(c: &Container) -> Result<Vec<PathBuf>> {
-    let leaf = format!("lxc.payload.{}", c.name);
+    let leaf = format!("lxc.payload.{}", c.cgroup_name());
     let root = Path::new("/sys/fs/cgroup");
     if c.layout == CgroupLayout::V2 {
         return Ok(vec![root.join(leaf)]);
