@@ -149,9 +149,10 @@ impl Discovery {
         self.idents.retain(|id, _| ids.contains(id.as_str()));
         self.warned.retain(|id| ids.contains(id.as_str()));
         self.claims_logged.retain(|id| ids.contains(id.as_str()));
-        let mut list: Vec<Discovered> = found
-            .into_iter()
-            .map(|(id, rel, flavor, instance)| {
+        // Containers whose monitor gives another id than their cgroup's name, with that id.
+        let mut claims = Vec::new();
+        let mut list: Vec<Discovered> = (found.into_iter().enumerate())
+            .map(|(i, (id, rel, flavor, instance))| {
                 let ident = match self.idents.get(&id) {
                     Some(known) if known.instance == instance => known,
                     _ => {
@@ -160,6 +161,9 @@ impl Discovery {
                         &self.idents[&id]
                     }
                 };
+                if let Some(claim) = &ident.claim {
+                    claims.push((i, claim.clone()));
+                }
                 Discovered {
                     name: ident.name.clone(),
                     runtime: ident.runtime,
@@ -171,7 +175,9 @@ impl Discovery {
                 }
             })
             .collect();
-        self.settle_claims(&mut list);
+        if !claims.is_empty() {
+            self.settle_claims(&mut list, &claims);
+        }
         list.sort_by(|a, b| id_order(&a.id, &b.id));
         Ok(list)
     }
@@ -179,16 +185,11 @@ impl Discovery {
     /// Gives each container whose monitor names it otherwise than its cgroup (see the
     /// module's doc) that name as its id, unless a running container holds it: an empty
     /// cgroup that holds it is left out, as no container.
-    fn settle_claims(&mut self, list: &mut Vec<Discovered>) {
-        let claims: Vec<(usize, &str)> = (list.iter().enumerate())
-            .filter_map(|(i, d)| Some((i, self.idents.get(&d.id)?.claim.as_deref()?)))
-            .collect();
-        if claims.is_empty() {
-            return;
-        }
+    fn settle_claims(&mut self, list: &mut Vec<Discovered>, claims: &[(usize, String)]) {
         let mut renamed = Vec::new();
         let mut shadowed = HashSet::new();
-        for &(i, claim) in &claims {
+        for (i, claim) in claims {
+            let (i, claim) = (*i, claim.as_str());
             let rival = claims.iter().filter(|(_, c)| *c == claim).count() > 1;
             let holder = list.iter().position(|d| d.id == claim);
             let stale = holder.filter(|&h| self.walk(&list[h].rel) == Walk::Empty);
