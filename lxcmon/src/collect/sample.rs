@@ -173,6 +173,8 @@ pub struct Sampler {
     /// The open file limit was reached once: the files read rarely (limits) and the child
     /// cgroups' process lists are opened for each read from then on, not held.
     lean: bool,
+    /// One reader's buffers per worker, kept from cycle to cycle at their grown size.
+    scratch: Vec<Scratch>,
 }
 
 /// How often running out of file descriptors is logged while it lasts.
@@ -201,6 +203,7 @@ impl Sampler {
             changed_mounts: Vec::new(),
             fd_warned: None,
             lean: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -280,38 +283,37 @@ impl Sampler {
             changed_mounts: signals_ok.then_some(&self.changed_mounts[..]),
             lean: self.lean,
         };
+        let mut scratches = std::mem::take(&mut self.scratch);
+        scratches.resize_with(workers, Scratch::default);
         let mut results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
-            let mut scratch = Scratch::default();
-            work.iter_mut()
-                .map(|(d, state)| ctx.sample_with_retry(d, state, &mut scratch))
-                .collect()
+            ctx.read_part(&mut work, &mut scratches[0])
         } else {
             std::thread::scope(|scope| {
-                let handles: Vec<_> = work
-                    .chunks_mut(chunk)
-                    .map(|part| {
-                        let ctx = &ctx;
-                        let len = part.len();
-                        let handle = scope.spawn(move || {
-                            let mut scratch = Scratch::default();
-                            part.iter_mut()
-                                .map(|(d, state)| ctx.sample_with_retry(d, state, &mut scratch))
-                                .collect::<Vec<_>>()
-                        });
-                        (len, handle)
+                // The first part is read on this thread: one thread fewer to start per cycle.
+                let mut parts = work.chunks_mut(chunk).zip(scratches.iter_mut());
+                let first = parts.next();
+                let handles: Vec<_> = parts
+                    .map(|(part, scratch)| {
+                        let (len, ctx) = (part.len(), &ctx);
+                        (len, scope.spawn(move || ctx.read_part(part, scratch)))
                     })
                     .collect();
-                // A worker that panicked loses its part of the cycle, nothing else.
-                handles
-                    .into_iter()
-                    .flat_map(|(len, h)| {
-                        h.join().unwrap_or_else(|_| {
-                            (0..len).map(|_| Err(SampleError::WorkerPanicked)).collect()
-                        })
-                    })
+                // A part whose reader panicked is lost, nothing else.
+                let lost = |len| (0..len).map(|_| Err(SampleError::WorkerPanicked)).collect();
+                let mine = first.map_or_else(Vec::new, |(part, scratch)| {
+                    let len = part.len();
+                    let read = std::panic::AssertUnwindSafe(|| ctx.read_part(part, scratch));
+                    std::panic::catch_unwind(read).unwrap_or_else(|_| lost(len))
+                });
+                mine.into_iter()
+                    .chain(
+                        (handles.into_iter())
+                            .flat_map(|(len, h)| h.join().unwrap_or_else(|_| lost(len))),
+                    )
                     .collect()
             })
         };
+        self.scratch = scratches;
         let short = |r: &Result<ContainerSample, SampleError>| {
             matches!(r, Err(SampleError::NoDescriptors(_)))
         };
@@ -404,6 +406,17 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Reads the containers of one worker's part.
+    fn read_part(
+        &self,
+        part: &mut [(&Discovered, Option<ContainerState>)],
+        scratch: &mut Scratch,
+    ) -> Vec<Result<ContainerSample, SampleError>> {
+        (part.iter_mut())
+            .map(|(d, state)| self.sample_with_retry(d, state, scratch))
+            .collect()
+    }
+
     fn sample_with_retry(
         &self,
         d: &Discovered,
