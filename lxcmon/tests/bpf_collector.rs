@@ -904,36 +904,55 @@ fn restart_continues_counts_via_pins() {
 #[test]
 #[ignore = "needs root and BPF: run by cargo xtask test"]
 fn pinned_map_of_another_layout_starts_the_pins_afresh() {
-    use aya::maps::MapInfo;
+    replaced_counters_map_starts_the_pins_afresh("layout", |_, _| {
+        "type percpu_array key 4 value 8 entries 16".to_string()
+    });
+}
+
+/// The same for a map of the right sizes but another type: a plain array where the object
+/// has a per-CPU one loads, and would be read as per-CPU values: wrong counts, no error.
+#[test]
+#[ignore = "needs root and BPF: run by cargo xtask test"]
+fn pinned_map_of_another_type_starts_the_pins_afresh() {
+    replaced_counters_map_starts_the_pins_afresh("maptype", |value, entries| {
+        format!("type array key 4 value {value} entries {entries}")
+    });
+}
+
+/// Replaces the pinned `LXCMON_COUNTERS` with a map `bpftool map create` makes from
+/// `spec(value size, entries)` of the real one, then loads a collector on those pins.
+fn replaced_counters_map_starts_the_pins_afresh(tag: &str, spec: impl Fn(u32, u32) -> String) {
+    use aya::maps::{MapInfo, MapType};
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pins = PinDir::new("layout");
-    let cg = TestCgroup::new("layout");
+    let pins = PinDir::new(tag);
+    let cg = TestCgroup::new(tag);
     let mut c = BpfCollector::load(&pins.opts()).expect("load");
     let id = c.track(&cg.dir).expect("track");
     drop(c);
     let counters_pin = pins.0.join("LXCMON_COUNTERS");
-    let value_size = MapInfo::from_pin(&counters_pin)
-        .expect("pinned")
-        .value_size();
+    let info = |what| MapInfo::from_pin(&counters_pin).expect(what);
+    let real = info("pinned");
+    let (value_size, entries) = (real.value_size(), real.max_entries());
     assert_eq!(value_size as usize, std::mem::size_of::<Counters>());
+    assert_eq!(real.map_type().ok(), Some(MapType::PerCpuArray));
     std::fs::remove_file(&counters_pin).expect("unpin");
+    let spec = spec(value_size, entries);
     run(Command::new("bpftool")
         .args(["map", "create"])
         .arg(&counters_pin)
-        .args("type percpu_array key 4 value 8 entries 16 name LXCMON_COUNTERS".split(' ')));
-    assert_eq!(
-        MapInfo::from_pin(&counters_pin)
-            .expect("pinned")
-            .value_size(),
-        8
+        .args(spec.split(' '))
+        .args(["name", "LXCMON_COUNTERS"]));
+    let planted = info("planted");
+    assert!(
+        (planted.map_type().ok(), planted.value_size()) != (real.map_type().ok(), value_size),
+        "premise: the planted map ({spec}) differs"
     );
 
     let mut c = BpfCollector::load(&pins.opts()).expect("loads beside a map of another layout");
+    let now = info("pinned again");
     assert_eq!(
-        MapInfo::from_pin(&counters_pin)
-            .expect("pinned")
-            .value_size(),
-        value_size,
+        (now.map_type().ok(), now.value_size(), now.max_entries()),
+        (Some(MapType::PerCpuArray), value_size, entries),
         "the map as the object defines it"
     );
     assert!(
@@ -941,7 +960,7 @@ fn pinned_map_of_another_layout_starts_the_pins_afresh() {
         "started afresh: nothing restored from the old pins"
     );
     assert_eq!(c.track(&cg.dir).expect("track"), id);
-    let scratch = Scratch::new("layout");
+    let scratch = Scratch::new(tag);
     cg.sh(&format!(
         "exec dd if=/dev/zero of={} bs=1M count=4 oflag=direct status=none",
         scratch.0.join("data").display()

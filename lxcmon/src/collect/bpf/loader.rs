@@ -262,9 +262,10 @@ fn drop_stale_pins(pin_dir: &Path) -> Result<(), BpfError> {
     super::pins::cleanup_pinned(pin_dir).map(drop)
 }
 
-/// The maps pinned in `map_dir` whose key size, value size or entry count differ from the
-/// object's definition, each described. An object that does not parse is the loader's to
-/// report: nothing here.
+/// The maps pinned in `map_dir` whose type, flags, key size, value size or entry count differ
+/// from the object's definition, each described. (A map of another type with the same sizes
+/// loads: a per-CPU array read as a plain one would give wrong counts, not an error.) An
+/// object that does not parse is the loader's to report: nothing here.
 fn stale_pinned_maps(object: &[u8], map_dir: &Path) -> Vec<String> {
     let Ok(obj) = aya_obj::Object::parse(object) else {
         return Vec::new();
@@ -281,12 +282,30 @@ fn stale_pinned_maps(object: &[u8], map_dir: &Path) -> Vec<String> {
         })
         .filter_map(|(name, def)| {
             let info = aya::maps::MapInfo::from_pin(map_dir.join(name)).ok()?;
-            let pinned = (info.key_size(), info.value_size(), info.max_entries());
-            let ours = (def.key_size(), def.value_size(), def.max_entries());
+            // An unknown type reads as `Unspecified` (0), which no definition has.
+            let kind = info.map_type().map_or(0, |t| t as u32);
+            let pinned = (
+                kind,
+                info.map_flags(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+            );
+            let ours = (
+                def.map_type(),
+                def.map_flags(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries(),
+            );
             (pinned != ours).then(|| {
+                let show = |(t, f, k, v, n): (u32, u32, u32, u32, u32)| {
+                    format!("type {t}, flags {f:#x}, key {k} B, value {v} B, {n} entries")
+                };
                 format!(
-                    "{name} (pinned: key {} B, value {} B, {} entries; this agent's: key {} B, value {} B, {} entries)",
-                    pinned.0, pinned.1, pinned.2, ours.0, ours.1, ours.2
+                    "{name} (pinned: {}; this agent's: {})",
+                    show(pinned),
+                    show(ours)
                 )
             })
         })
