@@ -488,6 +488,8 @@ impl Ctx<'_> {
         if cgroup.processes == 0 {
             return Err(SampleError::Empty);
         }
+        // The rates' clock: when the CPU counter was read, rather than before the read.
+        let at = cgroup.cpu_read_at.unwrap_or(at);
         if !self.options.swap {
             cgroup.swap_bytes = 0;
         }

@@ -62,7 +62,16 @@ impl Fixture {
     fn read(&self, layout: &Layout, options: DetailOptions, io_totals: bool) -> CgroupSample {
         let open = |lean| CgroupReader::open(layout, Path::new(REL), None, options, lean).unwrap();
         let mut scratch = Scratch::default();
-        let mut sample = |r: &mut CgroupReader| r.sample(&self.devices, io_totals, &mut scratch);
+        // Each read is dated (compared here without its moment).
+        let mut sample = |r: &mut CgroupReader| {
+            r.sample(&self.devices, io_totals, &mut scratch).map(|s| {
+                assert!(s.cpu_read_at.is_some(), "the CPU read is dated");
+                CgroupSample {
+                    cpu_read_at: None,
+                    ..s
+                }
+            })
+        };
         let held = sample(&mut open(false)).unwrap();
         assert_eq!(sample(&mut open(true)).unwrap(), held, "lean");
         let mut released = open(false);

@@ -17,6 +17,7 @@ use details::DetailOptions;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 use subtree::{Subtree, Watcher};
 
 /// Where the cgroup hierarchies are mounted, as seen under the configured root.
@@ -211,6 +212,9 @@ pub type Sampled = Result<CgroupSample, ReadError>;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CgroupSample {
     pub cpu_usage_ns: u64,
+    /// When the CPU counter was read: the middle of its read, so that a thread preempted
+    /// during it (a loaded host) shifts the rate's clock by half that time at most.
+    pub cpu_read_at: Option<Instant>,
     /// In use, excluding page cache.
     pub memory_bytes: u64,
     pub swap_bytes: u64,
@@ -232,8 +236,16 @@ pub struct Scratch {
 }
 
 /// The figures each hierarchy reads its own way: CPU time (ns), memory and swap in use, block
-/// I/O.
-struct OwnFigures(u64, u64, u64, IoBytes);
+/// I/O; and when the CPU time was read.
+struct OwnFigures(u64, u64, u64, IoBytes, Instant);
+
+/// `read`'s result and the middle of the time it took.
+fn timed<T>(read: impl FnOnce() -> T) -> (T, Instant) {
+    let before = Instant::now();
+    let out = read();
+    let after = Instant::now();
+    (out, before + after.duration_since(before) / 2)
+}
 
 /// Parses a block I/O file: the totals over the devices not excluded, and each such device
 /// into the list when one is given.
@@ -297,9 +309,10 @@ impl SharedFiles {
                 l
             }
         };
-        let OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io) = own;
+        let OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io, cpu_read_at) = own;
         Ok(CgroupSample {
             cpu_usage_ns,
+            cpu_read_at: Some(cpu_read_at),
             memory_bytes,
             swap_bytes,
             io,
@@ -393,6 +406,21 @@ impl CgroupReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timed_read_is_dated_at_its_middle() {
+        let d = std::time::Duration::from_millis(40);
+        let start = Instant::now();
+        let ((), at) = timed(|| std::thread::sleep(d));
+        let end = Instant::now();
+        // Not the moment before the read nor after it: at least half the read from each.
+        assert!(
+            at.duration_since(start) >= d / 2,
+            "{:?}",
+            at.duration_since(start)
+        );
+        assert!(end.duration_since(at) >= d / 2 - std::time::Duration::from_millis(1));
+    }
 
     const HYBRID: &str = "\
 25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

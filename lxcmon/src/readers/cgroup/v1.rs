@@ -6,7 +6,7 @@ use super::details::{
     PressureFiles, Throttling, V1_STAT_KEYS,
 };
 use super::subtree::{PidList, Subtree, Watcher};
-use super::{read_io, IoBytes, Layout, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
+use super::{read_io, timed, IoBytes, Layout, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
 use crate::readers::kfile::{self, keyed_value, keyed_values, KFile, ReadError};
 use crate::readers::parse::{cpu_list_len, parse_dev};
 use crate::readers::sysfs::DeviceFilter;
@@ -290,7 +290,8 @@ impl Reader {
         let options = self.details.options;
         let mut details = Details::default();
         let buf = &mut scratch.buf;
-        let cpu_usage_ns = self.cpuacct_usage.read_u64(buf)?;
+        let (cpu_usage_ns, cpu_read_at) = timed(|| self.cpuacct_usage.read_u64(buf));
+        let cpu_usage_ns = cpu_usage_ns?;
         let (memory_bytes, usage, stat_swap) = match (&self.memory_usage, &self.memory_stat) {
             (Some(usage), Some(stat)) => {
                 let usage = usage.read_u64(buf)?;
@@ -352,7 +353,7 @@ impl Reader {
         {
             parse_throttle_ops(f.read(buf)?, devices, &mut details.devices);
         }
-        let own = OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io);
+        let own = OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io, cpu_read_at);
         let limit_files = &self.limit_files;
         self.shared
             .finish(own, details, scratch, |buf| limit_files.read(buf, options))

@@ -6,7 +6,7 @@ use super::details::{
     Details, DeviceIo, PressureFiles, Throttling, V2_STAT_KEYS,
 };
 use super::subtree::{PidList, Subtree, Watcher};
-use super::{read_io, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
+use super::{read_io, timed, IoBytes, Limits, OwnFigures, Sampled, Scratch, SharedFiles};
 use crate::readers::kfile::{self, keyed_value, keyed_values, parse_u64_or_max, KFile, ReadError};
 use crate::readers::parse::{cpu_list_len, parse_dev};
 use crate::readers::sysfs::DeviceFilter;
@@ -171,7 +171,8 @@ impl Reader {
         let options = self.details.options;
         let mut details = Details::default();
         let buf = &mut scratch.buf;
-        let cpu = self.cpu_stat.read(buf)?;
+        let (cpu, cpu_read_at) = timed(|| self.cpu_stat.read(buf));
+        let cpu = cpu?;
         let [usage, periods, throttled, throttled_us] = keyed_values(
             cpu,
             ["usage_usec", "nr_periods", "nr_throttled", "throttled_usec"],
@@ -226,7 +227,7 @@ impl Reader {
             buf,
             parse_io_stat,
         )?;
-        let own = OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io);
+        let own = OwnFigures(cpu_usage_ns, memory_bytes, swap_bytes, io, cpu_read_at);
         let limit_files = &self.limit_files;
         self.shared
             .finish(own, details, scratch, |buf| limit_files.read(buf, options))
