@@ -871,17 +871,20 @@ impl Details<'_> {
                     &format!("kernel delta={kd:.3} expected={expected:.3} ({what}) ±20%"),
                 );
             }
-            let expected = match key {
-                "periods" | "throttled_periods" => dt / 0.1,
-                _ => dt * 0.5,
+            // The agent's window holds the guest's inner reads, and the loop ran through
+            // those; around them it may have been starting or stopping (slow on a loaded
+            // host): at least the physics of the inner reads, at most that of the window.
+            let physics = |secs: f64| match key {
+                "periods" | "throttled_periods" => secs / 0.1,
+                _ => secs * 0.5,
             };
-            let ok =
-                d.is_some_and(|d| (d - expected).abs() <= expected * 0.2 + 2.0 * scale.max(0.1));
+            let slack = 2.0 * scale.max(0.1);
+            let (lo, hi) = (physics(kdt) * 0.8 - slack, physics(dt) * 1.2 + slack);
             report.check(
                 &format!("details/103/cpu_throttling.{key}-over-the-window"),
-                ok,
+                d.is_some_and(|d| d >= lo && d <= hi),
                 &format!(
-                    "agent delta={} over {dt:.3} s, expected={expected:.3} ±20%",
+                    "agent delta={} over {dt:.3} s (inner reads {kdt:.3} s), expected [{lo:.3}, {hi:.3}]: at least the inner reads' physics -20%, at most the window's +20%",
                     fmt(d)
                 ),
             );

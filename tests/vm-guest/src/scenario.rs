@@ -1150,9 +1150,10 @@ impl Scenario<'_> {
         // is the range over those read moments (tight when cycles are short).
         let mut cpu = Cat::default();
         // The bounds below hold the poll's granularity; the slack is for a vCPU preempted
-        // by the host between the agent's clock read and its cpu.stat read (TCG on a loaded
-        // host), which shifts its figure by that time: up to 40 ms (26 ms seen with a soak
-        // running beside the matrix).
+        // by the host while the agent reads cpu.stat (TCG on a loaded host): the agent dates
+        // the read at its middle, so a preemption shifts its figure by half its length: up
+        // to 40 ms, a preemption of 80 ms (26 ms seen with a soak running beside the matrix
+        // when the agent dated the read before it; 45 ms once, on a matrix run alone).
         let tol = 2.0 + 4.0 / self.interval.max(0.1);
         // Reads of one instance, in time order (polls between a kill and the new mkdir
         // left out: they may have read either cgroup).
