@@ -733,18 +733,21 @@ mod tests {
         std::fs::write(dir.join("cmdline"), cmdline.replace(' ', "\0") + "\0").unwrap();
     }
 
-    /// A container's processes: its init `pid` (in `cgroup`, below the hierarchy `h`), a
-    /// child of the LXC monitor `pid - 1` of `lxcpath` and `name`.
-    fn lxc_container(root: &Path, h: &Path, cgroup: &str, pid: u32, lxcpath: &str, name: &str) {
-        std::fs::create_dir_all(h.join(cgroup)).unwrap();
-        std::fs::write(h.join(cgroup).join("cgroup.procs"), format!("{pid}\n")).unwrap();
-        process(root, pid, pid - 1, "/sbin/init");
-        let dir = root.join(format!("proc/{}", pid - 1));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("stat"), format!("{} (lxc-start) S 1 0", pid - 1)).unwrap();
-        // liblxc's title: spaces, not NULs, between its words.
-        let title = format!("[lxc monitor] {lxcpath} {name}\0");
-        std::fs::write(dir.join("cmdline"), title).unwrap();
+    /// Containers' processes, each `(cgroup, pid, lxcpath, name)`: its init `pid` (in
+    /// `cgroup`, below the hierarchy `h`), a child of the LXC monitor `pid - 1` of `lxcpath`
+    /// and `name`.
+    fn lxc_containers(root: &Path, h: &Path, containers: &[(&str, u32, &str, &str)]) {
+        for &(cgroup, pid, lxcpath, name) in containers {
+            std::fs::create_dir_all(h.join(cgroup)).unwrap();
+            std::fs::write(h.join(cgroup).join("cgroup.procs"), format!("{pid}\n")).unwrap();
+            process(root, pid, pid - 1, "/sbin/init");
+            let dir = root.join(format!("proc/{}", pid - 1));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("stat"), format!("{} (lxc-start) S 1 0", pid - 1)).unwrap();
+            // liblxc's title: spaces, not NULs, between its words.
+            let title = format!("[lxc monitor] {lxcpath} {name}\0");
+            std::fs::write(dir.join("cmdline"), title).unwrap();
+        }
     }
 
     fn ids_and_cgroups(found: &[Discovered]) -> Vec<(&str, &str, Runtime, &str)> {
@@ -765,31 +768,18 @@ mod tests {
     fn suffixed_cgroup_takes_its_monitors_name_and_the_empty_one_is_left_out() {
         let (dir, h) = host(&["lxc.payload.web", "lxc.monitor.web"], &[]);
         std::fs::write(h.join("lxc.payload.web/cgroup.procs"), "").unwrap();
-        lxc_container(
+        let lxc = "/var/lib/lxc";
+        lxc_containers(
             dir.path(),
             &h,
-            "lxc.payload.web-1",
-            301,
-            "/var/lib/lxc",
-            "web",
-        );
-        // Named so by its owner: the monitor agrees, nothing changes.
-        lxc_container(
-            dir.path(),
-            &h,
-            "lxc.payload.db-2",
-            401,
-            "/var/lib/lxc",
-            "db-2",
-        );
-        // A process deeper in the tree leads to the same monitor (init is its ancestor).
-        lxc_container(
-            dir.path(),
-            &h,
-            "lxc.payload.sys-1/init.scope",
-            501,
-            "/var/lib/lxc",
-            "sys",
+            &[
+                ("lxc.payload.web-1", 301, lxc, "web"),
+                // Named so by its owner: the monitor agrees, nothing changes.
+                ("lxc.payload.db-2", 401, lxc, "db-2"),
+                // A process deeper in the tree leads to the same monitor (init is its
+                // ancestor).
+                ("lxc.payload.sys-1/init.scope", 501, lxc, "sys"),
+            ],
         );
         process(dir.path(), 502, 501, "/usr/sbin/sshd -D");
         std::fs::write(h.join("lxc.payload.sys-1/init.scope/cgroup.procs"), "").unwrap();
@@ -820,38 +810,17 @@ mod tests {
     fn a_running_container_keeps_its_name_and_the_other_its_cgroups() {
         let (dir, h) = host(&[], &["var/lib/incus/containers/web"]);
         // Incus's web runs in lxc.payload.web; plain LXC's web had to take web-1.
-        lxc_container(
+        let (incus, lxc) = ("/var/lib/incus/containers", "/var/lib/lxc");
+        lxc_containers(
             dir.path(),
             &h,
-            "lxc.payload.web",
-            201,
-            "/var/lib/incus/containers",
-            "web",
-        );
-        lxc_container(
-            dir.path(),
-            &h,
-            "lxc.payload.web-1",
-            301,
-            "/var/lib/lxc",
-            "web",
-        );
-        // Two claims to one name: neither takes it.
-        lxc_container(
-            dir.path(),
-            &h,
-            "lxc.payload.db-1",
-            401,
-            "/var/lib/lxc",
-            "db",
-        );
-        lxc_container(
-            dir.path(),
-            &h,
-            "lxc.payload.db-2",
-            501,
-            "/var/lib/lxc2",
-            "db",
+            &[
+                ("lxc.payload.web", 201, incus, "web"),
+                ("lxc.payload.web-1", 301, lxc, "web"),
+                // Two claims to one name: neither takes it.
+                ("lxc.payload.db-1", 401, lxc, "db"),
+                ("lxc.payload.db-2", 501, "/var/lib/lxc2", "db"),
+            ],
         );
         let found = Discovery::new(dir.path(), &h).scan().unwrap();
         assert_eq!(
@@ -873,10 +842,18 @@ mod tests {
         let pve = dir.path().join("etc/pve/lxc");
         std::fs::create_dir_all(&pve).unwrap();
         std::fs::write(pve.join("100.conf"), "hostname: web\n").unwrap();
-        lxc_container(dir.path(), &h, "lxc/100-1/ns", 301, "/var/lib/lxc", "100");
+        lxc_containers(
+            dir.path(),
+            &h,
+            &[("lxc/100-1/ns", 301, "/var/lib/lxc", "100")],
+        );
         std::fs::write(h.join("lxc/100-1/cgroup.procs"), "").unwrap();
         let incus = "/var/lib/incus/containers";
-        lxc_container(dir.path(), &h, "lxc.payload.p2_c1-1", 401, incus, "p2_c1");
+        lxc_containers(
+            dir.path(),
+            &h,
+            &[("lxc.payload.p2_c1-1", 401, incus, "p2_c1")],
+        );
         // No process to follow (a fixture without /proc, or one that exited): as it is.
         mkdirs(&h, &["lxc.payload.gone-1"]);
         let found = Discovery::new(dir.path(), &h).scan().unwrap();
