@@ -268,7 +268,9 @@ fn syn_ack_retransmits_of_a_listening_container_count() {
     let veth = host_veth(&server).expect("veth");
     let mut bpf = load(true);
     let ids = [bpf.track(&server.unified_dir()).expect("track")];
+    let _stats = Stats::on().expect("bpf_stats");
     let (b0, k0) = settled(&mut bpf, &ids, &[pid]);
+    let p0 = prog_stats(PROG).unwrap();
     // Every SYN-ACK is dropped for 2.5 s: the listener's timer (1 s, then 2 s) and the host's
     // repeated SYN make it send them again; the connection opens once the table is gone.
     let loss = Loss::syn_acks(&veth, server.host_ip, 47341).expect("SYN-ACK loss");
@@ -280,10 +282,23 @@ fn syn_ack_retransmits_of_a_listening_container_count() {
     transfer.join().unwrap().expect("transfer after the loss");
     std::thread::sleep(Duration::from_millis(500));
     let (b1, k1) = settled(&mut bpf, &ids, &[pid]);
+    // Each program's runs on the whole host meanwhile (a shortfall: did it run, or not count?).
+    let p1 = prog_stats(PROG).unwrap();
+    let per_program: Vec<String> = (p1.iter())
+        .map(|(name, r)| {
+            let r0 = p0.get(name).cloned().unwrap_or_default();
+            let misses = r.recursion_misses - r0.recursion_misses;
+            format!(
+                "{name} {} runs, {misses} recursion misses",
+                r.count - r0.count
+            )
+        })
+        .collect();
     eprintln!(
-        "{dropped} SYN-ACKs dropped; counted {}, RetransSegs +{}",
+        "{dropped} SYN-ACKs dropped; counted {}, RetransSegs +{}; {}",
         b1[0] - b0[0],
-        k1[0].retrans_segs - k0[0].retrans_segs
+        k1[0].retrans_segs - k0[0].retrans_segs,
+        per_program.join("; ")
     );
     assert!(dropped >= 2, "SYN-ACKs dropped: {dropped}");
     assert!(b1[0] > b0[0], "no SYN-ACK retransmit counted");
