@@ -107,7 +107,8 @@ pub enum SampleError {
     #[error("the cgroup was replaced while its files were opened")]
     Replaced,
     /// The cgroup holds no process: left behind by a container whose monitor was killed, or
-    /// a container between its cgroup's creation and its init. Skipped; its files stay open.
+    /// a container between its cgroup's creation and its init. Skipped; its files are closed
+    /// (the init's among them belong to a process that is gone or not yet there).
     #[error("the cgroup holds no process")]
     Empty,
     #[error("the worker reading this container panicked")]
@@ -428,7 +429,6 @@ impl Ctx<'_> {
             let had_state = state.as_ref().is_some_and(|s| s.files.is_some());
             match self.sample_one(d, state, scratch) {
                 Ok(s) => return Ok(s),
-                Err(SampleError::Empty) => return Err(SampleError::Empty),
                 Err(e) => {
                     // Whatever failed, the open files may be stale: open them again from
                     // the paths (the instance's network totals stay).
