@@ -1067,3 +1067,129 @@ fn autoscale_ml_checker_rejects_broken_exports() -> Result<()> {
     }
     Ok(())
 }
+
+/// A tmpfs the test mounted for a container's root; the container is stopped before it is
+/// unmounted (and the lab destroys it afterwards, its root then an empty directory).
+struct TmpfsRoot {
+    mount: PathBuf,
+    container: String,
+}
+
+impl Drop for TmpfsRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("lxc-stop")
+            .args(["-k", "-n", &self.container])
+            .status();
+        let _ = rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// LXC moves a container's first process into its cgroups before it mounts and pivots into
+/// the container's root (for as long as the hooks and the network setup take: seconds on
+/// Proxmox VE). A daemon that sees the container then must not hold the host's root as the
+/// container's: here a pre-mount hook holds that phase for 3 s under a daemon cycling every
+/// 0.5 s, and the container's root is a tmpfs of its own, so every cycle's filesystem figure
+/// is checked against that tmpfs, not the host's disk.
+#[test]
+#[ignore = "needs root and LXC: run by cargo xtask test"]
+fn a_container_seen_while_lxc_sets_it_up_reports_its_own_root() -> Result<()> {
+    const CYCLES: usize = 6;
+    let dir = tmpdir()?;
+    let mut lab = Lab::new()?;
+    // A busybox root to copy onto the tmpfs.
+    let donor = lab.container("su-a", &ContainerSpec::default())?;
+    let mount = dir.path().join("root");
+    std::fs::create_dir(&mount)?;
+    let name = format!("{}su-b", Site::current().prefix);
+    rustix::mount::mount(
+        "lxcmon-test",
+        &mount,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"size=48m,mode=755",
+    )
+    .context("mounting the tmpfs root")?;
+    let _root = TmpfsRoot {
+        mount: mount.clone(),
+        container: name.clone(),
+    };
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(donor.rootfs().join("."))
+        .arg(&mount)
+        .status()?;
+    ensure!(copied.success(), "copying {}'s root: {copied}", donor.name);
+    let st = rustix::fs::statvfs(&mount)?;
+    let tmpfs_total = st.f_blocks * st.f_frsize;
+    let host = rustix::fs::statvfs("/")?;
+    ensure!(
+        host.f_blocks * host.f_frsize != tmpfs_total,
+        "premise: the host's root has the tmpfs's size"
+    );
+    let hook = dir.path().join("slow-setup.sh");
+    std::fs::write(&hook, "#!/bin/sh\nsleep 3\n")?;
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+    let mut cfg = AgentConfig::new(dir.path(), "records");
+    cfg.check_interval = 0.5;
+    cfg.max_metrics_entries = 100;
+    let export = cfg.export_file();
+    let mut daemon = Daemon::start(bin(), &cfg)?;
+    let started = Instant::now();
+    let b = lab.container(
+        "su-b",
+        &ContainerSpec {
+            extra_config: vec![
+                format!("lxc.rootfs.path = dir:{}", mount.display()),
+                format!("lxc.hook.pre-mount = {}", hook.display()),
+            ],
+            ..Default::default()
+        },
+    )?;
+    ensure!(b.name == name, "the lab named the container {}", b.name);
+    let setup = started.elapsed();
+    ensure!(
+        setup >= Duration::from_secs(3),
+        "premise: the container came up in {setup:?}, before its hook's 3 s"
+    );
+    let records_of_b = |cycles: &[RecordsCycle]| -> Vec<(usize, Map<String, Value>)> {
+        (cycles.iter().enumerate())
+            .filter_map(|(i, c)| {
+                let r = c.records.iter().find(|r| {
+                    r.get("container_id").and_then(Value::as_str) == Some(name.as_str())
+                })?;
+                Some((i, r.clone()))
+            })
+            .collect()
+    };
+    let cycles = poll(Duration::from_secs(30), || {
+        ensure!(daemon.running(), "lxcmon exited early");
+        let Ok(text) = std::fs::read_to_string(&export) else {
+            return Ok(None);
+        };
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("the export file does not parse: {text}"))?;
+        let cycles = check_records(&v)?;
+        Ok((records_of_b(&cycles).len() >= CYCLES).then_some(cycles))
+    })?
+    .with_context(|| format!("{name} not in {CYCLES} cycles within 30 s"))?;
+    let out = daemon.terminate(Duration::from_secs(10))?;
+    let ours = records_of_b(&cycles);
+    for (i, r) in &ours {
+        let fsu = r["filesystem_usage"]
+            .as_object()
+            .context("filesystem_usage")?;
+        ensure!(
+            u(fsu, "total")? == tmpfs_total,
+            "cycle {i}: {name}'s filesystem total {} is not its tmpfs root's {tmpfs_total} (the host's root: {})\nstderr:\n{}",
+            u(fsu, "total")?,
+            host.f_blocks * host.f_frsize,
+            out.stderr
+        );
+    }
+    eprintln!(
+        "{name}: up after {setup:?} of setup under the daemon; its own root ({tmpfs_total} bytes) in all {} of its cycles",
+        ours.len()
+    );
+    Ok(())
+}

@@ -16,7 +16,7 @@ use crate::readers::procfs;
 use rustix::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Once};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug)]
 pub(super) struct InitHandles {
@@ -39,8 +39,15 @@ pub(super) struct Init {
     pub started: Option<SystemTime>,
 }
 
+/// How long after its start a container's init may still be in the host's root or network
+/// namespace because its runtime is setting it up (hooks, storage, the veth: seconds on
+/// Proxmox VE). Past it, sharing them is the container's own configuration (no rootfs,
+/// `lxc.net.0.type = none`) and its files are opened as they are.
+pub(super) const SETUP_GRACE: Duration = Duration::from_secs(30);
+
 /// Opens the files of the init `pid` that `options` ask for. `root` is the tree `/proc` is in
-/// (`/` but in fixture tests), `signals` the mount table watcher.
+/// (`/` but in fixture tests), `signals` the mount table watcher. `None` while the init is
+/// still being set up (see [`in_setup`]): nothing is held, the next cycle tries again.
 pub(super) fn open(
     root: &Path,
     pid: u32,
@@ -48,12 +55,11 @@ pub(super) fn open(
     signals: Option<&ChangeSignals>,
     boot: Option<SystemTime>,
     buf: &mut Vec<u8>,
-) -> Result<Init, ReadError> {
+) -> Result<Option<Init>, ReadError> {
     let proc = kfile::under(root, &format!("/proc/{pid}"));
-    let net_dev = if options.network {
-        Some(KFile::open(proc.join("net/dev"))?)
-    } else {
-        None
+    let started = match (boot, procfs::start_ticks(&proc.join("stat"))) {
+        (Some(boot), Some(ticks)) => Some(boot + procfs::ticks(ticks)),
+        _ => None,
     };
     let root_dir = if options.filesystem || options.per_mount {
         let path = proc.join("root");
@@ -67,15 +73,21 @@ pub(super) fn open(
     } else {
         None
     };
+    if started.is_some_and(|s| s.elapsed().map_or(true, |age| age < SETUP_GRACE))
+        && in_setup(root, &proc, root_dir.as_ref(), options.network)
+    {
+        return Ok(None);
+    }
+    let net_dev = if options.network {
+        Some(KFile::open(proc.join("net/dev"))?)
+    } else {
+        None
+    };
     let mounts = match (&root_dir, options.per_mount) {
         // No pidfd of its own: the table is in the slot, closed with it.
         (Some(dir), true) => {
             MountTable::open_in(&proc, dir.as_fd(), signals.map(|s| (s, None)), buf)?
         }
-        _ => None,
-    };
-    let started = match (boot, procfs::start_ticks(&proc.join("stat"))) {
-        (Some(boot), Some(ticks)) => Some(boot + procfs::ticks(ticks)),
         _ => None,
     };
     let files = ExitSlot::new(InitHandles {
@@ -97,9 +109,36 @@ pub(super) fn open(
         },
         None => None,
     };
-    Ok(Init {
+    Ok(Some(Init {
         files,
         _exit: exit,
         started,
-    })
+    }))
+}
+
+/// Whether the init at `proc` is still in the host's root (or, with `network`, the host's
+/// network namespace): LXC moves a container's first process into the container's cgroups
+/// before it mounts and pivots into the container's root (for as long as its hooks and the
+/// network setup take, seconds on Proxmox VE), and a handle opened then would report the
+/// host's filesystem, or the host's interfaces, for the container's whole life.
+fn in_setup(root: &Path, proc: &Path, root_dir: Option<&OwnedFd>, network: bool) -> bool {
+    let same =
+        |a: rustix::fs::Stat, b: rustix::fs::Stat| (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
+    let init_root = match root_dir {
+        Some(fd) => rustix::fs::fstat(fd),
+        None => rustix::fs::stat(proc.join("root")),
+    };
+    if let (Ok(host), Ok(init)) = (rustix::fs::stat(root), init_root) {
+        if same(host, init) {
+            return true;
+        }
+    }
+    // The agent's own namespace is the host's on the real /proc only.
+    if network && root == Path::new("/") {
+        let host = rustix::fs::stat("/proc/self/ns/net");
+        if let (Ok(host), Ok(init)) = (host, rustix::fs::stat(proc.join("ns/net"))) {
+            return same(host, init);
+        }
+    }
+    false
 }

@@ -111,6 +111,10 @@ pub enum SampleError {
     /// (the init's among them belong to a process that is gone or not yet there).
     #[error("the cgroup holds no process")]
     Empty,
+    /// The container's init is in its cgroup but still in the host's root or network
+    /// namespace: its runtime is setting it up. Skipped; its files are opened at a later cycle.
+    #[error("the container is still being set up")]
+    Starting,
     #[error("the worker reading this container panicked")]
     WorkerPanicked,
     /// The open file limit is reached: not retried (see [`ReadError::is_out_of_descriptors`]).
@@ -363,6 +367,10 @@ impl Sampler {
                     tracing::debug!(container = %d.id, "no process in its cgroup, skipped");
                     sampled.skipped += 1;
                 }
+                Err(SampleError::Starting) => {
+                    tracing::debug!(container = %d.id, "its init is not in its own root or network yet, skipped");
+                    sampled.skipped += 1;
+                }
                 Err(SampleError::NoDescriptors(e)) => {
                     tracing::debug!(container = %d.id, error = %Chain(&e), "no descriptor left");
                     out_of_fds += 1;
@@ -437,9 +445,10 @@ impl Ctx<'_> {
                     }
                     match e {
                         SampleError::Gone if had_state => continue,
-                        SampleError::Gone | SampleError::Replaced | SampleError::Empty => {
-                            return Err(e)
-                        }
+                        SampleError::Gone
+                        | SampleError::Replaced
+                        | SampleError::Empty
+                        | SampleError::Starting => return Err(e),
                         SampleError::WorkerPanicked | SampleError::NoDescriptors(_) => {
                             return Err(e)
                         }
@@ -500,7 +509,8 @@ impl Ctx<'_> {
                 .ok_or(SampleError::Gone)?;
             let (signals, buf) = (self.mount_signals, &mut scratch.buf);
             let init = init::open(self.root, pid, &self.options, signals, self.boot, buf);
-            files.init = Some(init.map_err(SampleError::from_read)?);
+            let init = init.map_err(SampleError::from_read)?;
+            files.init = Some(init.ok_or(SampleError::Starting)?);
         }
         let mut fs = FsUsage::default();
         let mut init_started = None;
@@ -652,5 +662,83 @@ mod tests {
         let again = sampler.sample(&[found(ino)]);
         assert_eq!(again.containers.len(), 1);
         assert_eq!(again.containers[0].cgroup.processes, 1);
+    }
+
+    /// A container whose init is in its cgroup but still in the host's root (LXC sets it up
+    /// there: hooks, mounts, then the pivot) is skipped, not held to the host's root for its
+    /// life; once the init is in its own root it is read. Past the setup grace, an init that
+    /// shares the host's root is taken as it is.
+    #[test]
+    fn an_init_still_in_the_hosts_root_is_read_only_once_in_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cg = root.join("sys/fs/cgroup/lxc.payload.a");
+        std::fs::create_dir_all(&cg).unwrap();
+        std::fs::write(cg.join("cpu.stat"), "usage_usec 1\n").unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "4242\n").unwrap();
+        let proc = root.join("proc/4242");
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("status"), "Name:\tinit\nNSpid:\t4242\t1\n").unwrap();
+        // Started 10 ticks after a boot `age` seconds ago.
+        let stat = "4242 (init) S 1 4242 4242 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 10 0 0\n";
+        std::fs::write(proc.join("stat"), stat).unwrap();
+        let boot = |age: u64| {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap();
+            let text = format!("cpu 0 0 0 0\nbtime {}\n", now.as_secs() - age);
+            std::fs::write(root.join("proc/stat"), text).unwrap();
+        };
+        // The init's root is the tree's own: the host's root, seen from the fixture.
+        std::os::unix::fs::symlink("../..", proc.join("root")).unwrap();
+        let layout = Layout {
+            unified: Some(root.join("sys/fs/cgroup")),
+            unified_has_controllers: true,
+            ..Layout::default()
+        };
+        let options = Options {
+            swap: false,
+            network: false,
+            filesystem: true,
+            per_interface: false,
+            per_mount: false,
+            details: crate::readers::cgroup::details::DetailOptions::NONE,
+            workers: 1,
+            retry_limit: 0,
+            retry_delay: Duration::ZERO,
+            net_files: true,
+            io_files: true,
+        };
+        let found = Discovered {
+            id: "a".into(),
+            name: "a".into(),
+            rel: "lxc.payload.a".into(),
+            flavor: crate::collect::discovery::Flavor::Lxc,
+            runtime: crate::collect::discovery::Runtime::Lxc,
+            project: None,
+            instance: std::fs::metadata(&cg).unwrap().ino(),
+        };
+        let sampler = |age| {
+            boot(age);
+            Sampler::new(root, layout.clone(), DeviceFilter::none(), options)
+        };
+
+        let mut young = sampler(1);
+        let starting = young.sample(std::slice::from_ref(&found));
+        assert_eq!((starting.containers.len(), starting.skipped), (0, 1));
+        // Pivoted: its root is a directory of its own.
+        std::fs::remove_file(proc.join("root")).unwrap();
+        std::fs::create_dir(proc.join("root")).unwrap();
+        let ready = young.sample(std::slice::from_ref(&found));
+        assert_eq!(ready.containers.len(), 1);
+
+        std::fs::remove_dir(proc.join("root")).unwrap();
+        std::os::unix::fs::symlink("../..", proc.join("root")).unwrap();
+        let old = sampler(init::SETUP_GRACE.as_secs() + 60).sample(std::slice::from_ref(&found));
+        assert_eq!(
+            old.containers.len(),
+            1,
+            "an init past the grace is read in the host's root"
+        );
     }
 }
