@@ -5,7 +5,7 @@ use crate::collect::discovery::{Discovered, Runtime};
 use crate::collect::init;
 use crate::logging::Chain;
 use crate::readers::cgroup::subtree::Watcher;
-use crate::readers::cgroup::{CgroupReader, CgroupSample, Layout, Scratch};
+use crate::readers::cgroup::{self, CgroupReader, CgroupSample, Layout, Scratch};
 use crate::readers::kfile::ReadError;
 use crate::readers::mounts::ChangeSignals;
 use crate::readers::procfs::{self, NetTotals};
@@ -481,7 +481,14 @@ impl Ctx<'_> {
         let fresh = st.files.is_none();
         let files = match &mut st.files {
             Some(f) => f,
-            None => st.files.insert(self.open_files(d)?),
+            None => {
+                // A cgroup left behind empty costs this one read a cycle, not an open of each
+                // of its files and a sample.
+                if cgroup::populated(self.layout, &d.rel) == Some(false) {
+                    return Err(SampleError::Empty);
+                }
+                st.files.insert(self.open_files(d)?)
+            }
         };
         let at = Instant::now();
         let always = self.files_for.contains(&d.id);
@@ -662,6 +669,22 @@ mod tests {
         let again = sampler.sample(&[found(ino)]);
         assert_eq!(again.containers.len(), 1);
         assert_eq!(again.containers[0].cgroup.processes, 1);
+
+        // Where the kernel says the subtree is empty (`cgroup.events`), the cgroup's files
+        // are not opened: its (here stale) process list is not read.
+        std::fs::write(cg.join("cgroup.procs"), "").unwrap();
+        assert_eq!(sampler.sample(&[found(ino)]).skipped, 1);
+        std::fs::write(cg.join("cgroup.procs"), "4243\n").unwrap();
+        std::fs::write(cg.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        let unopened = sampler.sample(&[found(ino)]);
+        assert_eq!((unopened.containers.len(), unopened.skipped), (0, 1));
+        std::fs::write(cg.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let opened = sampler.sample(&[found(ino)]);
+        assert_eq!(
+            opened.containers.len(),
+            1,
+            "populated: its files are opened"
+        );
     }
 
     /// A container whose init is in its cgroup but still in the host's root (LXC sets it up

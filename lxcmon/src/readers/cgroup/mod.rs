@@ -324,6 +324,16 @@ impl SharedFiles {
     }
 }
 
+/// Whether the cgroup `rel` or one below it holds a process: `populated` of its unified-tree
+/// `cgroup.events` (one small read, no file held). `None` where that file is not there (pure
+/// v1, a cgroup only in the v1 hierarchies): the caller reads the process lists instead.
+pub fn populated(layout: &Layout, rel: &Path) -> Option<bool> {
+    let dir = layout.unified.as_deref()?.join(rel);
+    let text = kfile::read_to_string(&dir.join("cgroup.events")).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("populated "))?;
+    Some(value.trim() != "0")
+}
+
 /// Per-container reader with its files held open.
 #[derive(Debug)]
 pub enum CgroupReader {
