@@ -861,17 +861,8 @@ fn a_container_whose_cgroup_name_was_left_behind_keeps_its_name() -> Result<()> 
     cfg.max_metrics_entries = CYCLES as u32;
     let export = cfg.export_file();
     let mut daemon = Daemon::start(bin(), &cfg)?;
-    let cycles = poll(Duration::from_secs(30), || {
-        ensure!(daemon.running(), "lxcmon exited early");
-        let Ok(text) = std::fs::read_to_string(&export) else {
-            return Ok(None);
-        };
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("the export file does not parse: {text}"))?;
-        let cycles = check_records(&v)?;
-        Ok((cycles.len() >= CYCLES).then_some(cycles))
-    })?
-    .with_context(|| format!("no {CYCLES} cycles within 30 s"))?;
+    let cycles = records_until(&mut daemon, &export, |c| c.len() >= CYCLES)?
+        .with_context(|| format!("no {CYCLES} cycles within 30 s"))?;
     let out = daemon.terminate(Duration::from_secs(10))?;
     let after = live()?;
     ensure!(
@@ -908,6 +899,25 @@ fn a_container_whose_cgroup_name_was_left_behind_keeps_its_name() -> Result<()> 
         cycles.len()
     );
     Ok(())
+}
+
+/// The running daemon's `records` export, read at each poll until `enough` holds of its
+/// cycles (checked against the contract each time), 30 s at most.
+fn records_until(
+    daemon: &mut Daemon,
+    export: &Path,
+    enough: impl Fn(&[RecordsCycle]) -> bool,
+) -> Result<Option<Vec<RecordsCycle>>> {
+    poll(Duration::from_secs(30), || {
+        ensure!(daemon.running(), "lxcmon exited early");
+        let Ok(text) = std::fs::read_to_string(export) else {
+            return Ok(None);
+        };
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("the export file does not parse: {text}"))?;
+        let cycles = check_records(&v)?;
+        Ok(enough(&cycles).then_some(cycles))
+    })
 }
 
 /// A cycle of either format: its time as seconds since the epoch, and its container ids.
@@ -1162,17 +1172,8 @@ fn a_container_seen_while_lxc_sets_it_up_reports_its_own_root() -> Result<()> {
             })
             .collect()
     };
-    let cycles = poll(Duration::from_secs(30), || {
-        ensure!(daemon.running(), "lxcmon exited early");
-        let Ok(text) = std::fs::read_to_string(&export) else {
-            return Ok(None);
-        };
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("the export file does not parse: {text}"))?;
-        let cycles = check_records(&v)?;
-        Ok((records_of_b(&cycles).len() >= CYCLES).then_some(cycles))
-    })?
-    .with_context(|| format!("{name} not in {CYCLES} cycles within 30 s"))?;
+    let cycles = records_until(&mut daemon, &export, |c| records_of_b(c).len() >= CYCLES)?
+        .with_context(|| format!("{name} not in {CYCLES} cycles within 30 s"))?;
     let out = daemon.terminate(Duration::from_secs(10))?;
     let ours = records_of_b(&cycles);
     for (i, r) in &ours {

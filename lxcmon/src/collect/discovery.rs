@@ -75,6 +75,22 @@ pub struct Discovered {
     pub instance: u64,
 }
 
+#[cfg(test)]
+impl Discovered {
+    /// A plain LXC container `id` in `lxc.payload.<id>`, for tests of the later stages.
+    pub(crate) fn lxc(id: &str, instance: u64) -> Self {
+        Self {
+            id: id.into(),
+            name: id.into(),
+            rel: format!("lxc.payload.{id}").into(),
+            flavor: Flavor::Lxc,
+            runtime: Runtime::Lxc,
+            project: None,
+            instance,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot list containers in {dir}")]
 pub struct DiscoveryError {

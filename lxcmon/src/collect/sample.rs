@@ -613,7 +613,23 @@ fn fs_usage(s: &rustix::fs::StatVfs) -> FsUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::discovery::Flavor;
+
+    /// The seed's cgroup figures, one worker, no retry; `filesystem` or not.
+    fn seed_options(filesystem: bool) -> Options {
+        Options {
+            swap: false,
+            network: false,
+            filesystem,
+            per_interface: false,
+            per_mount: false,
+            details: crate::readers::cgroup::details::DetailOptions::NONE,
+            workers: 1,
+            retry_limit: 0,
+            retry_delay: Duration::ZERO,
+            net_files: true,
+            io_files: true,
+        }
+    }
 
     /// A container restarted between discovery and the opening of its files is skipped, not
     /// read as the instance discovery saw.
@@ -629,30 +645,10 @@ mod tests {
             unified_has_controllers: true,
             ..Layout::default()
         };
-        let options = Options {
-            swap: false,
-            network: false,
-            filesystem: false,
-            per_interface: false,
-            per_mount: false,
-            details: crate::readers::cgroup::details::DetailOptions::NONE,
-            workers: 1,
-            retry_limit: 0,
-            retry_delay: Duration::ZERO,
-            net_files: true,
-            io_files: true,
-        };
+        let options = seed_options(false);
         let mut sampler = Sampler::new(dir.path(), layout, DeviceFilter::none(), options);
         let ino = std::fs::metadata(&cg).unwrap().ino();
-        let found = |instance| Discovered {
-            id: "a".into(),
-            name: "a".into(),
-            rel: "lxc.payload.a".into(),
-            flavor: Flavor::Lxc,
-            runtime: crate::collect::discovery::Runtime::Lxc,
-            project: None,
-            instance,
-        };
+        let found = |instance| Discovered::lxc("a", instance);
         let stale = sampler.sample(&[found(ino + 1)]);
         assert_eq!((stale.containers.len(), stale.skipped), (0, 1));
         let live = sampler.sample(&[found(ino)]);
@@ -719,28 +715,8 @@ mod tests {
             unified_has_controllers: true,
             ..Layout::default()
         };
-        let options = Options {
-            swap: false,
-            network: false,
-            filesystem: true,
-            per_interface: false,
-            per_mount: false,
-            details: crate::readers::cgroup::details::DetailOptions::NONE,
-            workers: 1,
-            retry_limit: 0,
-            retry_delay: Duration::ZERO,
-            net_files: true,
-            io_files: true,
-        };
-        let found = Discovered {
-            id: "a".into(),
-            name: "a".into(),
-            rel: "lxc.payload.a".into(),
-            flavor: crate::collect::discovery::Flavor::Lxc,
-            runtime: crate::collect::discovery::Runtime::Lxc,
-            project: None,
-            instance: std::fs::metadata(&cg).unwrap().ino(),
-        };
+        let options = seed_options(true);
+        let found = Discovered::lxc("a", std::fs::metadata(&cg).unwrap().ino());
         let sampler = |age| {
             boot(age);
             Sampler::new(root, layout.clone(), DeviceFilter::none(), options)

@@ -505,15 +505,7 @@ mod tests {
         let mut s = of("a", 7, t0, 0);
         s.net_rx = 1_071_000;
         d.derive(vec![s.clone()], &[], HOST);
-        let found = Discovered {
-            id: "a".into(),
-            name: "a".into(),
-            rel: "lxc.payload.a".into(),
-            flavor: crate::collect::discovery::Flavor::Lxc,
-            runtime: crate::collect::discovery::Runtime::Lxc,
-            project: None,
-            instance: 7,
-        };
+        let found = Discovered::lxc("a", 7);
         // Running, but its read failed this cycle.
         assert!(d.derive(vec![], &[found], HOST).is_empty());
         s.at = t0 + Duration::from_secs(2);
