@@ -9,7 +9,6 @@
 use rustix::io::Errno;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A failed read of a kernel file, with the path it concerns.
@@ -153,7 +152,8 @@ fn read_whole<'a>(file: &File, path: &Path, buf: &'a mut Vec<u8>) -> Result<&'a 
         buf.resize(4096, 0);
     }
     loop {
-        let n = file.read_at(buf, 0).map_err(|e| ReadError::io(path, e))?;
+        // rustix's raw `pread`: libc's wraps each call in a thread-cancellation point.
+        let n = rustix::io::pread(file, &mut buf[..], 0).map_err(|e| ReadError::io(path, e.into()))?;
         if n < buf.len() {
             return std::str::from_utf8(&buf[..n]).map_err(|_| ReadError::parse(path, "not UTF-8"));
         }
