@@ -153,7 +153,8 @@ fn read_whole<'a>(file: &File, path: &Path, buf: &'a mut Vec<u8>) -> Result<&'a 
     }
     loop {
         // rustix's raw `pread`: libc's wraps each call in a thread-cancellation point.
-        let n = rustix::io::pread(file, &mut buf[..], 0).map_err(|e| ReadError::io(path, e.into()))?;
+        let n =
+            rustix::io::pread(file, &mut buf[..], 0).map_err(|e| ReadError::io(path, e.into()))?;
         if n < buf.len() {
             return std::str::from_utf8(&buf[..n]).map_err(|_| ReadError::parse(path, "not UTF-8"));
         }
@@ -192,21 +193,30 @@ pub fn keyed_value(text: &str, key: &str) -> Option<u64> {
     v
 }
 
-/// Several keys of a `key value` file in one pass over its lines.
+/// Several keys of a `key value` file in one pass over its lines. Lines are cut at their
+/// ASCII newline and space by plain byte scans: `lines()` and `split_once` were 3 % of the
+/// agent's CPU on `memory.stat` (about 70 lines, 10 keys) in the N = 100 profile.
 pub fn keyed_values<const N: usize>(text: &str, keys: [&str; N]) -> [Option<u64>; N] {
     let mut out = [None; N];
+    let mut found = [false; N];
     let mut left = N;
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(' ') else {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    while start < bytes.len() && left > 0 {
+        let end =
+            (bytes[start..].iter().position(|&b| b == b'\n')).map_or(bytes.len(), |n| start + n);
+        // Cut at ASCII bytes: always a char boundary.
+        let line = &text[start..end];
+        start = end + 1;
+        let Some(space) = line.bytes().position(|b| b == b' ') else {
             continue;
         };
+        let (k, v) = (&line[..space], &line[space + 1..]);
         if let Some(i) = keys.iter().position(|key| *key == k) {
-            if out[i].is_none() {
+            if !found[i] {
+                found[i] = true;
                 out[i] = v.trim().parse().ok();
                 left -= 1;
-                if left == 0 {
-                    break;
-                }
             }
         }
     }
@@ -328,5 +338,9 @@ mod tests {
             keyed_values(text, ["file_mapped", "shmem", "anon"]),
             [Some(5), None, Some(10)]
         );
+        // The first line of a key counts, a malformed value reads as absent; no newline at
+        // the end, an empty line and a line without a space are fine.
+        let odd = "anon x\n\nnospace\nanon 3\nfile  7 ";
+        assert_eq!(keyed_values(odd, ["anon", "file"]), [None, Some(7)]);
     }
 }
