@@ -165,10 +165,17 @@ fn why(e: &ReadError) -> String {
 /// The `total=` of the `some` and `full` lines of a `*.pressure` file; `None` without a
 /// `some` line.
 pub fn parse_pressure(text: &str) -> Option<Stall> {
+    // `total=` is the kernel's last field (psi_show): one reverse byte search, the other
+    // fields only looked through if it is not.
     let total = |line: &str| {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix("total="))
-            .and_then(|v| v.parse::<u64>().ok())
+        let last = line.trim_end().rsplit_once(' ').map_or(line, |(_, f)| f);
+        let value = match last.strip_prefix("total=") {
+            Some(v) => v,
+            None => line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?,
+        };
+        value.parse::<u64>().ok()
     };
     let (mut some, mut full) = (None, None);
     for line in text.lines() {

@@ -346,6 +346,19 @@ fn psi_without_cpu_full_line() {
         None,
         "no some line"
     );
+    // The kernel's field order, and another one (total= not last).
+    let kernel = "some avg10=1.00 avg60=0.50 avg300=0.10 total=123456\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=789\n";
+    let reordered = "some total=123456 avg10=1.00\nfull avg10=0.00 total=789 \n";
+    for text in [kernel, reordered] {
+        assert_eq!(
+            parse_pressure(text),
+            Some(Stall {
+                some_us: 123456,
+                full_us: Some(789)
+            }),
+            "{text:?}"
+        );
+    }
 }
 
 /// Off: nothing read. The detail files are directories here, which fail any read.
