@@ -171,7 +171,7 @@ fn net_dev_lines(text: &str) -> impl Iterator<Item = NetDevLine<'_>> {
         let (name, counters) = line.split_once(':')?;
         let mut all = [0u64; 16];
         let mut n = 0;
-        for (slot, field) in all.iter_mut().zip(counters.split_whitespace()) {
+        for (slot, field) in all.iter_mut().zip(counters.split_ascii_whitespace()) {
             *slot = field.parse().ok()?;
             n += 1;
         }

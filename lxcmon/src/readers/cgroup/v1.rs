@@ -418,7 +418,7 @@ fn throttle_lines<'a>(
     devices: &'a DeviceFilter,
 ) -> impl Iterator<Item = ((u32, u32), &'a str, u64)> + 'a {
     text.lines().filter_map(move |line| {
-        let mut fields = line.split_whitespace();
+        let mut fields = line.split_ascii_whitespace();
         let (dev, op, value) = (fields.next()?, fields.next()?, fields.next()?);
         let dev = parse_dev(dev)?;
         if devices.is_excluded(dev) {

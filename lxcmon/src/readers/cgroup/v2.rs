@@ -309,7 +309,7 @@ pub fn parse_io_stat(
 ) -> IoBytes {
     let mut io = IoBytes::default();
     for line in text.lines() {
-        let mut fields = line.split_whitespace();
+        let mut fields = line.split_ascii_whitespace();
         let Some(dev) = fields.next().and_then(parse_dev) else {
             continue;
         };
