@@ -40,8 +40,8 @@ pub(super) struct Init {
 }
 
 /// How long after its start a container's init may still be in the host's root or network
-/// namespace because its runtime is setting it up (hooks, storage, the veth: seconds on
-/// Proxmox VE). Past it, sharing them is the container's own configuration (no rootfs,
+/// namespace because its runtime is setting it up (hooks, storage, the veth: as long as the
+/// hooks take). Past it, sharing them is the container's own configuration (no rootfs,
 /// `lxc.net.0.type = none`) and its files are opened as they are.
 pub(super) const SETUP_GRACE: Duration = Duration::from_secs(30);
 
@@ -119,7 +119,7 @@ pub(super) fn open(
 /// Whether the init at `proc` is still in the host's root (or, with `network`, the host's
 /// network namespace): LXC moves a container's first process into the container's cgroups
 /// before it mounts and pivots into the container's root (for as long as its hooks and the
-/// network setup take, seconds on Proxmox VE), and a handle opened then would report the
+/// network setup take), and a handle opened then would report the
 /// host's filesystem, or the host's interfaces, for the container's whole life.
 fn in_setup(root: &Path, proc: &Path, root_dir: Option<&OwnedFd>, network: bool) -> bool {
     let same =

@@ -330,8 +330,7 @@ impl SharedFiles {
 pub fn populated(layout: &Layout, rel: &Path) -> Option<bool> {
     let dir = layout.unified.as_deref()?.join(rel);
     let text = kfile::read_to_string(&dir.join("cgroup.events")).ok()?;
-    let value = text.lines().find_map(|l| l.strip_prefix("populated "))?;
-    Some(value.trim() != "0")
+    kfile::keyed_value(&text, "populated").map(|n| n != 0)
 }
 
 /// Per-container reader with its files held open.
