@@ -144,6 +144,8 @@ impl KernelCounters {
     /// instance, with their growth over the interval.
     fn collect_latency(&mut self) {
         self.latency.clear();
+        // The map is handed on each cycle: sized at once, not grown by rehashing.
+        self.latency.reserve(self.ids.len());
         self.runqueue.retain(|id, _| self.ids.contains_key(id));
         self.io_latency.retain(|id, _| self.ids.contains_key(id));
         self.retrans.retain(|id, _| self.ids.contains_key(id));

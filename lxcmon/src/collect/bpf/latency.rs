@@ -137,12 +137,14 @@ impl BpfCollector {
     /// histograms, or the retransmit counter. `out` is the caller's map of the last cycle, so
     /// its capacity is reused rather than a map and a vector per container built every cycle.
     pub(crate) fn read_slots<T: SlotValue, const K: usize>(
-        &self,
+        &mut self,
         name: &'static str,
         out: &mut HashMap<u64, [T; K]>,
     ) -> Result<(), BpfError> {
         out.clear();
-        let read = self.read_slots_into(name, out);
+        let mut buf = std::mem::take(&mut self.batch);
+        let read = self.read_slots_into(name, out, &mut buf);
+        self.batch = buf;
         if read.is_err() {
             out.clear();
         }
@@ -153,38 +155,24 @@ impl BpfCollector {
         &self,
         name: &'static str,
         out: &mut HashMap<u64, [T; K]>,
+        buf: &mut sys::BatchBuf,
     ) -> Result<(), BpfError> {
         let per_slot = K as u32;
-        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
-            return Ok(());
-        };
-        let count = (max_slot + 1) * per_slot;
-        let value_size = std::mem::size_of::<T>();
-        let stride = value_size.div_ceil(8) * 8;
-        let raw = match self.map(name)? {
+        let batched = match self.map(name)? {
             Map::PerCpuArray(data) if self.batched != Some(false) => {
-                sys::percpu_array_lookup_batch(data.fd().as_fd(), count, value_size, self.ncpus)
-                    .ok()
-            }
-            _ => None,
-        };
-        let per_index = stride * self.ncpus;
-        match raw {
-            Some(raw) if raw.len() >= per_index * count as usize => {
-                for (id, t) in &self.tracked {
-                    let mut v = [T::default(); K];
-                    for (i, sum) in (0..per_slot).zip(v.iter_mut()) {
-                        let base = (t.slot * per_slot + i) as usize * per_index;
-                        for cpu in 0..self.ncpus {
-                            let off = base + cpu * stride;
-                            sum.add(&from_bytes(&raw[off..off + value_size]));
-                        }
+                self.fold_batched::<T>(data, per_slot, buf, |id, i, v| {
+                    if let Some(sum) = out.entry(id).or_insert([T::default(); K]).get_mut(i) {
+                        sum.add(v);
                     }
-                    out.insert(*id, v);
-                }
+                })
             }
-            _ => {
+            _ => false,
+        };
+        match batched {
+            true => {}
+            false => {
                 // Older kernels without batched array reads: one read per container.
+                out.clear();
                 let map: PerCpuArray<&MapData, T> =
                     PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
                 for (id, t) in &self.tracked {
@@ -202,6 +190,53 @@ impl BpfCollector {
             }
         }
         Ok(())
+    }
+
+    /// Reads a per-CPU array indexed by `slot * per_slot + i` in bounded batches and hands
+    /// each tracked container's values on as they arrive, CPUs folded: `put(cgroup id, i,
+    /// value)`. False where the kernel refused a batch or returned fewer elements than asked
+    /// (part may have been handed on: the caller starts over with single reads).
+    pub(crate) fn fold_batched<T: SlotValue>(
+        &self,
+        data: &MapData,
+        per_slot: u32,
+        buf: &mut sys::BatchBuf,
+        mut put: impl FnMut(u64, usize, &T),
+    ) -> bool {
+        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
+            return true;
+        };
+        // The container of each slot (0: none; cgroup ids are never 0).
+        let mut ids = vec![0u64; max_slot as usize + 1];
+        for (id, t) in &self.tracked {
+            ids[t.slot as usize] = *id;
+        }
+        let count = (max_slot + 1) * per_slot;
+        let value_size = std::mem::size_of::<T>();
+        let stride = value_size.div_ceil(8) * 8;
+        let per_index = stride * self.ncpus;
+        let per_slot = per_slot as usize;
+        let read = buf.percpu_array_for_each(
+            data.fd().as_fd(),
+            count,
+            value_size,
+            self.ncpus,
+            |first, raw| {
+                for (k, cpus) in raw.chunks_exact(per_index).enumerate() {
+                    let key = first + k;
+                    let id = ids.get(key / per_slot).copied().unwrap_or(0);
+                    if id == 0 {
+                        continue;
+                    }
+                    let mut sum = T::default();
+                    for cpu in cpus.chunks_exact(stride) {
+                        sum.add(&from_bytes(cpu));
+                    }
+                    put(id, key % per_slot, &sum);
+                }
+            },
+        );
+        matches!(read, Ok(n) if n == count as usize)
     }
 
     /// A tracked container's run-queue wait histogram as of the last refresh (`None` while
@@ -241,6 +276,12 @@ pub(crate) trait SlotValue: aya::Pod + Default {
 impl SlotValue for LatencyHist {
     fn add(&mut self, other: &Self) {
         LatencyHist::add(self, other);
+    }
+}
+
+impl SlotValue for lxcmon_common::Counters {
+    fn add(&mut self, other: &Self) {
+        lxcmon_common::Counters::add(self, other);
     }
 }
 

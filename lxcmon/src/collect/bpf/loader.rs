@@ -170,6 +170,7 @@ impl BpfCollector {
             network: opts.network,
             skb_slot,
             batched: None,
+            batch: sys::BatchBuf::default(),
             latency: latency::LatencyState::new(sched.map(drop), blk.map(|b| b.old_args == 1)),
             retrans: retrans::RetransState::new(tcp.map(drop)),
             log: None,
@@ -208,14 +209,21 @@ impl BpfCollector {
     /// direct-mapped index is rewritten without a window where a kept entry reads 0.
     pub(crate) fn sync_array(&mut self, name: &'static str, want: &[u64]) -> Result<(), BpfError> {
         let count = u32::try_from(want.len()).unwrap_or(u32::MAX);
-        let batch = match self.map(name)? {
-            Map::Array(data) => sys::percpu_array_lookup_batch(data.fd().as_fd(), count, 8, 1).ok(),
-            _ => None,
-        };
-        let current = |pos: usize| -> Option<u64> {
-            let b = batch.as_ref()?.get(pos * 8..pos * 8 + 8)?;
-            Some(u64::from_ne_bytes(b.try_into().ok()?))
-        };
+        // Rare (start-up, an index entry changing): a buffer of its own.
+        let mut buf = sys::BatchBuf::default();
+        let mut batch = Vec::with_capacity(want.len());
+        if let Map::Array(data) = self.map(name)? {
+            let read = buf.percpu_array_for_each(data.fd().as_fd(), count, 8, 1, |_, raw| {
+                batch.extend(
+                    raw.chunks_exact(8)
+                        .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default())),
+                );
+            });
+            if read.is_err() {
+                batch.clear();
+            }
+        }
+        let current = |pos: usize| batch.get(pos).copied();
         let mut array: Array<&mut MapData, u64> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         for (pos, &value) in (0u32..count).zip(want) {

@@ -123,6 +123,8 @@ pub struct BpfCollector {
     skb_slot: net::SkbSlot,
     /// `Some(true)` while batched reads work, `Some(false)` once the kernel refused one.
     batched: Option<bool>,
+    /// The batched reads' buffers, kept across cycles.
+    batch: sys::BatchBuf,
     latency: latency::LatencyState,
     retrans: retrans::RetransState,
     /// The programs' log (rare conditions), drained every refresh.

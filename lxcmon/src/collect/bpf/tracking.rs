@@ -10,7 +10,6 @@ use lxcmon_common::{
     SLOT_INDEX_SHARED, SLOT_INDEX_SIZE,
 };
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::fd::AsFd;
 use std::path::Path;
 use tracing::debug;
 
@@ -199,44 +198,36 @@ impl BpfCollector {
     /// Reads all counters, in one batched map read where the kernel supports it.
     pub fn refresh(&mut self) -> Result<(), BpfError> {
         self.values.clear();
-        let Some(max_slot) = self.tracked.values().map(|t| t.slot).max() else {
+        let mut buf = std::mem::take(&mut self.batch);
+        let read = self.refresh_counters(&mut buf);
+        self.batch = buf;
+        read?;
+        self.refresh_latency()?;
+        self.refresh_retrans()
+    }
+
+    fn refresh_counters(&mut self, buf: &mut sys::BatchBuf) -> Result<(), BpfError> {
+        if self.tracked.is_empty() {
             return Ok(());
-        };
-        let count = max_slot + 1;
-        let value_size = std::mem::size_of::<Counters>();
-        let stride = value_size.div_ceil(8) * 8;
+        }
+        let mut values = std::mem::take(&mut self.values);
         let batch = match self.map(MAP_COUNTERS)? {
             Map::PerCpuArray(data) if self.batched != Some(false) => {
-                match sys::percpu_array_lookup_batch(
-                    data.fd().as_fd(),
-                    count,
-                    value_size,
-                    self.ncpus,
-                ) {
-                    Ok(raw) => Some(raw),
-                    Err(e) => {
-                        debug!(error = %e, "batched map read refused: reading per container");
-                        None
-                    }
+                let read = self.fold_batched::<Counters>(data, 1, buf, |id, _, v| {
+                    values.insert(id, *v);
+                });
+                if !read {
+                    debug!("batched map read refused: reading per container");
                 }
+                read
             }
-            _ => None,
+            _ => false,
         };
-        self.batched = Some(batch.is_some());
-        let per_slot = stride * self.ncpus;
+        self.values = values;
+        self.batched = Some(batch);
         match batch {
-            Some(raw) if raw.len() >= per_slot * count as usize => {
-                for (id, t) in &self.tracked {
-                    let base = t.slot as usize * per_slot;
-                    let mut sum = Counters::default();
-                    for cpu in 0..self.ncpus {
-                        let off = base + cpu * stride;
-                        sum.add(&counters_from_bytes(&raw[off..off + value_size]));
-                    }
-                    self.values.insert(*id, sum);
-                }
-            }
-            _ => {
+            true => {}
+            false => {
                 // Older kernels without batched array reads: one read per container.
                 let counters: PerCpuArray<&MapData, Counters> =
                     PerCpuArray::try_from(self.map(MAP_COUNTERS)?)
@@ -253,8 +244,7 @@ impl BpfCollector {
                 self.values = values;
             }
         }
-        self.refresh_latency()?;
-        self.refresh_retrans()
+        Ok(())
     }
 
     /// Whether the last [`Self::refresh`] read all counters with batched map reads.
@@ -277,22 +267,6 @@ fn index_entry(mut here: Vec<(u64, u32)>) -> u64 {
         Some(&(id, slot)) => slot_index_entry(id, slot, shared),
         None if here.is_empty() => 0,
         None => SLOT_INDEX_SHARED,
-    }
-}
-
-fn counters_from_bytes(b: &[u8]) -> Counters {
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        if let Some(s) = b.get(i * 8..i * 8 + 8) {
-            w.copy_from_slice(s);
-        }
-        u64::from_ne_bytes(w)
-    };
-    Counters {
-        net_rx: word(0),
-        net_tx: word(1),
-        io_read: word(2),
-        io_write: word(3),
     }
 }
 
