@@ -14,6 +14,7 @@ use crate::readers::mount_signals::{ExitSlot, Watch};
 use crate::readers::mounts::{ChangeSignals, MountTable};
 use crate::readers::procfs;
 use rustix::fd::{AsFd, OwnedFd};
+use rustix::io::Errno;
 use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime};
@@ -57,7 +58,7 @@ pub(super) fn open(
     buf: &mut Vec<u8>,
 ) -> Result<Option<Init>, ReadError> {
     let proc = kfile::under(root, &format!("/proc/{pid}"));
-    let started = match (boot, procfs::start_ticks(&proc.join("stat"))) {
+    let started = match (boot, procfs::start_ticks(&proc.join("stat"))?) {
         (Some(boot), Some(ticks)) => Some(boot + procfs::ticks(ticks)),
         _ => None,
     };
@@ -100,7 +101,16 @@ pub(super) fn open(
     let exit = match signals.filter(|_| root == Path::new("/")) {
         Some(s) => match s.hold_until_exit(pid, files.clone()) {
             Ok(w) => Some(w),
-            Err(e) if e.raw_os_error() == Some(3) => return Err(ReadError::io(&proc, e)), // ESRCH
+            // Gone (ESRCH), or short of descriptors (EMFILE, ENFILE): the sampler's to handle,
+            // not the kernel's refusal of pidfds.
+            Err(e)
+                if matches!(
+                    Errno::from_io_error(&e),
+                    Some(Errno::SRCH | Errno::MFILE | Errno::NFILE)
+                ) =>
+            {
+                return Err(ReadError::io(&proc, e))
+            }
             Err(e) => {
                 static SAID: Once = Once::new();
                 SAID.call_once(|| tracing::info!(error = %e, "no pidfd: a stopped container's namespaces and root mount stay held until the next cycle"));

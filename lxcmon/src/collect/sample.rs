@@ -513,6 +513,7 @@ impl Ctx<'_> {
             && (self.options.network || self.options.filesystem || self.options.per_mount)
         {
             let pid = procfs::find_init(self.root, &scratch.pids, &mut scratch.buf)
+                .map_err(SampleError::from_read)?
                 .ok_or(SampleError::Gone)?;
             let (signals, buf) = (self.mount_signals, &mut scratch.buf);
             let init = init::open(self.root, pid, &self.options, signals, self.boot, buf);

@@ -1,6 +1,6 @@
 //! procfs readers: a container's init, its network counters, and host-wide figures.
 
-use crate::readers::kfile::{self, KFile};
+use crate::readers::kfile::{self, KFile, ReadError};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,12 +16,20 @@ pub fn is_namespace_init(status: &str) -> bool {
 }
 
 /// The container's init among `pids` (shallowest cgroup first, so usually the first tried).
-pub fn find_init(root: &Path, pids: &[u32], buf: &mut Vec<u8>) -> Option<u32> {
-    pids.iter().copied().find(|pid| {
-        KFile::open(kfile::under(root, &format!("/proc/{pid}/status")))
-            .and_then(|f| f.read(buf).map(is_namespace_init))
-            .unwrap_or(false)
-    })
+/// A process that exited meanwhile is passed over; any other failure (no descriptor left
+/// above all) is the caller's to handle, not taken for "no init".
+pub fn find_init(root: &Path, pids: &[u32], buf: &mut Vec<u8>) -> Result<Option<u32>, ReadError> {
+    for &pid in pids {
+        let status = KFile::open(kfile::under(root, &format!("/proc/{pid}/status")))
+            .and_then(|f| f.read(buf).map(is_namespace_init));
+        match status {
+            Ok(true) => return Ok(Some(pid)),
+            Ok(false) => {}
+            Err(e) if e.is_gone() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// One interface's counters from `/proc/<pid>/net/dev`, as the container sees them.
@@ -215,9 +223,15 @@ pub fn parse_btime(stat: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
-/// A process's start in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
-pub fn start_ticks(stat_path: &Path) -> Option<u64> {
-    parse_start_ticks(&kfile::read_to_string(stat_path).ok()?)
+/// A process's start in clock ticks since boot (field 22 of `/proc/<pid>/stat`); `None` if
+/// the process is gone or the file does not have it. Any other failed read is an error, so
+/// that an agent short of descriptors does not give an init an unknown start for its life.
+pub fn start_ticks(stat_path: &Path) -> Result<Option<u64>, ReadError> {
+    match kfile::read_to_string(stat_path) {
+        Ok(text) => Ok(parse_start_ticks(&text)),
+        Err(e) if e.is_gone() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn parse_start_ticks(stat: &str) -> Option<u64> {
@@ -312,6 +326,30 @@ Inter-|   Receive                                                |  Transmit
   eth0: 1000000    2000    0    0    0     0          0         0   500000    1000    0    0    0     0       0          0
   eth1:     300       3    0    0    0     0          0         0      700       7    0    0    0     0       0          0
 ";
+
+    /// A process that exited is passed over; a status that cannot be read for another reason
+    /// (here EISDIR; on a host, EMFILE) is an error, not "this container has no init": the
+    /// sampler must not skip a container because it ran short of descriptors.
+    #[test]
+    fn find_init_passes_over_exited_processes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().join("proc");
+        let status = |pid: u32, nspid: &str| {
+            std::fs::create_dir_all(proc.join(pid.to_string())).unwrap();
+            let text = format!("Name:\tinit\nNSpid:\t{nspid}\n");
+            std::fs::write(proc.join(format!("{pid}/status")), text).unwrap();
+        };
+        status(11, "11");
+        status(12, "12\t1");
+        let mut buf = Vec::new();
+        // 10 has exited (no /proc/10), 11 is not an init.
+        let found = find_init(dir.path(), &[10, 11, 12], &mut buf).unwrap();
+        assert_eq!(found, Some(12));
+        assert_eq!(find_init(dir.path(), &[10, 11], &mut buf).unwrap(), None);
+        std::fs::create_dir_all(proc.join("13/status")).unwrap();
+        let err = find_init(dir.path(), &[13, 12], &mut buf).unwrap_err();
+        assert!(!err.is_gone(), "{err}");
+    }
 
     #[test]
     fn net_dev_excludes_loopback() {
@@ -440,7 +478,7 @@ veth-with-long-name: 10 20 30 40 50 60 70 80 90 100 110 120 130 140 150 160
         );
         // This very process started after the host booted, and not in the future.
         let boot = boot_time(Path::new("/")).unwrap();
-        let me = start_ticks(Path::new("/proc/self/stat")).unwrap();
+        let me = start_ticks(Path::new("/proc/self/stat")).unwrap().unwrap();
         let started = boot + ticks(me);
         assert!(started <= SystemTime::now() + Duration::from_secs(2));
         assert!(started > boot);
