@@ -236,7 +236,21 @@ impl BpfCollector {
                 }
             },
         );
-        matches!(read, Ok(n) if n == count as usize)
+        match read {
+            Ok(n) if n == count as usize => true,
+            Ok(n) => {
+                tracing::debug!(
+                    read = n,
+                    asked = count,
+                    "batched map read came short: reading per container"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batched map read refused: reading per container");
+                false
+            }
+        }
     }
 
     /// A tracked container's run-queue wait histogram as of the last refresh (`None` while

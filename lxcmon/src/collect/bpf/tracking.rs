@@ -213,13 +213,9 @@ impl BpfCollector {
         let mut values = std::mem::take(&mut self.values);
         let batch = match self.map(MAP_COUNTERS)? {
             Map::PerCpuArray(data) if self.batched != Some(false) => {
-                let read = self.fold_batched::<Counters>(data, 1, buf, |id, _, v| {
+                self.fold_batched::<Counters>(data, 1, buf, |id, _, v| {
                     values.insert(id, *v);
-                });
-                if !read {
-                    debug!("batched map read refused: reading per container");
-                }
-                read
+                })
             }
             _ => false,
         };
