@@ -102,7 +102,7 @@ pub struct Collected {
     /// Timestamps carry sub-second digits (intervals under a second).
     pub subsecond: bool,
     /// Latency figures by container id (BPF collector only; absent containers have none).
-    pub latency: std::collections::HashMap<String, latency::Latency>,
+    pub latency: std::collections::HashMap<String, Box<latency::Latency>>,
 }
 
 /// Containers the BPF programs cannot count (each runs on the file readers alone), now and
@@ -273,6 +273,21 @@ impl Collector {
             return "ebpf";
         }
         "files"
+    }
+
+    /// Takes back what derive left of a cycle's collection: its vectors are filled again by
+    /// the next cycle (see [`Sampler::recycle`]).
+    pub fn recycle(&mut self, c: Collected) {
+        let Collected {
+            samples, latency, ..
+        } = c;
+        self.sampler.recycle(samples);
+        #[cfg(feature = "ebpf")]
+        if let Some(kernel) = &mut self.kernel {
+            kernel.recycle_latency(latency);
+        }
+        #[cfg(not(feature = "ebpf"))]
+        drop(latency);
     }
 
     /// Collects one cycle: discovery, the host's figures and every container's raw counters.

@@ -141,7 +141,9 @@ impl SampleError {
 struct ContainerState {
     rel: PathBuf,
     instance: u64,
-    files: Option<Files>,
+    /// Boxed: the states are moved out of the map and back every cycle, a pointer each rather
+    /// than the readers' kilobyte.
+    files: Option<Box<Files>>,
     net: NetTotals,
 }
 
@@ -180,6 +182,11 @@ pub struct Sampler {
     lean: bool,
     /// One reader's buffers per worker, kept from cycle to cycle at their grown size.
     scratch: Vec<Scratch>,
+    /// Each container's result, in `discovered` order, written by the workers in place; kept
+    /// for its capacity (see [`Sampler::recycle`]).
+    results: Vec<Option<Result<ContainerSample, SampleError>>>,
+    /// The last cycle's samples, handed back emptied by [`Sampler::recycle`].
+    spare: Vec<ContainerSample>,
 }
 
 /// How often running out of file descriptors is logged while it lasts.
@@ -209,6 +216,18 @@ impl Sampler {
             fd_warned: None,
             lean: false,
             scratch: Vec::new(),
+            results: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Takes back a cycle's samples once derive has emptied them: the next cycle fills the
+    /// same vector. Vectors of a few MiB allocated and freed every cycle (at N = 1000) are
+    /// what glibc scatters over the heap, which then stays resident.
+    pub fn recycle(&mut self, mut samples: Vec<ContainerSample>) {
+        samples.clear();
+        if samples.capacity() >= self.spare.capacity() {
+            self.spare = samples;
         }
     }
 
@@ -290,37 +309,38 @@ impl Sampler {
         };
         let mut scratches = std::mem::take(&mut self.scratch);
         scratches.resize_with(workers, Scratch::default);
-        let mut results: Vec<Result<ContainerSample, SampleError>> = if workers == 1 {
-            ctx.read_part(&mut work, &mut scratches[0])
+        // Each worker writes its part's results in place; a slot left empty belongs to a
+        // worker that panicked (that container is lost for this cycle, nothing else).
+        let mut results = std::mem::take(&mut self.results);
+        results.clear();
+        results.resize_with(work.len(), || None);
+        if workers == 1 {
+            ctx.read_part(&mut work, &mut results, &mut scratches[0]);
         } else {
             std::thread::scope(|scope| {
                 // The first part is read on this thread: one thread fewer to start per cycle.
-                let mut parts = work.chunks_mut(chunk).zip(scratches.iter_mut());
+                let mut parts = (work.chunks_mut(chunk))
+                    .zip(results.chunks_mut(chunk))
+                    .zip(scratches.iter_mut());
                 let first = parts.next();
+                let ctx = &ctx;
                 let handles: Vec<_> = parts
-                    .map(|(part, scratch)| {
-                        let (len, ctx) = (part.len(), &ctx);
-                        (len, scope.spawn(move || ctx.read_part(part, scratch)))
+                    .map(|((part, out), scratch)| {
+                        scope.spawn(move || ctx.read_part(part, out, scratch))
                     })
                     .collect();
-                // A part whose reader panicked is lost, nothing else.
-                let lost = |len| (0..len).map(|_| Err(SampleError::WorkerPanicked)).collect();
-                let mine = first.map_or_else(Vec::new, |(part, scratch)| {
-                    let len = part.len();
-                    let read = std::panic::AssertUnwindSafe(|| ctx.read_part(part, scratch));
-                    std::panic::catch_unwind(read).unwrap_or_else(|_| lost(len))
-                });
-                mine.into_iter()
-                    .chain(
-                        (handles.into_iter())
-                            .flat_map(|(len, h)| h.join().unwrap_or_else(|_| lost(len))),
-                    )
-                    .collect()
-            })
-        };
+                if let Some(((part, out), scratch)) = first {
+                    let read = std::panic::AssertUnwindSafe(|| ctx.read_part(part, out, scratch));
+                    let _ = std::panic::catch_unwind(read);
+                }
+                for h in handles {
+                    let _ = h.join();
+                }
+            });
+        }
         self.scratch = scratches;
-        let short = |r: &Result<ContainerSample, SampleError>| {
-            matches!(r, Err(SampleError::NoDescriptors(_)))
+        let short = |r: &Option<Result<ContainerSample, SampleError>>| {
+            matches!(r, Some(Err(SampleError::NoDescriptors(_))))
         };
         if !ctx.lean && results.iter().any(short) {
             // Out of descriptors: every reader lets go of its rarely read files, and the
@@ -335,7 +355,7 @@ impl Sampler {
             for ((d, state), result) in work.iter_mut().zip(results.iter_mut()) {
                 if short(result) {
                     retried += 1;
-                    *result = ctx.sample_with_retry(d, state, &mut scratch);
+                    *result = Some(ctx.sample_with_retry(d, state, &mut scratch));
                 }
             }
             let still = results.iter().filter(|r| short(r)).count();
@@ -347,13 +367,15 @@ impl Sampler {
             );
             self.lean = true;
         }
+        let mut containers = std::mem::take(&mut self.spare);
+        containers.reserve(work.len());
         let mut sampled = Sampled {
-            containers: Vec::with_capacity(work.len()),
+            containers,
             ..Sampled::default()
         };
         let mut out_of_fds = 0usize;
-        for (((d, state), result), key) in work.into_iter().zip(results).zip(keys) {
-            match result {
+        for (((d, state), result), key) in work.into_iter().zip(results.drain(..)).zip(keys) {
+            match result.unwrap_or(Err(SampleError::WorkerPanicked)) {
                 Ok(s) => sampled.containers.push(s),
                 Err(SampleError::Gone) => {
                     tracing::debug!(container = %d.id, "not running at read time, skipped");
@@ -386,6 +408,7 @@ impl Sampler {
                     .insert(key.unwrap_or_else(|| d.id.clone()), state);
             }
         }
+        self.results = results;
         if out_of_fds > 0 && self.fd_warned.is_none_or(|t| t.elapsed() >= FD_WARN_EVERY) {
             self.fd_warned = Some(std::time::Instant::now());
             let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
@@ -415,15 +438,16 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Reads the containers of one worker's part.
+    /// Reads the containers of one worker's part into `out` (as long as the part).
     fn read_part(
         &self,
         part: &mut [(&Discovered, Option<ContainerState>)],
+        out: &mut [Option<Result<ContainerSample, SampleError>>],
         scratch: &mut Scratch,
-    ) -> Vec<Result<ContainerSample, SampleError>> {
-        (part.iter_mut())
-            .map(|(d, state)| self.sample_with_retry(d, state, scratch))
-            .collect()
+    ) {
+        for ((d, state), slot) in part.iter_mut().zip(out) {
+            *slot = Some(self.sample_with_retry(d, state, scratch));
+        }
     }
 
     fn sample_with_retry(
@@ -487,7 +511,7 @@ impl Ctx<'_> {
                 if cgroup::populated(self.layout, &d.rel) == Some(false) {
                     return Err(SampleError::Empty);
                 }
-                st.files.insert(self.open_files(d)?)
+                st.files.insert(Box::new(self.open_files(d)?))
             }
         };
         let at = Instant::now();

@@ -6,6 +6,7 @@
 //! pings from the loop between cycles.
 
 use crate::config::Config;
+use crate::derive::Cycle;
 use crate::export::prometheus::Exposition;
 use crate::export::{self, Exporter};
 use crate::logging::{Chain, LogControl};
@@ -145,6 +146,8 @@ impl Startup {
             exposition,
             writer,
             reloaded_tx,
+            last: None,
+            spare: None,
         };
         let Startup {
             runtime,
@@ -180,6 +183,10 @@ struct Daemon {
     exposition: Arc<Exposition>,
     writer: ExportWriter,
     reloaded_tx: mpsc::UnboundedSender<Result<Config>>,
+    /// The last cycle published, and the one before it once every export let go of it: its
+    /// vectors go back to the pipeline for the next cycle.
+    last: Option<Arc<Cycle>>,
+    spare: Option<Cycle>,
 }
 
 impl Daemon {
@@ -267,8 +274,12 @@ impl Daemon {
     }
 
     /// Runs one cycle off the runtime thread; a failed cycle is logged and counted.
-    async fn cycle(&self, mut collector: Pipeline) -> Result<Pipeline> {
+    async fn cycle(&mut self, mut collector: Pipeline) -> Result<Pipeline> {
+        let spare = self.spare.take();
         let (collector, cycle) = tokio::task::spawn_blocking(move || {
+            if let Some(spare) = spare {
+                collector.recycle(spare);
+            }
             let cycle = collector.cycle();
             (collector, cycle)
         })
@@ -278,7 +289,17 @@ impl Daemon {
             Ok(c) => {
                 let c = Arc::new(c);
                 self.exposition.publish(c.clone());
-                self.writer.send(WriterMsg::Cycle(c));
+                self.writer.send(WriterMsg::Cycle(c.clone()));
+                // The exposition has just let go of the cycle before; the export thread wrote
+                // it long ago, unless it is slow or waiting for export_interval (then it is
+                // simply dropped when done). Its containers' figures are dropped now, as
+                // before; only the vectors wait for the next cycle.
+                if let Some(previous) = self.last.replace(c) {
+                    self.spare = Arc::try_unwrap(previous).ok().map(|mut spare| {
+                        spare.metrics.clear();
+                        spare
+                    });
+                }
             }
             Err(e) => {
                 self.exposition.cycle_errors.fetch_add(1, Ordering::Relaxed);

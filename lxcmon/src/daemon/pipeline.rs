@@ -31,9 +31,10 @@ impl Pipeline {
     /// Runs one cycle. Containers seen for the first time set their baseline and are exported
     /// from the next cycle on.
     pub fn cycle(&mut self) -> Result<Cycle, CollectError> {
-        let collected = self.collector.collect()?;
+        let mut collected = self.collector.collect()?;
         let (skipped, failed) = (collected.skipped, collected.failed);
-        let cycle = self.deriver.cycle(collected);
+        let cycle = self.deriver.cycle(&mut collected);
+        self.collector.recycle(collected);
         tracing::debug!(
             duration_us = (cycle.ended - cycle.started)
                 .num_microseconds()
@@ -45,6 +46,12 @@ impl Pipeline {
             "cycle"
         );
         Ok(cycle)
+    }
+
+    /// Hands back a cycle that every export is done with: the next cycle fills its vectors
+    /// again instead of allocating new ones.
+    pub fn recycle(&mut self, cycle: Cycle) {
+        self.deriver.recycle(cycle.metrics);
     }
 
     /// Applies a reloaded configuration for the next cycle, keeping each container instance's

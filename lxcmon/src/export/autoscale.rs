@@ -60,10 +60,11 @@ const RESERVED: &str = "summary";
 
 /// The cycle's object, and whether a container named `summary` had to be left out (the
 /// caller warns once per condition, not per cycle).
-pub fn encode(cycle: &Cycle) -> (Vec<u8>, bool) {
+pub fn encode(cycle: &Cycle, mut out: Vec<u8>) -> (Vec<u8>, bool) {
     let ts = naive_local(cycle.started);
     let end = naive_local(cycle.ended);
-    let mut out = Vec::with_capacity(cycle.metrics.len() * 400 + 300);
+    out.clear();
+    out.reserve(cycle.metrics.len() * 400 + 300);
     out.push(b'{');
     let mut collected = 0;
     let mut left_out = false;
@@ -147,7 +148,7 @@ mod tests {
     fn cycle_object_follows_the_contract() {
         let mut c = cycle(0, &["100", "101", "summary"]);
         c.metrics[1].io_write_bytes = 4096 + 100;
-        let (bytes, left_out) = encode(&c);
+        let (bytes, left_out) = encode(&c, Vec::new());
         assert!(left_out);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         let obj = v.as_object().unwrap();

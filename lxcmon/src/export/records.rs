@@ -305,9 +305,11 @@ pub fn timestamp(cycle: &Cycle) -> String {
     cycle.started.to_rfc3339_opts(precision, true)
 }
 
-pub fn encode(cycle: &Cycle) -> Vec<u8> {
+/// The cycle's records, written into `out` (emptied first; its capacity is reused).
+pub fn encode(cycle: &Cycle, mut out: Vec<u8>) -> Vec<u8> {
     let ts = timestamp(cycle);
-    let mut out = Vec::with_capacity(cycle.metrics.len() * 420);
+    out.clear();
+    out.reserve(cycle.metrics.len() * 420);
     for (i, m) in cycle.metrics.iter().enumerate() {
         if i > 0 {
             out.extend_from_slice(b",\n");
@@ -415,11 +417,33 @@ mod tests {
     use super::*;
     use crate::export::tests::cycle;
 
+    /// A buffer handed back from an earlier cycle holds only the new cycle's records.
+    #[test]
+    fn a_reused_buffer_holds_only_the_new_cycle() {
+        let old = encode(
+            &crate::export::tests::cycle(0, &["a", "b", "c"]),
+            Vec::new(),
+        );
+        let buf = old.as_ptr();
+        let out = encode(&crate::export::tests::cycle(1, &["z"]), old);
+        assert_eq!(out.as_ptr(), buf, "the same buffer");
+        let v: serde_json::Value =
+            serde_json::from_slice(&[b"[".as_slice(), &out, b"]"].concat()).unwrap();
+        let ids: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["container_id"].clone())
+            .collect();
+        assert_eq!(ids, ["z"]);
+    }
+
     #[test]
     fn record_fields_follow_the_contract() {
         let c = cycle(0, &["100", "web"]);
         let v: serde_json::Value =
-            serde_json::from_slice(&[b"[".as_slice(), &encode(&c), b"]"].concat()).unwrap();
+            serde_json::from_slice(&[b"[".as_slice(), &encode(&c, Vec::new()), b"]"].concat())
+                .unwrap();
         let arr = v.as_array().unwrap();
         assert_eq!(arr.len(), 2);
         let r = &arr[0];
@@ -458,7 +482,8 @@ mod tests {
         let mut c = cycle(0, &["plain"]);
         c.metrics.push(crate::export::tests::metrics_full("full"));
         let v: serde_json::Value =
-            serde_json::from_slice(&[b"[".as_slice(), &encode(&c), b"]"].concat()).unwrap();
+            serde_json::from_slice(&[b"[".as_slice(), &encode(&c, Vec::new()), b"]"].concat())
+                .unwrap();
         let (plain, full) = (&v[0], &v[1]);
         assert_eq!(plain["runtime"], "lxc");
         for key in [
@@ -520,14 +545,15 @@ mod tests {
         let mut c = cycle(0, &["off"]);
         for (id, n) in [("some", 7), ("none", 0)] {
             let mut m = crate::export::tests::metrics(id, 1);
-            m.latency = Some(crate::collect::latency::Latency {
+            m.latency = Some(Box::new(crate::collect::latency::Latency {
                 tcp_retransmits: Some(n),
                 ..Default::default()
-            });
+            }));
             c.metrics.push(m);
         }
         let v: serde_json::Value =
-            serde_json::from_slice(&[b"[".as_slice(), &encode(&c), b"]"].concat()).unwrap();
+            serde_json::from_slice(&[b"[".as_slice(), &encode(&c, Vec::new()), b"]"].concat())
+                .unwrap();
         assert!(v[0].get("tcp_retransmits").is_none(), "{}", v[0]);
         assert_eq!(v[1]["tcp_retransmits"], 7);
         assert_eq!(v[2]["tcp_retransmits"], 0);

@@ -429,7 +429,7 @@ fn rewrites_from_the_file_equal_a_document_of_the_retained_cycles() {
                 &mut want,
                 cycles[first..=i]
                     .iter()
-                    .map(|c| encode(format, c).unwrap().0)
+                    .map(|c| encode(format, c, Vec::new()).unwrap().0)
                     .collect::<Vec<_>>()
                     .iter()
                     .map(Vec::as_slice),
@@ -450,8 +450,12 @@ fn a_foreign_layout_is_continued_from_its_own_bytes() {
     // Pretty-printed, as Python's json.dump(indent=4) writes.
     let old: Vec<serde_json::Value> = (0..3)
         .map(|i| {
-            serde_json::from_slice(&encode(ExportFormat::Records, &cycle(i, &["a"])).unwrap().0)
-                .unwrap()
+            serde_json::from_slice(
+                &encode(ExportFormat::Records, &cycle(i, &["a"]), Vec::new())
+                    .unwrap()
+                    .0,
+            )
+            .unwrap()
         })
         .collect();
     std::fs::write(&path, serde_json::to_string_pretty(&old).unwrap()).unwrap();

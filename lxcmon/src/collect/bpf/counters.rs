@@ -60,7 +60,9 @@ pub struct KernelCounters {
     /// TCP retransmitted segments per container, monotonic per instance.
     retrans: HashMap<String, MonotonicCount>,
 
-    latency: HashMap<String, Latency>,
+    /// Boxed: a container's figures are 1.4 KiB, moved from here into its metrics, which
+    /// are kept two cycles at a time.
+    latency: HashMap<String, Box<Latency>>,
     /// `excluded_devices` as a filter (`None` until a configuration gives it; kept across
     /// listings for its per-device name cache), the `dev_t`s the programs skip, and when the
     /// block devices were last listed: a device that appears later (a new loop device or LVM
@@ -174,7 +176,7 @@ impl KernelCounters {
                 l.tcp_retransmits = Some(state(&mut self.retrans, id).advance(*cgroup_id, raw));
             }
             if l != Latency::default() {
-                self.latency.insert(id.clone(), l);
+                self.latency.insert(id.clone(), Box::new(l));
             }
         }
     }
@@ -314,8 +316,17 @@ impl KernelCounters {
     }
 
     /// This cycle's latency figures by container id (absent for containers not counted).
-    pub fn take_latency(&mut self) -> HashMap<String, Latency> {
+    pub fn take_latency(&mut self) -> HashMap<String, Box<Latency>> {
         std::mem::take(&mut self.latency)
+    }
+
+    /// Takes back the map [`Self::take_latency`] handed on, to fill it again next cycle at
+    /// its size instead of allocating and freeing it every cycle.
+    pub fn recycle_latency(&mut self, mut latency: HashMap<String, Box<Latency>>) {
+        latency.clear();
+        if latency.capacity() >= self.latency.capacity() {
+            self.latency = latency;
+        }
     }
 
     /// False when the kernel took the network programs but refused the block ones.

@@ -76,10 +76,10 @@ mod tests {
         b[3] = 5;
         b[LATENCY_BUCKETS - 1] = 1;
         ContainerMetrics {
-            latency: Some(Latency {
+            latency: Some(Box::new(Latency {
                 runqueue: Some(Histogram::from_buckets(&b, 2_500_000_000)),
                 ..Latency::default()
-            }),
+            })),
             ..crate::export::tests::metrics(id, 1)
         }
     }
@@ -124,15 +124,15 @@ mod tests {
             openmetrics: false,
         };
         let mut some = crate::export::tests::metrics("some", 1);
-        some.latency = Some(Latency {
+        some.latency = Some(Box::new(Latency {
             tcp_retransmits: Some(42),
             ..Latency::default()
-        });
+        }));
         let mut zero = crate::export::tests::metrics("zero", 1);
-        zero.latency = Some(Latency {
+        zero.latency = Some(Box::new(Latency {
             tcp_retransmits: Some(0),
             ..Latency::default()
-        });
+        }));
         let off = crate::export::tests::metrics("off", 1);
         super::super::containers::render(&mut w, &[some, zero, off]);
         let f = "lxcmon_container_tcp_retransmitted_segments_total";
@@ -153,11 +153,11 @@ mod tests {
         let mut b = [0u64; LATENCY_BUCKETS];
         b[6] = 4; // (32 us, 64 us]
         let mut m = crate::export::tests::metrics("a", 1);
-        m.latency = Some(Latency {
+        m.latency = Some(Box::new(Latency {
             io_read: Some(Histogram::from_buckets(&b, 200_000)),
             io_write: Some(Histogram::default()),
             ..Latency::default()
-        });
+        }));
         let mut w = Writer {
             out: String::new(),
             openmetrics: false,
