@@ -14,7 +14,6 @@ use crate::readers::mount_signals::{ExitSlot, Watch};
 use crate::readers::mounts::{ChangeSignals, MountTable};
 use crate::readers::procfs;
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::io::Errno;
 use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime};
@@ -101,17 +100,13 @@ pub(super) fn open(
     let exit = match signals.filter(|_| root == Path::new("/")) {
         Some(s) => match s.hold_until_exit(pid, files.clone()) {
             Ok(w) => Some(w),
-            // Gone (ESRCH), or short of descriptors (EMFILE, ENFILE): the sampler's to handle,
-            // not the kernel's refusal of pidfds.
-            Err(e)
-                if matches!(
-                    Errno::from_io_error(&e),
-                    Some(Errno::SRCH | Errno::MFILE | Errno::NFILE)
-                ) =>
-            {
-                return Err(ReadError::io(&proc, e))
-            }
             Err(e) => {
+                // Gone, or short of descriptors: the sampler's to handle, not the kernel's
+                // refusal of pidfds.
+                let e = ReadError::io(&proc, e);
+                if e.is_gone() || e.is_out_of_descriptors() {
+                    return Err(e);
+                }
                 static SAID: Once = Once::new();
                 SAID.call_once(|| tracing::info!(error = %e, "no pidfd: a stopped container's namespaces and root mount stay held until the next cycle"));
                 None

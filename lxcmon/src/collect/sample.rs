@@ -226,9 +226,7 @@ impl Sampler {
     /// what glibc scatters over the heap, which then stays resident.
     pub fn recycle(&mut self, mut samples: Vec<ContainerSample>) {
         samples.clear();
-        if samples.capacity() >= self.spare.capacity() {
-            self.spare = samples;
-        }
+        self.spare = samples;
     }
 
     /// Applies reloaded settings in place: each container instance keeps its state (the bytes

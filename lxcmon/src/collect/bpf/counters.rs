@@ -324,9 +324,7 @@ impl KernelCounters {
     /// its size instead of allocating and freeing it every cycle.
     pub fn recycle_latency(&mut self, mut latency: HashMap<String, Box<Latency>>) {
         latency.clear();
-        if latency.capacity() >= self.latency.capacity() {
-            self.latency = latency;
-        }
+        self.latency = latency;
     }
 
     /// False when the kernel took the network programs but refused the block ones.
